@@ -1,0 +1,1 @@
+"""Data stage: importers -> Manifest (one row per lesion) -> LesionDataset -> Batch."""

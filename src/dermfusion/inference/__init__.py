@@ -1,0 +1,1 @@
+"""Inference stage: bundles, predictors (batching, TTA, calibration), submission files, export."""
