@@ -1,0 +1,1 @@
+"""Registers the verbs that need the heavier stages (training, evaluation, serving) on the CLI app."""

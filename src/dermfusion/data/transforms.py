@@ -1,0 +1,77 @@
+"""Per-modality image transforms, on uint8 tensors (fast; the same ops run on GPU batches).
+
+Dermoscopy has no canonical orientation: any rotation and both flips are label-preserving.
+Clinical close-ups do (the camera is held upright, skin folds and body context have a direction):
+horizontal flips only, plus colour jitter, blur and cut-out for phone-camera variability.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+INTERPOLATION = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
+                 "nearest": v2.InterpolationMode.NEAREST}
+
+
+@dataclass
+class Preprocess:
+    """What a backbone expects; travels with the model into the bundle."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_data_config(cls, cfg: dict) -> "Preprocess":
+        size = cfg.get("input_size", (3, 224, 224))
+        return cls(size=int(size[-1]), mean=tuple(float(x) for x in cfg.get("mean", cls.mean)),
+                   std=tuple(float(x) for x in cfg.get("std", cls.std)),
+                   interpolation=str(cfg.get("interpolation", "bicubic")))
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
+
+def _interp(pre: Preprocess):
+    return INTERPOLATION.get(pre.interpolation, v2.InterpolationMode.BICUBIC)
+
+
+def train_transform(modality: str, pre: Preprocess, strength: float = 1.0) -> v2.Compose:
+    s = float(strength)
+    crop = v2.RandomResizedCrop(pre.size, scale=(max(0.35, 1 - 0.6 * s), 1.0), ratio=(0.8, 1.25),
+                                interpolation=_interp(pre), antialias=True)
+    if modality == "dermoscopic":
+        ops = [crop, v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+               v2.RandomApply([v2.RandomRotation(180, interpolation=v2.InterpolationMode.BILINEAR)], p=0.5 * s),
+               v2.ColorJitter(0.15 * s, 0.15 * s, 0.1 * s, 0.02 * s)]
+    else:
+        ops = [crop, v2.RandomHorizontalFlip(),
+               v2.ColorJitter(0.3 * s, 0.3 * s, 0.2 * s, 0.03 * s),
+               v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2 * s)]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
+    if modality != "dermoscopic":
+        ops.append(v2.RandomErasing(p=0.25 * s, scale=(0.02, 0.12), value=0))
+    return v2.Compose(ops)
+
+
+def eval_transform(pre: Preprocess) -> v2.Compose:
+    return v2.Compose([v2.Resize(pre.size, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+
+
+def tta_views(modality: str, n: int) -> list:
+    """Label-preserving views for test-time augmentation on normalised B×3×H×W tensors.
+
+    Dermoscopy: the 8 dihedral transforms; clinical: identity and horizontal flip (repeated).
+    """
+    dihedral = [lambda x, k=k, f=f: torch.rot90(x.flip(-1) if f else x, k, dims=(-2, -1))
+                for f in (False, True) for k in range(4)]
+    if modality == "dermoscopic":
+        views = dihedral
+    else:
+        views = [lambda x: x, lambda x: x.flip(-1)]
+    n = max(1, n)
+    return [views[i % len(views)] for i in range(n)]
