@@ -1,1 +1,138 @@
-"""Registers the verbs that need the heavier stages (training, evaluation, serving) on the CLI app."""
+"""The verbs that need the heavier stages (training, prediction, evaluation, serving), registered on the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli import app, fail
+from .console import console
+
+
+def _manifest(path: Path):
+    from .data.manifest import load_manifest
+
+    return load_manifest(path)
+
+
+@app.command("train")
+def train_cmd(
+    config: str = typer.Argument(..., help="YAML config path or a built-in name (e.g. tiny_cpu, ham10000_cpu)"),
+    manifest: Path = typer.Option(..., help="training manifest with folds"),
+    out: Path = typer.Option(..., help="run directory (re-running resumes from its checkpoints)"),
+    folds: Optional[str] = typer.Option(None, help="'all' (default), a list like 0,1, or 'full' for one model on all data"),
+    set_: List[str] = typer.Option([], "--set", help="override a config value, e.g. --set train.epochs=3"),
+    profile: bool = typer.Option(False, "--profile", help="print the data-wait vs compute breakdown per fold"),
+):
+    """Train (cross-validated) models: per-fold bundles, out-of-fold probabilities, calibration."""
+    from .config import load_config
+    from .training.cv import train_cv
+
+    cfg = load_config(config, set_)
+    summary = train_cv(cfg, _manifest(manifest), out, folds=folds, profile=profile)
+    if profile and "profile" in summary:
+        from rich.table import Table
+        t = Table(title="training-step breakdown")
+        for c in ("fold", "data wait (s)", "compute (s)", "data wait share"):
+            t.add_column(c, justify="right")
+        for f, p in summary["profile"].items():
+            t.add_row(str(f), f"{p['data_wait_s']:.1f}", f"{p['compute_s']:.1f}", f"{p['data_wait_frac']:.1%}")
+        console.print(t)
+    console.print(f"[green]done[/]: bundles and out-of-fold predictions in {out}")
+
+
+def expand_bundles(paths: list[Path]) -> list[Path]:
+    """A run directory stands for its fold bundles; a bundle stands for itself."""
+    out = []
+    for p in paths:
+        if (p / "config.yaml").exists() and (p / "HASH").exists():
+            out.append(p)
+        elif (p / "summary.json").exists():
+            s = json.loads((p / "summary.json").read_text())
+            out += [p / b for b in s.get("bundles", [])]
+        elif (p / "bundle" / "config.yaml").exists():
+            out.append(p / "bundle")
+        else:
+            fail(f"{p} is neither a bundle nor a run directory")
+    return out
+
+
+def load_any(paths: list[Path], **kw):
+    from .inference.bundle import load_predictor
+    from .inference.loaders import AveragePredictor
+
+    preds = [load_predictor(b, **kw) for b in expand_bundles(paths)]
+    return preds[0] if len(preds) == 1 else AveragePredictor(preds)
+
+
+@app.command("predict")
+def predict_cmd(
+    bundles: List[Path] = typer.Argument(..., help="one bundle, several fold bundles, or a run directory (averaged)"),
+    manifest: Path = typer.Option(...),
+    out: Path = typer.Option(..., help="predictions CSV: lesion_id,<class …> (MILK10k submission format)"),
+    tta: int = typer.Option(0, help="test-time augmentation views (dermoscopy: dihedral 8)"),
+    output: str = typer.Option("auto", help="auto | probabilities | submission (cuts rescaled to 0.5; "
+                                            "auto = submission for milk10k)"),
+    device: str = typer.Option("cpu"),
+    batch_size: int = typer.Option(32),
+):
+    """Predict class probabilities for every lesion of a manifest."""
+    from .inference.submission import write_predictions
+
+    df = _manifest(manifest)
+    pred = load_any(bundles, device=device, batch_size=batch_size) if _is_network(bundles) else load_any(bundles)
+    task = pred.task
+    mode = ("submission" if task.metric == "milk10k_dice" else "probabilities") if output == "auto" else output
+    probs = (pred.predict_submission if mode == "submission" else pred.predict_proba)(df, tta=tta, progress=True)
+    write_predictions(out, df["lesion_id"], probs, task)
+    console.print(f"[green]wrote[/] {out}: {len(df)} lesions × {task.num_classes} classes ({mode})")
+
+
+def _is_network(paths: list[Path]) -> bool:
+    import yaml
+    for b in expand_bundles(paths):
+        if yaml.safe_load((b / "config.yaml").read_text()).get("kind") != "network":
+            return False
+    return True
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    predictions: Path = typer.Option(..., help="predictions CSV (lesion_id,<class …>)"),
+    manifest: Path = typer.Option(..., help="labelled manifest"),
+    out: Path = typer.Option(..., help="folder for report.html and metrics.json"),
+    task: Optional[str] = typer.Option(None, help="task name (default: from the manifest's label columns)"),
+    bootstrap: int = typer.Option(200, help="bootstrap resamples for 95% confidence intervals"),
+):
+    """Metrics with bootstrap CIs, fairness slices and a self-contained HTML report."""
+    import pandas as pd
+
+    from .evaluation.report import evaluate_predictions, print_summary
+    from .tasks import TASKS, get_task
+
+    df = _manifest(manifest)
+    t = get_task(task) if task else _guess_task(df, TASKS)
+    metrics = evaluate_predictions(pd.read_csv(predictions, dtype={"lesion_id": str}), df, t, out, n_bootstrap=bootstrap)
+    print_summary(metrics)
+    console.print(f"[green]report[/]: {out / 'report.html'}")
+
+
+def _guess_task(df, tasks):
+    labels = {c.removeprefix("label_") for c in df.columns if c.startswith("label_")}
+    for t in tasks.values():
+        if set(t.classes) == labels:
+            return t
+    fail("cannot tell the task from the manifest's label columns; pass --task")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("dermfusion_demo"), help="where to write the demo's outputs"),
+    epochs: int = typer.Option(4, help="training epochs per fold"),
+):
+    """Run the whole pipeline on the bundled sample: import → check → train (2 folds) → predict → evaluate."""
+    from .demo import run_demo
+
+    run_demo(out, epochs=epochs)

@@ -58,8 +58,6 @@ class TrainConfig(_Strict):
     grad_checkpointing: bool = False
     ema: float = 0.0               # 0 = off, else decay e.g. 0.999
     sampler_power: float = 0.5     # class-balanced sampling: 0 natural, 0.5 sqrt, 1 balanced
-    modality_dropout: float = 0.0
-    concept_dropout: float = 0.0
     early_stopping_patience: int = 0   # 0 = off; on the task's official metric
     logit_adjustment_tau: float = 0.0
     tta: int = 0

@@ -32,12 +32,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         hi = arr.max() if arr.size and arr.max() > 0 else 1.0
         scale = 65535.0 if hi > 255 else 255.0
         arr = np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = ((arr - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # composite on white: a transparent background is not skin
         rgba = img.convert("RGBA")

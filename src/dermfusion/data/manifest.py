@@ -67,7 +67,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = -1 if col == "fold" else (np.nan if col == "age" else "")
     for col in ("lesion_id", "dataset", "patient_id", "split", *IMAGE_COLUMNS.values(), "sex", "skin_tone", "site"):
-        df[col] = df[col].fillna("").astype(str).replace({"nan": "", "None": ""})
+        df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str).replace({"nan": "", "None": ""})
     df["age"] = pd.to_numeric(df["age"], errors="coerce").astype(float)
     df["fold"] = pd.to_numeric(df["fold"], errors="coerce").fillna(-1).astype(int)
     for col in concept_columns(df) + label_columns(df):

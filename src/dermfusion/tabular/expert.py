@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-BACKENDS = ("lightgbm", "xgboost")
-MODEL_FILES = {"lightgbm": "model.txt", "xgboost": "model.json"}
+BACKENDS = ("lightgbm", "xgboost", "logreg")
+MODEL_FILES = {"lightgbm": "model.txt", "xgboost": "model.json", "logreg": "model.json"}
 META_FILE = "expert.json"
 
 DEFAULT_PARAMS = {
@@ -26,7 +26,68 @@ DEFAULT_PARAMS = {
                  "n_estimators": 2000},
     "xgboost": {"learning_rate": 0.03, "max_depth": 4, "min_child_weight": 2.0, "subsample": 0.8,
                 "colsample_bytree": 0.7, "reg_lambda": 1.0, "n_estimators": 2000},
+    # a smooth, strongly regularised linear model: on 4k lesions it is as good as the trees and
+    # errs differently, which is what an ensemble needs
+    "logreg": {"C": 0.05, "max_iter": 3000},
 }
+
+
+class LinearModel:
+    """Multinomial logistic regression with its own preprocessing, stored as plain JSON.
+
+    Numeric columns: median-imputed + a missing indicator (where training had missing values),
+    standardised. Categorical columns: one-hot over the fixed vocabulary (+ unknown).
+    """
+
+    def __init__(self, state: dict | None = None):
+        self.state = state or {}
+
+    def _design(self, X: pd.DataFrame) -> np.ndarray:
+        st = self.state
+        parts = []
+        for c in st["numeric"]:
+            v = pd.to_numeric(X[c], errors="coerce").to_numpy(float)
+            miss = np.isnan(v)
+            parts.append(np.where(miss, st["median"][c], v))
+            if c in st["indicator"]:
+                parts.append(miss.astype(float))
+        for c, cats in st["categorical"].items():
+            v = X[c].astype(object).to_numpy()
+            for cat in cats:
+                parts.append((v == cat).astype(float))
+            parts.append(pd.isna(X[c]).to_numpy().astype(float))
+        Z = np.stack(parts, axis=1) if parts else np.zeros((len(X), 0))
+        return (Z - np.asarray(st["mean"])) / np.asarray(st["scale"])
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray, w: np.ndarray, num_classes: int, params: dict, seed: int):
+        from sklearn.linear_model import LogisticRegression
+
+        cat = {c: list(X[c].cat.categories) for c in X.columns if isinstance(X[c].dtype, pd.CategoricalDtype)}
+        num = [c for c in X.columns if c not in cat]
+        med = {c: float(np.nanmedian(X[c].to_numpy(float))) if X[c].notna().any() else 0.0 for c in num}
+        ind = [c for c in num if X[c].isna().any()]
+        self.state = {"numeric": num, "median": med, "indicator": ind, "categorical": cat,
+                      "mean": 0.0, "scale": 1.0}
+        Z = self._design(X)
+        mean, scale = Z.mean(0), Z.std(0)
+        scale[scale < 1e-8] = 1.0
+        self.state.update(mean=mean.tolist(), scale=scale.tolist())
+        Z = (Z - mean) / scale
+        p = {k: v for k, v in params.items() if k in {"C", "max_iter", "tol"}}
+        lr = LogisticRegression(**{"C": 0.05, "max_iter": 3000, **p}, random_state=seed)
+        lr.fit(Z, y, sample_weight=w)
+        coef = np.zeros((num_classes, Z.shape[1]))
+        icpt = np.full(num_classes, -30.0)  # classes absent from training get ~zero probability
+        coef[lr.classes_] = lr.coef_ if len(lr.classes_) > 2 else np.r_[-lr.coef_, lr.coef_] / 2
+        icpt[lr.classes_] = lr.intercept_ if len(lr.classes_) > 2 else np.r_[-lr.intercept_, lr.intercept_] / 2
+        self.state.update(coef=coef.tolist(), intercept=icpt.tolist())
+        return self
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        z = self._design(X) @ np.asarray(self.state["coef"]).T + np.asarray(self.state["intercept"])
+        z -= z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
 
 
 class ExpertError(ValueError):
@@ -155,6 +216,10 @@ class TabularExpert:
                 raise ExpertError("sample_weight must be non-negative with one entry per row of X")
             w = w * sample_weight
         params = {**DEFAULT_PARAMS[self.backend], **self.params}
+        if self.backend == "logreg":
+            self.model_ = LinearModel().fit(X, y, w, C, params, self.random_state)
+            self.best_iteration_ = None
+            return self
         n_rounds = int(params.pop("n_estimators", 1000))
         if eval_set is not None:
             Xv = self._check_X(eval_set[0], fitting=True)[self.feature_columns_]
@@ -211,6 +276,8 @@ class TabularExpert:
         X = self._check_X(X, fitting=False)
         if self.backend == "lightgbm":
             p = self.model_.predict(X, num_iteration=self.model_.best_iteration or None)
+        elif self.backend == "logreg":
+            p = self.model_.predict(X)
         else:
             import xgboost as xgb
 
@@ -225,6 +292,8 @@ class TabularExpert:
         """Total gain per feature (for reports)."""
         if self.model_ is None:
             raise ExpertError("not fitted")
+        if self.backend == "logreg":
+            raise ExpertError("feature_importance is only defined for tree backends")
         if self.backend == "lightgbm":
             vals = self.model_.feature_importance(importance_type="gain")
             return pd.Series(vals, index=self.feature_columns_).sort_values(ascending=False)
@@ -240,6 +309,8 @@ class TabularExpert:
         model_file = d / MODEL_FILES[self.backend]
         if self.backend == "lightgbm":
             self.model_.save_model(str(model_file), num_iteration=self.model_.best_iteration or None)
+        elif self.backend == "logreg":
+            model_file.write_text(json.dumps(self.model_.state))
         else:
             self.model_.save_model(str(model_file))
         meta = {"backend": self.backend, "params": self.params, "num_classes": self.num_classes,
@@ -266,6 +337,8 @@ class TabularExpert:
 
             self.model_ = lgb.Booster(model_file=str(model_file))
             self.model_.best_iteration = 0  # the saved file holds exactly the rounds to use
+        elif self.backend == "logreg":
+            self.model_ = LinearModel(json.loads(model_file.read_text()))
         else:
             import xgboost as xgb
 

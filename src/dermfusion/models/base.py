@@ -1,0 +1,78 @@
+"""What every dermfusion network shares: per-modality encoders, their data configs, masked encoding.
+
+``encoders`` is a ModuleDict (modality -> Backbone, or ``"shared"`` -> one Backbone used for all
+modalities, so shared weights are stored once and safetensors can save them). The optimiser finds
+encoder parameters through it for layer-wise LR decay.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.features import FeatureSpec
+from .backbones import Backbone, create_backbone, tiny_backbone_spec
+from .layers import zero_masked
+
+
+def _per_modality(value, modalities) -> dict:
+    """A value given once or as {modality: value}."""
+    if isinstance(value, dict) and value and set(value) <= set(modalities) and "name" not in value:
+        return {m: value.get(m) for m in modalities}
+    return {m: value for m in modalities}
+
+
+class MultiModalNet(nn.Module):
+    def __init__(self, feature_spec: FeatureSpec, modalities: list[str] | None = None, *, encoder=None,
+                 shared_encoder: bool = False, pretrained_path=None, freeze_blocks: int = 0, **backbone_kwargs):
+        super().__init__()
+        self.feature_spec = feature_spec
+        self.modalities = list(modalities or feature_spec.modalities)
+        specs = _per_modality(encoder if encoder is not None else tiny_backbone_spec(), self.modalities)
+        paths = _per_modality(pretrained_path, self.modalities)
+        if shared_encoder:
+            m0 = self.modalities[0]
+            self.encoders = nn.ModuleDict({"shared": create_backbone(specs[m0], paths[m0], **backbone_kwargs)})
+            self.encoder_keys = {m: "shared" for m in self.modalities}
+        else:
+            self.encoders = nn.ModuleDict({m: create_backbone(specs[m], paths[m], **backbone_kwargs)
+                                           for m in self.modalities})
+            self.encoder_keys = {m: m for m in self.modalities}
+        if freeze_blocks:
+            for enc in self.encoders.values():
+                enc.freeze_blocks(freeze_blocks)
+
+    def encoder(self, modality: str) -> Backbone:
+        return self.encoders[self.encoder_keys[modality]]
+
+    @property
+    def data_config(self) -> dict[str, dict]:
+        return {m: dict(self.encoder(m).data_config) for m in self.modalities}
+
+    def image_presence(self, batch: dict) -> torch.Tensor:
+        """B×len(self.modalities) presence, picked by name from the batch's feature_spec column order."""
+        present = batch["image_present"].bool()
+        cols = [self.feature_spec.modalities.index(m) for m in self.modalities]
+        return present[:, cols]
+
+    def encode_images(self, batch: dict, present: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{modality: (tokens, pooled)} with absent rows replaced by exact zeros.
+
+        Every image is encoded and *then* masked: with LayerNorm encoders (ViTs) and with any encoder
+        in eval mode, an absent image cannot influence anything. BatchNorm CNNs in train mode still
+        mix absent images into the batch statistics (a training-time caveat only).
+        """
+        out = {}
+        for j, m in enumerate(self.modalities):
+            tokens, pooled = self.encoder(m).forward_tokens(batch["images"][m])
+            out[m] = (zero_masked(tokens, present[:, j]), zero_masked(pooled, present[:, j]))
+        return out
+
+
+def drop_present(present: torch.Tensor, p: float, keep_one: bool = True) -> torch.Tensor:
+    """Train-time dropout on a presence mask: drop entries with prob ``p``; never drop a row's last one."""
+    if p <= 0 or present.numel() == 0:
+        return present
+    new = present & (torch.rand(present.shape, device=present.device) >= p)
+    if keep_one:
+        new = torch.where(new.any(-1, keepdim=True), new, present)
+    return new

@@ -1,0 +1,143 @@
+"""Reading checkpoints and loading them strictly.
+
+Loading a foreign checkpoint with ``strict=False`` silently leaves a randomly initialised encoder
+(a known failure in public MILK10k code). Everything here therefore loads strictly and, on a
+mismatch, raises :class:`CheckpointMismatchError` naming the offending keys.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+WEIGHT_FILE_NAMES = (
+    "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+    "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth", "checkpoint.pth",
+)
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_ema")  # order matters: 'model' before EMA
+_LIST_LIMIT = 20
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's keys or shapes do not match the model it is loaded into."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str],
+                 shape_mismatch: list[str] | None = None, hint: str = ""):
+        self.source, self.missing, self.unexpected = source, list(missing), list(unexpected)
+        self.shape_mismatch = list(shape_mismatch or [])
+
+        def fmt(keys: list[str]) -> str:
+            more = f", … (+{len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else ""
+            return ", ".join(keys[:_LIST_LIMIT]) + more
+
+        lines = [f"checkpoint {source!r} does not match the model (refusing a partial load, which would "
+                 f"leave weights randomly initialised):"]
+        if self.missing:
+            lines.append(f"  {len(self.missing)} missing key(s): {fmt(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  {len(self.unexpected)} unexpected key(s): {fmt(self.unexpected)}")
+        if self.shape_mismatch:
+            lines.append(f"  {len(self.shape_mismatch)} shape mismatch(es): {fmt(self.shape_mismatch)}")
+        if hint:
+            lines.append(f"  hint: {hint}")
+        super().__init__("\n".join(lines))
+
+
+class HubUnavailableError(RuntimeError):
+    """A hub id was requested but the hub cannot be reached (offline machine, no network)."""
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DERMFUSION_OFFLINE"))
+
+
+def hub_error(hub_id: str, how_local: str, cause: BaseException | None = None) -> HubUnavailableError:
+    why = "the hub is disabled (HF_HUB_OFFLINE is set)" if cause is None else f"download failed ({cause})"
+    return HubUnavailableError(
+        f"cannot fetch {hub_id!r} from the model hub: {why}. On a machine with network run "
+        f"`huggingface-cli download {hub_id.split(':', 1)[-1]} --local-dir DIR`, copy DIR here and "
+        f"point at the local copy instead: {how_local}."
+    )
+
+
+def find_weight_file(path: str | os.PathLike) -> Path:
+    """A weights file, or the preferred weights file inside a directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        for name in WEIGHT_FILE_NAMES:
+            if (p / name).is_file():
+                return p / name
+        found = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + sorted(p.glob("*.pth"))
+        if found:
+            return found[0]
+        raise FileNotFoundError(f"no weights file (*.safetensors, *.bin, *.pth) in directory {p}")
+    raise FileNotFoundError(f"checkpoint not found: {p}")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from safetensors or a torch pickle (``weights_only=True``: no code execution)."""
+    f = find_weight_file(path)
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(f), device="cpu")
+    obj = torch.load(str(f), map_location="cpu", weights_only=True)
+    return unwrap_state_dict(obj)
+
+
+def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
+    """Checkpoints often nest the weights under 'model' / 'state_dict' / 'module'."""
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        key = next((k for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if key is None:
+            raise ValueError(f"cannot find a state dict in checkpoint with keys {list(obj)[:10]}")
+        obj = obj[key]
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_prefixes(state_dict: dict, prefixes: Iterable[str] = ("module.", "model.", "encoder.")) -> dict:
+    """Remove wrapper prefixes that DDP / EMA / CAE-style encoders add to every key."""
+    prefixes = tuple(prefixes)
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "<state dict>",
+                           allow_head_mismatch: bool = False, head_prefixes: tuple[str, ...] = ("head.", "fc_norm."),
+                           hint: str = "") -> None:
+    """Copy ``state_dict`` into ``module``; refuse any missing, unexpected or mis-shaped key.
+
+    ``allow_head_mismatch`` tolerates differences under ``head_prefixes`` only (a classifier head
+    trained for another label set); the trunk must always match exactly.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shape = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if allow_head_mismatch:
+        def is_head(k: str) -> bool:
+            return k.startswith(head_prefixes)
+
+        drop = {k for k in own if k in state_dict and state_dict[k].shape != own[k].shape and is_head(k)}
+        missing = [k for k in missing if not is_head(k)]
+        unexpected = [k for k in unexpected if not is_head(k)]
+        shape = [s for s in shape if s.split(":")[0] not in drop]
+        state_dict = {k: v for k, v in state_dict.items() if k in own and k not in drop}
+    if missing or unexpected or shape:
+        raise CheckpointMismatchError(source, missing, unexpected, shape, hint)
+    module.load_state_dict(state_dict, strict=not allow_head_mismatch)

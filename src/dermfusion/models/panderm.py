@@ -1,0 +1,107 @@
+"""PanDerm (CAE/BEiT-style) checkpoints loaded into a timm VisionTransformer.
+
+PanDerm ships ViT-B/16 and ViT-L/16 encoders whose blocks use BEiT naming: ``encoder.`` prefix,
+``gamma_1``/``gamma_2`` layer-scale, separate ``q_bias``/``v_bias`` (no k bias). timm's
+VisionTransformer with ``init_values`` (layer scale) and ``qkv_bias`` has the same maths, so a
+key mapping (:func:`panderm_checkpoint_filter_fn`) followed by a *strict* load gives the exact
+encoder — or an error naming every key that did not fit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointMismatchError, load_state_dict_strict, read_state_dict, strip_prefixes
+
+PANDERM_ARCHS = {
+    "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+# PanDerm fine-tuning code normalises with ImageNet statistics.
+PANDERM_DATA_CONFIG = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                           interpolation="bicubic", crop_pct=1.0)
+# Keys that only exist in a *pre-training* checkpoint (CAE decoder / regressor, EMA teacher, mask token).
+# They are dropped only when the caller opts in with ``ignore_pretraining_keys=True``.
+PRETRAINING_ONLY_PREFIXES = (
+    "decoder.", "regressor_and_decoder.", "encoder_to_decoder.", "teacher.", "teacher_model.",
+    "mask_token", "decoder_pos_embed", "projector.", "lm_head.", "norm_decoder.",
+)
+
+
+def panderm_checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module, *,
+                                 ignore_pretraining_keys: bool = False) -> dict[str, torch.Tensor]:
+    """Map a PanDerm/CAE/BEiT-style state dict onto timm ``VisionTransformer`` key names.
+
+    Unknown keys are passed through unchanged so the strict load that follows reports them.
+    """
+    sd = strip_prefixes(state_dict, ("module.", "model.", "encoder."))
+    if any("rel_pos_bias" in k or "relative_position" in k for k in sd):
+        raise ValueError("checkpoint uses relative position bias (BEiT rel_pos_bias); the timm "
+                         "VisionTransformer used for PanDerm has absolute position embeddings only — not supported")
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if ignore_pretraining_keys and k.startswith(PRETRAINING_ONLY_PREFIXES):
+            continue
+        if k.endswith(".attn.q_bias"):
+            prefix = k[: -len("q_bias")]
+            v_bias = sd.get(prefix + "v_bias")
+            if v_bias is None:
+                out[k] = v  # leave it for the strict load to report
+                continue
+            out[prefix + "qkv.bias"] = torch.cat([v, torch.zeros_like(v), v_bias])
+            continue
+        if k.endswith(".attn.v_bias"):
+            if k[: -len("v_bias")] + "q_bias" not in sd:
+                out[k] = v
+            continue
+        k = k.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
+        if k == "patch_embed.proj.weight" and k in own and v.shape[-2:] != own[k].shape[-2:]:
+            from timm.layers import resample_patch_embed
+
+            v = resample_patch_embed(v, list(own[k].shape[-2:]))
+        if k == "pos_embed" and k in own and v.shape != own[k].shape:
+            v = _fit_pos_embed(v, own[k], getattr(model, "num_prefix_tokens", 1))
+        out[k] = v
+    # Mean-pooling fine-tune heads (global_pool='avg') use fc_norm instead of the final norm.
+    if "norm.weight" in out and "norm.weight" not in own and "fc_norm.weight" in own:
+        out["fc_norm.weight"], out["fc_norm.bias"] = out.pop("norm.weight"), out.pop("norm.bias")
+    return out
+
+
+def _fit_pos_embed(pe: torch.Tensor, target: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Resample absolute position embeddings to the model's grid (and add a zero CLS slot if absent)."""
+    from timm.layers import resample_abs_pos_embed
+
+    n_target = target.shape[1] - num_prefix
+    side = int(round(n_target ** 0.5))
+    n_src = pe.shape[1]
+    src_side = int(round(n_src ** 0.5))
+    if src_side * src_side == n_src and num_prefix:  # checkpoint stores patch positions only
+        pe = torch.cat([pe.new_zeros(1, num_prefix, pe.shape[-1]), pe], dim=1)
+    return resample_abs_pos_embed(pe, new_size=[side, side], num_prefix_tokens=num_prefix)
+
+
+def create_panderm_vit(arch: str, pretrained_path=None, *, ignore_pretraining_keys: bool = False,
+                       allow_head_mismatch: bool = False, init_values: float = 0.1, **kwargs) -> nn.Module:
+    """A timm ViT shaped like PanDerm's encoder, strictly loaded from ``pretrained_path`` if given."""
+    import timm
+
+    if arch not in PANDERM_ARCHS:
+        raise ValueError(f"unknown PanDerm architecture {arch!r}; choose one of {', '.join(PANDERM_ARCHS)}")
+    args = dict(PANDERM_ARCHS[arch], init_values=init_values, qkv_bias=True, num_classes=0)
+    args.update(kwargs)
+    model = timm.create_model(arch, pretrained=False, **args)
+    if pretrained_path is not None:
+        raw = read_state_dict(pretrained_path)
+        sd = panderm_checkpoint_filter_fn(raw, model, ignore_pretraining_keys=ignore_pretraining_keys)
+        try:
+            load_state_dict_strict(model, sd, source=str(pretrained_path), allow_head_mismatch=allow_head_mismatch)
+        except CheckpointMismatchError as e:
+            if not ignore_pretraining_keys and any(k.startswith(PRETRAINING_ONLY_PREFIXES) for k in e.unexpected):
+                raise CheckpointMismatchError(
+                    e.source, e.missing, e.unexpected, e.shape_mismatch,
+                    "this looks like a pre-training checkpoint (decoder/teacher/mask-token keys); pass "
+                    "ignore_pretraining_keys=True to drop exactly those keys") from None
+            raise
+    return model

@@ -1,0 +1,1 @@
+"""Training stage: losses, optimiser groups, schedules, the fold trainer and cross-validation."""

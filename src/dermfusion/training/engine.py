@@ -1,0 +1,287 @@
+"""Training one fold: data loaders, model, optimiser, the epoch loop, checkpoint/resume, fold bundle.
+
+Determinism: every epoch re-seeds all RNGs from (seed, fold, epoch), so an epoch's augmentations,
+sampling and dropout depend only on those numbers. Resuming from the checkpoint of epoch e then
+replays epoch e+1 exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from ..config import ExperimentConfig
+from ..console import console, make_progress
+from ..data.dataset import LesionDataset, class_balanced_sampler, collate
+from ..data.features import FeatureSpec
+from ..data.manifest import present_modalities, targets
+from ..data.transforms import Preprocess
+from ..tasks import TaskSpec
+from .checkpoint import load_checkpoint, save_atomic
+from .ema import ModelEMA
+from .runtime import autocast, autocast_dtype, default_num_workers, move_batch, resolve_device, seed_everything
+
+
+def feature_spec_for(cfg: ExperimentConfig, task: TaskSpec, df: pd.DataFrame) -> FeatureSpec:
+    mods = cfg.data.modalities or [m for m in task.modalities if m in present_modalities(df)] or list(task.modalities)
+    return FeatureSpec.from_manifest(df, mods, use_metadata=cfg.data.use_metadata, use_concepts=cfg.data.use_concepts)
+
+
+def build_model(cfg: ExperimentConfig, task: TaskSpec, spec: FeatureSpec, for_inference: bool = False):
+    from ..models import create_model
+
+    kwargs = cfg.model_kwargs()
+    if for_inference:  # weights come from the bundle: never re-read a foundation checkpoint or a hub
+        kwargs = {k: (None if "pretrained_path" in k or k.endswith("_path") else (False if k == "pretrained" else v))
+                  for k, v in kwargs.items()}
+        kwargs = _strip_pretrained(kwargs)
+    return create_model(cfg.model.name, num_classes=task.num_classes, feature_spec=spec, **kwargs)
+
+
+def _strip_pretrained(obj):
+    if isinstance(obj, dict):
+        return {k: (False if k == "pretrained" else None if k.endswith("pretrained_path") else _strip_pretrained(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strip_pretrained(v) for v in obj]
+    return obj
+
+
+def preprocess_of(model, spec: FeatureSpec) -> dict[str, Preprocess]:
+    dc = getattr(model, "data_config", {}) or {}
+    return {m: Preprocess.from_data_config(dc.get(m, {})) for m in spec.modalities}
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    oof: pd.DataFrame               # lesion_id + class probabilities for the validation fold
+    metrics: dict
+    bundle: Path
+    history: list = field(default_factory=list)
+
+
+class FoldTrainer:
+    def __init__(self, cfg: ExperimentConfig, task: TaskSpec, df: pd.DataFrame, fold: int, out: Path,
+                 profile: bool = False):
+        self.cfg, self.task, self.fold, self.out, self.profile = cfg, task, fold, Path(out), profile
+        self.device = resolve_device(cfg.train.device)
+        self.amp = autocast_dtype(self.device, cfg.train.precision)
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+        if fold >= 0:
+            self.train_df = df[(df["fold"] >= 0) & (df["fold"] != fold)].reset_index(drop=True)
+            self.val_df = df[df["fold"] == fold].reset_index(drop=True)
+        else:  # full-data refit: no validation fold
+            self.train_df, self.val_df = df[df["fold"] >= 0].reset_index(drop=True), df.iloc[:0]
+        if len(self.train_df) == 0:
+            raise ValueError(f"fold {fold}: no training lesions (does the manifest have folds? run `dermfusion folds`)")
+        self.spec = feature_spec_for(cfg, task, df)
+
+    # ---- construction -------------------------------------------------------------------------
+    def _loader(self, frame: pd.DataFrame, train: bool, epoch: int = 0) -> DataLoader:
+        cfg = self.cfg
+        cache = str(Path(cfg.data.cache_dir).expanduser()) if cfg.data.cache_dir else None
+        ds = LesionDataset(frame, self.task, self.spec, self.preprocess, train=train, cache_dir=cache,
+                           aug_strength=cfg.data.aug_strength)
+        workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
+        kw = dict(num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
+                  persistent_workers=False)
+        if workers > 0:
+            kw["prefetch_factor"] = 4
+        if train:
+            sampler = class_balanced_sampler(ds.targets, cfg.train.sampler_power, seed=self._seed(epoch))
+            return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(ds) > cfg.train.batch_size, **kw)
+        return DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, **kw)
+
+    def _seed(self, epoch: int) -> int:
+        return self.cfg.train.seed * 1_000_003 + (self.fold + 1) * 10_007 + epoch
+
+    def setup(self) -> None:
+        from .losses import build_loss
+        from .optim import build_param_groups, build_scheduler
+
+        cfg = self.cfg
+        seed_everything(self._seed(-1))
+        self.model = build_model(cfg, self.task, self.spec).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.preprocess = preprocess_of(self.model, self.spec)
+        counts = targets(self.train_df, self.task).sum(axis=0)
+        self.loss_fn = build_loss(cfg.loss.model_dump(), counts)
+        groups = build_param_groups(self.model, lr=cfg.optim.lr, head_lr=cfg.optim.head_lr,
+                                    layer_decay=cfg.optim.layer_decay, weight_decay=cfg.optim.weight_decay)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, fused=fused)
+        steps = self.steps_per_epoch()
+        total = max(1, steps * cfg.train.epochs // cfg.optim.accumulate)
+        warm = int(round(cfg.optim.warmup_epochs * steps / cfg.optim.accumulate))
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=warm, total_steps=total)
+        self.ema = ModelEMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        if cfg.train.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)
+
+    def steps_per_epoch(self) -> int:
+        bs = self.cfg.train.batch_size
+        n = len(self.train_df) // bs if len(self.train_df) > bs else 1
+        cap = self.cfg.train.max_steps_per_epoch
+        return min(n, cap) if cap else n
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, progress) -> dict:
+        cfg = self.cfg
+        seed_everything(self._seed(epoch))
+        loader = self._loader(self.train_df, train=True, epoch=epoch)
+        self.model.train()
+        steps = self.steps_per_epoch()
+        task = progress.add_task(f"fold {self.fold} epoch {epoch + 1}/{cfg.train.epochs}", total=steps, info="")
+        losses, t_data, t_compute = [], 0.0, 0.0
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, batch in enumerate(loader):
+            if step >= steps:
+                break
+            t1 = time.perf_counter()
+            t_data += t1 - t0
+            batch = move_batch(batch, self.device, self.channels_last)
+            with autocast(self.device, self.amp):
+                outputs = self.step_model(batch)
+                loss, parts = self.loss_fn(outputs, batch["target"])
+            (loss / cfg.optim.accumulate).backward()
+            if (step + 1) % cfg.optim.accumulate == 0 or step + 1 == steps:
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema:
+                    self.ema.update(self.model)
+            if self.device.type == "cuda" and self.profile:
+                torch.cuda.synchronize()
+            losses.append(float(loss.detach()))
+            t0 = time.perf_counter()
+            t_compute += t0 - t1
+            progress.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
+        progress.remove_task(task)
+        total = t_data + t_compute
+        return {"loss": float(np.mean(losses)) if losses else float("nan"), "data_wait_s": t_data,
+                "compute_s": t_compute, "data_wait_frac": t_data / total if total else 0.0,
+                "steps": len(losses), "lesions_per_s": len(losses) * cfg.train.batch_size / total if total else 0.0}
+
+    @torch.no_grad()
+    def predict(self, frame: pd.DataFrame, model=None, tta: int = 0) -> np.ndarray:
+        from ..inference.predict_loop import predict_probs
+
+        model = model or (self.ema.module if self.ema else self.model)
+        return predict_probs(model, self._loader(frame, train=False), self.device, self.amp, self.channels_last,
+                             tta=tta, modalities=self.spec.modalities)
+
+    def evaluate(self, probs: np.ndarray) -> dict:
+        from ..evaluation.metrics import balanced_accuracy, macro_f1, official_score
+
+        y = targets(self.val_df, self.task)
+        return {"official": float(official_score(self.task, y, probs)),
+                "balanced_accuracy": float(balanced_accuracy(y, probs)),
+                "macro_f1": float(macro_f1(y, probs))}
+
+    def run(self) -> FoldResult:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.setup()
+        ckpt_path = self.out / "last.ckpt"
+        log_path = self.out / "log.jsonl"
+        start, best, best_state, history, bad_epochs = 0, -math.inf, None, [], 0
+        ck = load_checkpoint(ckpt_path)
+        if ck is not None:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            if self.ema and ck.get("ema") is not None:
+                self.ema.module.load_state_dict(ck["ema"])
+            start, best, best_state = ck["epoch"] + 1, ck["best"], ck.get("best_state")
+            history, bad_epochs = ck["history"], ck.get("bad_epochs", 0)
+            console.print(f"[cyan]fold {self.fold}: resuming after epoch {start}[/]")
+        writer = _tensorboard(self.out)
+        with make_progress() as progress:
+            for epoch in range(start, cfg.train.epochs):
+                stats = self.train_epoch(epoch, progress)
+                rec = {"fold": self.fold, "epoch": epoch + 1, **stats, "lr": self.scheduler.get_last_lr()[-1]}
+                if len(self.val_df):
+                    rec.update({f"val_{k}": v for k, v in self.evaluate(self.predict(self.val_df)).items()})
+                    score = rec["val_official"]
+                    if score > best:
+                        best, bad_epochs = score, 0
+                        if cfg.train.early_stopping_patience:
+                            src = self.ema.module if self.ema else self.model
+                            best_state = {k: v.detach().cpu().clone() for k, v in src.state_dict().items()}
+                    else:
+                        bad_epochs += 1
+                history.append(rec)
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                if writer:
+                    for k, v in rec.items():
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(k, v, epoch + 1)
+                console.print(_epoch_line(rec))
+                save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best": best,
+                             "best_state": best_state, "history": history, "bad_epochs": bad_epochs,
+                             "ema": self.ema.module.state_dict() if self.ema else None}, ckpt_path)
+                if cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience:
+                    console.print(f"fold {self.fold}: early stop after epoch {epoch + 1} (best {best:.4f})")
+                    break
+        final = self.ema.module if self.ema else self.model
+        if best_state is not None:
+            final.load_state_dict(best_state)
+        oof = pd.DataFrame(columns=["lesion_id", *self.task.classes])
+        metrics = {}
+        if len(self.val_df):
+            probs = self.predict(self.val_df, final, tta=cfg.train.tta)
+            metrics = self.evaluate(probs)
+            oof = pd.DataFrame(probs, columns=list(self.task.classes))
+            oof.insert(0, "lesion_id", self.val_df["lesion_id"].to_numpy())
+            oof.insert(1, "fold", self.fold)
+        bundle = self.write_bundle(final, metrics)
+        return FoldResult(self.fold, oof, metrics, bundle, history)
+
+    def write_bundle(self, model, metrics: dict) -> Path:
+        from ..inference.bundle import write_bundle
+
+        cfg = self.cfg
+        config = {"kind": "network", "task": self.task.name, "name": f"{cfg.name}_fold{self.fold}",
+                  "model": {"name": cfg.model.name, **cfg.model_kwargs()},
+                  "feature_spec": self.spec.to_dict(),
+                  "preprocess": {m: p.to_dict() for m, p in self.preprocess.items()},
+                  "experiment": cfg.model_dump(), "fold": self.fold}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return write_bundle(self.out / "bundle", config=config, metrics=metrics,
+                            write_model=lambda d: save_file(state, str(d / "model.safetensors"))).path
+
+
+def _epoch_line(rec: dict) -> str:
+    parts = [f"fold {rec['fold']} epoch {rec['epoch']}", f"loss {rec['loss']:.4f}"]
+    for k in ("val_official", "val_balanced_accuracy", "val_macro_f1"):
+        if k in rec:
+            parts.append(f"{k.removeprefix('val_')} {rec[k]:.4f}")
+    parts.append(f"{rec['lesions_per_s']:.1f} lesions/s, data wait {rec['data_wait_frac']:.0%}")
+    return " · ".join(parts)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    try:
+        return SummaryWriter(str(out / "tb"))
+    except Exception:
+        return None

@@ -1,0 +1,60 @@
+"""Device, precision, threads and seeding: one place that decides how a run uses the hardware."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is visible; use --set train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; fp32 on CPU (open_clip's ViT is ~20x slower under CPU autocast)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_num_workers(device: torch.device) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return max(2, min(12, cpus - 2))
+    # on a small CPU box the model needs the cores; one worker decodes (cached) images ahead
+    return 1 if cpus <= 4 else min(4, cpus // 4)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def move_batch(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    nb = device.type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        if k == "images":
+            out[k] = {m: (x.to(device, non_blocking=nb, memory_format=torch.channels_last) if channels_last
+                          else x.to(device, non_blocking=nb)) for m, x in v.items()}
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=nb)
+        else:
+            out[k] = v
+    return out
