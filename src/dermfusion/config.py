@@ -30,7 +30,7 @@ class DataConfig(_Strict):
 class LossConfig(_Strict):
     name: str = "focal+soft_f1"    # ce | focal | focal+soft_f1 | ce+soft_f1
     gamma: float = 2.0
-    alpha: str = "inverse_frequency"   # inverse_frequency | sqrt_inverse_frequency | none
+    alpha: Optional[str] = "inverse_frequency"   # inverse_frequency | none
     soft_f1_weight: float = 0.5
     label_smoothing: float = 0.0
     aux_weight: float = 0.3

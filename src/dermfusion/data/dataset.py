@@ -99,3 +99,31 @@ def class_balanced_sampler(targets: np.ndarray, power: float = 0.5, num_samples:
     g = torch.Generator().manual_seed(seed)
     w = torch.as_tensor(class_balanced_weights(targets, power), dtype=torch.double)
     return WeightedRandomSampler(w, num_samples or len(targets), replacement=True, generator=g)
+
+
+def batch_from_inputs(images: dict, metadata: dict, spec: FeatureSpec, preprocess: dict[str, Preprocess]) -> dict:
+    """A one-lesion Batch from in-memory inputs (the API path): `images` maps modality -> PIL RGB image
+    (absent modalities are simply not in the dict), `metadata` holds manifest-style fields
+    (age, sex, skin_tone, site, concept_<modality>_<name> …; missing keys = unknown)."""
+    row = {"age": float("nan"), "sex": "", "skin_tone": "", "site": "", **{k: v for k, v in metadata.items() if v is not None}}
+    frame = pd.DataFrame([row])
+    for c in spec.concepts:
+        if c not in frame.columns:
+            frame[c] = float("nan")
+    numeric, numeric_present = spec.encode_numeric(frame)
+    concepts, concepts_present = spec.encode_concepts(frame)
+    tensors, present = {}, []
+    for m in spec.modalities:
+        pre = preprocess[m]
+        img = images.get(m)
+        if img is None:
+            tensors[m] = torch.zeros(1, 3, pre.size, pre.size)
+            present.append(False)
+        else:
+            t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+            tensors[m] = eval_transform(pre)(t).unsqueeze(0)
+            present.append(True)
+    return {"images": tensors, "image_present": torch.tensor([present]),
+            "concepts": torch.from_numpy(concepts), "concepts_present": torch.from_numpy(concepts_present),
+            "numeric": torch.from_numpy(numeric), "numeric_present": torch.from_numpy(numeric_present),
+            "categorical": torch.from_numpy(spec.encode_categorical(frame)), "lesion_id": ["request"]}

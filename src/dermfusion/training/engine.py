@@ -115,7 +115,10 @@ class FoldTrainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocess = preprocess_of(self.model, self.spec)
         counts = targets(self.train_df, self.task).sum(axis=0)
-        self.loss_fn = build_loss(cfg.loss.model_dump(), counts)
+        loss_cfg = cfg.loss.model_dump()
+        if str(loss_cfg["alpha"]).lower() in {"none", "null"}:
+            loss_cfg["alpha"] = None
+        self.loss_fn = build_loss(loss_cfg, counts)
         groups = build_param_groups(self.model, lr=cfg.optim.lr, head_lr=cfg.optim.head_lr,
                                     layer_decay=cfg.optim.layer_decay, weight_decay=cfg.optim.weight_decay)
         fused = self.device.type == "cuda"

@@ -151,15 +151,17 @@ def _ce(label_smoothing: float, weight: torch.Tensor | None):
 def build_loss(cfg=None, class_counts: Sequence[float] | None = None) -> TrainingLoss:
     """Build the training loss from a config (dict, LossConfig, or loss name)."""
     cfg = LossConfig.from_any(cfg)
-    alpha = None
-    if isinstance(cfg.alpha, str):
-        if cfg.alpha not in {"inverse_frequency", "inverse_freq"}:
-            raise ValueError(f"alpha={cfg.alpha!r}: use None, 'inverse_frequency' or a list of per-class weights")
+    alpha, spec = None, cfg.alpha
+    if isinstance(spec, str) and spec.strip().lower() in {"", "none", "null"}:
+        spec = None
+    if isinstance(spec, str):
+        if spec not in {"inverse_frequency", "inverse_freq"}:
+            raise ValueError(f"alpha={spec!r}: use None, 'inverse_frequency' or a list of per-class weights")
         if class_counts is None:
             raise ValueError("alpha='inverse_frequency' needs class_counts")
         alpha = alpha_from_counts(class_counts)
-    elif cfg.alpha is not None:
-        alpha = torch.as_tensor(cfg.alpha, dtype=torch.float32)
+    elif spec is not None:
+        alpha = torch.as_tensor(spec, dtype=torch.float32)
     base_name, _, extra = cfg.name.partition("+")
     if extra not in {"", "soft_f1"}:
         raise ValueError(f"unknown loss {cfg.name!r}; use ce, focal, ce+soft_f1 or focal+soft_f1")

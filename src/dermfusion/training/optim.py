@@ -79,8 +79,6 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     groups = build_param_groups(model, lr=lr, head_lr=_cfg_get(cfg, "head_lr"),
                                 layer_decay=float(_cfg_get(cfg, "layer_decay", 1.0)),
                                 weight_decay=float(_cfg_get(cfg, "weight_decay", 0.05)))
-    for g in groups:  # AdamW rejects unknown keys? no — but keep groups lean for state_dict size
-        g.pop("param_names", None)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(_cfg_get(cfg, "betas", (0.9, 0.999))),
