@@ -113,6 +113,11 @@ def test_calibration_helpers():
     assert s_cut >= _calib.milk10k_score(y, p)[0]
     # rescaling lands every tuned cut on 0.5, with the strict ">" kept
     assert _calib.milk10k_score(y, _calib.rescale_cuts(p, cuts))[0] == pytest.approx(s_cut)
+    # a class too rare to expect a positive in the scored set is left unpredicted (scores 1.0 when absent)
+    rare_y, rare_p = np.zeros(1000), np.linspace(0, 1, 1000)
+    rare_y[[10, 500]] = 1
+    assert _calib.tune_cut(rare_y, rare_p) < 0.6
+    assert _calib.tune_cut(rare_y, rare_p, eval_size=100) == _calib.CUT_MAX
     # an empty class scores 1.0 when nothing is predicted
     assert _calib.dice_per_class(np.zeros((3, 1)), np.zeros((3, 1)))[0] == 1.0
 
@@ -189,7 +194,7 @@ def test_stack_and_ensemble_bundles_load(data, tmp_path):
         runs.append(train_tabular_cv(cfg, df, "milk10k", tmp_path / "runs" / f"r{i}", verbose=False))
     oofs = [pd.read_csv(r["oof"]) for r in runs]
     bundles = [r["bundle"] for r in runs]
-    res = fit_stack(oofs, df, "milk10k")
+    res = fit_stack(oofs, df, "milk10k", use_concepts=True, use_metadata=True)
     sb = write_stack_bundle(tmp_path / "stack", res, bundles, "milk10k")
     eb = write_ensemble_bundle(tmp_path / "ens", bundles, [0.25, 0.75], "milk10k")
     assert not json.loads((sb.path / "members.json").read_text())[0]["path"].startswith("/")

@@ -49,7 +49,8 @@ class LesionDataset(Dataset):
         pre = self.preprocess[modality]
         arr = load_rgb_array(path, self.caches.get(modality), size=None if modality in self.caches else
                              int(round(pre.size * (1.15 if self.train else 1.0))))
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
+        return torch.from_numpy(arr).permute(2, 0, 1)
 
     def __getitem__(self, i: int) -> dict:
         images, present = {}, []

@@ -57,10 +57,11 @@ def hub_offline() -> bool:
 
 def hub_error(hub_id: str, how_local: str, cause: BaseException | None = None) -> HubUnavailableError:
     why = "the hub is disabled (HF_HUB_OFFLINE is set)" if cause is None else f"download failed ({cause})"
+    fetch = (f"run `huggingface-cli download {hub_id.split(':', 1)[-1]} --local-dir DIR`"
+             if hub_id.startswith("hf-hub:") else "download the weights into a directory DIR")
     return HubUnavailableError(
-        f"cannot fetch {hub_id!r} from the model hub: {why}. On a machine with network run "
-        f"`huggingface-cli download {hub_id.split(':', 1)[-1]} --local-dir DIR`, copy DIR here and "
-        f"point at the local copy instead: {how_local}."
+        f"cannot fetch {hub_id!r} from the model hub: {why}. On a machine with network {fetch}, copy DIR "
+        f"here and point at the local copy instead: {how_local}."
     )
 
 

@@ -12,6 +12,9 @@ Three stages, each attention with masks (absent inputs are never attended to):
 Every attention has an always-present learned null key, so rows with nothing to attend to stay
 finite. Auxiliary heads on each encoder's pooled feature (and on the tabular tokens) give deep
 supervision; ``aux_mask`` says for which rows each one is meaningful.
+
+``return_attention=True`` takes PyTorch's explicit attention path (weights materialised), so its
+logits can differ from the fast path's in the last float bits; use one setting when comparing.
 """
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def write_ensemble_bundle(out: str | Path, member_bundles: list[str | Path], wei
 
 
 def compare_rows(oofs: dict[str, np.ndarray], y_true: np.ndarray, folds: np.ndarray,
-                 task: TaskSpec) -> pd.DataFrame:
+                 task: TaskSpec, eval_size: int | None = None) -> pd.DataFrame:
     """One row per run: official score as is (p > 0.5), nested cut-tuned score, balanced accuracy,
     macro-F1 (argmax), log loss — all on out-of-fold rows."""
     y_idx = y_true.argmax(1)
@@ -104,7 +104,7 @@ def compare_rows(oofs: dict[str, np.ndarray], y_true: np.ndarray, folds: np.ndar
     for name, p in oofs.items():
         r = {"run": name, "official_raw": _calib.milk10k_score(y_true, p)[0]}
         if task.metric == "milk10k_dice":
-            r["nested_cut"] = _calib.nested_cut_estimate(p, y_true, folds)["score"]
+            r["nested_cut"] = _calib.nested_cut_estimate(p, y_true, folds, eval_size=eval_size)["score"]
         r.update(balanced_acc=_calib.balanced_accuracy(y_idx, p), macro_f1=_calib.macro_f1(y_idx, p),
                  log_loss=_calib.log_loss(y_idx, p))
         rows.append(r)
@@ -112,10 +112,11 @@ def compare_rows(oofs: dict[str, np.ndarray], y_true: np.ndarray, folds: np.ndar
 
 
 def compare_table(oofs: dict[str, np.ndarray], y_true: np.ndarray, folds: np.ndarray, task: str | TaskSpec,
-                  title: str = "out-of-fold comparison", print_table: bool = True) -> pd.DataFrame:
+                  title: str = "out-of-fold comparison", print_table: bool = True,
+                  eval_size: int | None = None) -> pd.DataFrame:
     """Compare members, stack and ensemble on OOF rows; prints a rich table (plain text without rich)."""
     task = get_task(task) if isinstance(task, str) else task
-    df = compare_rows(oofs, y_true, folds, task)
+    df = compare_rows(oofs, y_true, folds, task, eval_size)
     if print_table:
         try:
             from rich.console import Console

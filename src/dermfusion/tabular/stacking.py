@@ -129,7 +129,7 @@ def align_oof(oof: pd.DataFrame, lesion_ids: pd.Series, task: TaskSpec, name: st
 
 def fit_stack(oof_frames: list[pd.DataFrame], manifest_df: pd.DataFrame, task: str | TaskSpec, folds=None, *,
               names: list[str] | None = None, C: float = 0.1, use_concepts: bool = False,
-              use_metadata: bool = False) -> StackResult:
+              use_metadata: bool = False, eval_size: int | None = None) -> StackResult:
     """Fold-aware stacking. `folds` (one per manifest row) defaults to the manifest's `fold` column."""
     task = get_task(task) if isinstance(task, str) else task
     if not oof_frames:
@@ -158,7 +158,7 @@ def fit_stack(oof_frames: list[pd.DataFrame], manifest_df: pd.DataFrame, task: s
     out.insert(0, "lesion_id", df["lesion_id"].to_numpy())
     metrics = {"log_loss": _calib.log_loss(y, oof2), "balanced_accuracy": _calib.balanced_accuracy(y, oof2)}
     if task.metric == "milk10k_dice":
-        metrics["nested_cut_score"] = _calib.nested_cut_estimate(oof2, y_true, folds)["score"]
+        metrics["nested_cut_score"] = _calib.nested_cut_estimate(oof2, y_true, folds, eval_size=eval_size)["score"]
     return StackResult(oof=out, meta=meta, member_names=names, metrics=metrics)
 
 

@@ -9,9 +9,9 @@ writes
                                      (temperature + per-class cuts for MILK10k), metrics.json with the
                                      OOF scores and the *nested* cut-tuned estimate
     runs/tab/summary.json            the returned summary
-Config (see configs/milk10k_tabular.yaml): task, name, model {kind: tabular, backend, params,
-class_weight, early_stopping_rounds, validation_fraction, seed}, features {derived, use_metadata},
-cv {k, seed}, n_jobs.
+Config (see configs/milk10k_tabular.yaml; it also validates as a `config.ExperimentConfig`): task, name,
+model {kind: tabular, backend, params, class_weight, early_stopping_rounds, validation_fraction, seed,
+features {derived, use_metadata}, n_jobs}, cv {k, seed}, calibration {eval_size: expected test-set size or null — see _calib.tune_cut}.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .expert import TabularExpert
 from .features import TabularFeatureSpec
 
 MODEL_KEYS = {"backend", "params", "class_weight", "early_stopping_rounds", "validation_fraction", "seed",
-              "refit_full", "kind"}
+              "refit_full", "kind", "name", "features", "n_jobs"}
 
 
 class TabularConfigError(ValueError):
@@ -53,14 +53,22 @@ def validate_config(cfg: dict) -> dict:
     model.setdefault("early_stopping_rounds", 100)
     model.setdefault("validation_fraction", 0.15)
     model.setdefault("seed", 0)
-    feats = {"derived": True, "use_metadata": True, **(cfg.get("features") or {})}
+    if model.get("name") == "trimodal_fusion":  # the experiment schema's network default, meaningless here
+        model.pop("name")
+    # `features` / `n_jobs` live under `model:` (the experiment schema allows extra model keys only);
+    # top-level ones are accepted too. data.use_metadata (experiment schema) switches metadata off.
+    data = cfg.get("data") or {}
+    feats = {"derived": True, "use_metadata": bool(data.get("use_metadata", True)),
+             **(cfg.get("features") or {}), **(model.pop("features", None) or {})}
     unknown = set(feats) - {"derived", "use_metadata"}
     if unknown:
         raise TabularConfigError(f"unknown features key(s) {sorted(unknown)}; allowed: derived, use_metadata")
     cv = {"k": 5, "seed": 0, **(cfg.get("cv") or {})}
+    n_jobs = model.pop("n_jobs", None)
     cfg.update(model=model, features=feats, cv=cv)
-    cfg.setdefault("n_jobs", 2)
-    cfg.setdefault("name", f"{cfg.get('task', 'task')}_tabular_{model['backend']}")
+    cfg["n_jobs"] = int(n_jobs or cfg.get("n_jobs") or 2)
+    if not cfg.get("name") or cfg.get("name") == "experiment":
+        cfg["name"] = f"{cfg.get('task', 'task')}_tabular_{model['backend']}"
     return cfg
 
 
@@ -93,7 +101,8 @@ def _resolve_folds(df: pd.DataFrame, task: TaskSpec, folds, cv: dict) -> np.ndar
     return f
 
 
-def evaluate_oof(probs: np.ndarray, y_true: np.ndarray, folds: np.ndarray, task: TaskSpec) -> dict:
+def evaluate_oof(probs: np.ndarray, y_true: np.ndarray, folds: np.ndarray, task: TaskSpec,
+                 eval_size: int | None = None) -> dict:
     """OOF metrics: official score as is, nested cut-tuned estimate, balanced accuracy, macro-F1, log loss."""
     y_idx = y_true.argmax(1)
     official, per = _calib.milk10k_score(y_true, probs)
@@ -101,7 +110,7 @@ def evaluate_oof(probs: np.ndarray, y_true: np.ndarray, folds: np.ndarray, task:
            "macro_f1": _calib.macro_f1(y_idx, probs), "log_loss": _calib.log_loss(y_idx, probs),
            "n": int(len(probs))}
     if task.metric == "milk10k_dice":
-        nested = _calib.nested_cut_estimate(probs, y_true, folds)
+        nested = _calib.nested_cut_estimate(probs, y_true, folds, eval_size=eval_size)
         out["nested_cut_score"] = nested["score"]
         out["nested_per_class"] = dict(zip(task.classes, nested["per_class"]))
     return out
@@ -156,8 +165,9 @@ def train_tabular_cv(cfg: dict, manifest_df: pd.DataFrame, task: str | TaskSpec,
                   f"bacc={m['balanced_accuracy']:.4f}", flush=True)
     oof_df = oof_frame(df["lesion_id"], f, oof, task)
     oof_df.to_csv(out / "oof.csv", index=False)
-    metrics = evaluate_oof(oof, y_true, f, task)
-    calib = _calib.fit_calibration(oof, y_true, task.metric)
+    eval_size = (cfg.get("calibration") or {}).get("eval_size")
+    metrics = evaluate_oof(oof, y_true, f, task, eval_size)
+    calib = _calib.fit_calibration(oof, y_true, task.metric, eval_size=eval_size)
     metrics["calibrated_official_on_oof"] = _calib.milk10k_score(y_true, calib.apply(oof, rescale_cuts=True))[0] \
         if calib.cuts is not None else None  # optimistic: cuts tuned on these rows; see nested_cut_score
     metrics["folds"] = fold_metrics

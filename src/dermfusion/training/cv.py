@@ -68,25 +68,55 @@ def _profile(history: list[dict]) -> dict:
 
 
 def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
-    from ..evaluation.calibration import fit_calibration
-    from ..evaluation.metrics import balanced_accuracy, macro_f1, official_score
-    from ..inference.bundle import update_calibration
+    from .val_metrics import epoch_metrics
 
     lab = df.set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
     y = targets(lab, task)
     p = oof[list(task.classes)].to_numpy()
-    res = {"oof": {"n": len(oof), "official": float(official_score(task, y, p)),
-                   "balanced_accuracy": float(balanced_accuracy(y, p)), "macro_f1": float(macro_f1(y, p))}}
-    cc = cfg.calibration
-    cuts = cc.get("cuts", "auto")
-    cuts = (task.metric == "milk10k_dice") if cuts == "auto" else bool(cuts)
-    kw = {"temperature": bool(cc.get("temperature", True)), "cuts": cuts,
-          "logit_adjust": cfg.train.logit_adjustment_tau > 0}
-    calib, report = fit_calibration(task, y, p, oof["fold"].to_numpy(), **kw)
-    calib_d = calib.to_dict()
-    for b in bundles:
-        update_calibration(b, calib_d)
-    res["calibration"] = {"fitted": calib_d, "report": report}
+    res = {"oof": {"n": len(oof), **epoch_metrics(task, y, p)}}
     console.print(f"[bold]out-of-fold[/] ({len(oof)} lesions): official {res['oof']['official']:.4f} · "
                   f"balanced accuracy {res['oof']['balanced_accuracy']:.4f} · macro-F1 {res['oof']['macro_f1']:.4f}")
+    res["calibration"] = calibrate_run(cfg.calibration, task, y, oof, bundles)
     return res
+
+
+def calibrate_run(options: dict, task, y: np.ndarray, oof: pd.DataFrame, bundles) -> dict:
+    """Fit calibration on out-of-fold predictions and write it into every bundle of the run.
+
+    options: temperature (bool), cuts ("auto" | bool: per-class cuts for the MILK10k score, nested estimate),
+    prior_adjustment ("balanced_accuracy": post-hoc logit adjustment −τ·log prior with τ chosen on OOF).
+    """
+    from ..evaluation.calibration import Calibration, fit_calibration
+    from ..inference.bundle import update_calibration
+    from .val_metrics import epoch_metrics
+
+    p = oof[list(task.classes)].to_numpy()
+    folds = oof["fold"].to_numpy()
+    cuts = options.get("cuts", "auto")
+    cuts = (task.metric == "milk10k_dice") if cuts == "auto" else bool(cuts)
+    calib, report = fit_calibration(task, y, p, folds, temperature=bool(options.get("temperature", True)),
+                                    cuts=cuts, logit_adjust=False)
+    if options.get("prior_adjustment") == "balanced_accuracy":
+        tau, adj, table = tune_prior_adjustment(y, Calibration(temperature=calib.temperature).apply(p))
+        calib.prior_adjustment = adj
+        report["prior_adjustment"] = {"tau": tau, "balanced_accuracy_by_tau": table}
+    after = calib.apply(p)
+    report["oof_after_calibration"] = epoch_metrics(task, y, after)
+    d = calib.to_dict()
+    for b in bundles:
+        update_calibration(b, d)
+    console.print(f"calibration: {d} → OOF after: {report['oof_after_calibration']}")
+    return {"fitted": d, "report": report}
+
+
+def tune_prior_adjustment(y: np.ndarray, p: np.ndarray, taus=None) -> tuple[float, list[float], dict]:
+    """Post-hoc logit adjustment for balanced accuracy: add −τ·log(prior) to the log-probabilities and
+    pick τ on the out-of-fold predictions (a single scalar, so the optimism of fitting it there is small)."""
+    from .val_metrics import balanced_accuracy
+
+    taus = np.round(np.arange(0, 2.01, 0.1), 2) if taus is None else taus
+    prior = np.clip(y.mean(0), 1e-6, None)
+    logp = np.log(np.clip(p, 1e-12, None))
+    table = {float(t): balanced_accuracy(y, logp - t * np.log(prior)) for t in taus}
+    best = max(table, key=lambda t: (table[t], -t))
+    return best, (-best * np.log(prior)).tolist(), table

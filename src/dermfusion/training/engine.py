@@ -188,12 +188,9 @@ class FoldTrainer:
                              tta=tta, modalities=self.spec.modalities)
 
     def evaluate(self, probs: np.ndarray) -> dict:
-        from ..evaluation.metrics import balanced_accuracy, macro_f1, official_score
+        from .val_metrics import epoch_metrics
 
-        y = targets(self.val_df, self.task)
-        return {"official": float(official_score(self.task, y, probs)),
-                "balanced_accuracy": float(balanced_accuracy(y, probs)),
-                "macro_f1": float(macro_f1(y, probs))}
+        return epoch_metrics(self.task, targets(self.val_df, self.task), probs)
 
     def run(self) -> FoldResult:
         cfg = self.cfg

@@ -110,9 +110,7 @@ class TrainingLoss(nn.Module):
 
     def __init__(self, base: Callable, soft_f1_weight: float, aux_weight: float):
         super().__init__()
-        self.base, self.soft_f1_weight, self.aux_weight = base, soft_f1_weight, aux_weight
-        if isinstance(base, nn.Module):
-            self.base_module = base  # moves alpha with .to(device)
+        self.base, self.soft_f1_weight, self.aux_weight = base, soft_f1_weight, aux_weight  # a Module base moves with .to()
 
     def forward(self, outputs: dict, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = outputs["logits"]
