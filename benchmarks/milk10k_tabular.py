@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dermfusion.inference.bundle import load_predictor  # noqa: E402
-from dermfusion.tabular import _calib  # noqa: E402
+from dermfusion.evaluation import calibration as _cal, metrics as _met  # noqa: E402
 from dermfusion.tabular.ensemble import blend, compare_table, search_weights, write_ensemble_bundle  # noqa: E402
 from dermfusion.tabular.stacking import fit_stack, write_stack_bundle  # noqa: E402
 from dermfusion.tabular.train import train_tabular_cv  # noqa: E402
@@ -53,6 +53,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "milk10k_tabular")
     ap.add_argument("--config", type=Path, default=ROOT / "src" / "dermfusion" / "configs" / "milk10k_tabular.yaml")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--n-jobs", type=int, default=1)
     args = ap.parse_args(argv)
     t0 = time.time()
     train, holdout = load_milk10k(args.data)
@@ -64,6 +65,9 @@ def main(argv=None) -> dict:
     # the submission is scored on the holdout set: its size decides whether a very rare class is worth predicting
     eval_size = len(holdout)
     base.setdefault("calibration", {})["eval_size"] = eval_size
+    # one thread per model: on ~4k rows threading gains little, and on a shared 2-core machine two
+    # OpenMP threads competing with other jobs spin-wait and run many times slower
+    base["model"]["n_jobs"] = args.n_jobs
     runs = {}
     for seed in (0, 1):
         cfg = copy.deepcopy(base)
@@ -85,7 +89,7 @@ def main(argv=None) -> dict:
     names = list(oofs)
     members = [oofs[n] for n in names]
     # ensemble weights on OOF log loss: smooth, so 3 weights cannot overfit the way a cut-tuned Dice would
-    w, _ = search_weights(members, Y, lambda yt, p: -_calib.log_loss(yt.argmax(1), p))
+    w, _ = search_weights(members, Y, lambda yt, p: -_met.log_loss(yt.argmax(1), p))
     ens_oof = blend(members, w)
     stack = fit_stack([pd.read_csv(summaries[n]["oof"]) for n in names], train, "milk10k", folds, names=names,
                       eval_size=eval_size)
@@ -94,10 +98,10 @@ def main(argv=None) -> dict:
                           title="MILK10k tabular, 5-fold out-of-fold", eval_size=eval_size)
 
     # ---- the submission model (fixed in advance): the weighted ensemble
-    calib = _calib.fit_calibration(ens_oof, Y, eval_size=eval_size)
-    nested = _calib.nested_cut_estimate(ens_oof, Y, folds, eval_size=eval_size)
-    lo, hi = _calib.bootstrap_ci(Y, nested["pred"], n=args.bootstrap, seed=0)
-    at_size = _calib.subsample_score(Y, nested["pred"], eval_size, n=args.bootstrap, seed=0)
+    calib = _cal.fit_calibration(ens_oof, Y, eval_size=eval_size)
+    nested = _cal.nested_cut_estimate(ens_oof, Y, folds, eval_size=eval_size)
+    lo, hi = _cal.bootstrap_ci(Y, nested["pred"], n=args.bootstrap, seed=0)
+    at_size = _cal.subsample_score(Y, nested["pred"], eval_size, n=args.bootstrap, seed=0)
     bundles = [summaries[n]["bundle"] for n in names]
     metrics = {"nested_cut_score": nested["score"], "nested_ci95": [lo, hi],
                f"nested_expected_at_{eval_size}": at_size,
@@ -107,12 +111,12 @@ def main(argv=None) -> dict:
     ens_bundle = write_ensemble_bundle(args.out / "ensemble", bundles, w, "milk10k", names=names,
                                        calibration=calib.to_dict(), metrics=metrics, name="milk10k_tabular_ensemble")
     write_stack_bundle(args.out / "stack", stack, bundles, "milk10k",
-                       calibration=_calib.fit_calibration(stack_oof, Y, eval_size=eval_size).to_dict(),
+                       calibration=_cal.fit_calibration(stack_oof, Y, eval_size=eval_size).to_dict(),
                        name="milk10k_tabular_stack")
 
     predictor = load_predictor(ens_bundle.path)
     raw = predictor.predict_raw(holdout)
-    sub_scores = _calib.Calibration.from_dict(ens_bundle.calibration).apply(raw, rescale_cuts=True)
+    sub_scores = _cal.Calibration.from_dict(ens_bundle.calibration).apply(raw, rescale_cuts=True)
     sub = pd.DataFrame(sub_scores, columns=list(MILK10K.classes))
     sub.insert(0, "lesion_id", holdout["lesion_id"].to_numpy())
     sub_path = args.out / "holdout_submission.csv"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermfusion.tabular import _calib
+from dermfusion.evaluation import calibration as _cal, metrics as _met
 from dermfusion.tabular.ensemble import blend, compare_table, search_weights, write_ensemble_bundle
 from dermfusion.tabular.expert import ExpertError, TabularExpert
 from dermfusion.tabular.features import TabularFeatureSpec
@@ -107,19 +107,19 @@ def test_expert_errors_say_what_to_do(data):
 def test_calibration_helpers():
     y = np.eye(3)[[0, 0, 1, 2, 2, 2]]
     p = np.array([[.6, .3, .1], [.4, .5, .1], [.2, .7, .1], [.3, .3, .4], [.5, .1, .4], [.1, .1, .8]])
-    assert _calib.milk10k_score(y, p)[0] == pytest.approx(np.mean([2 / 3, 1.0, 0.5]))
-    cuts = _calib.tune_cuts(y, p)
-    s_cut = _calib.score_with_cuts(y, p, cuts)[0]
-    assert s_cut >= _calib.milk10k_score(y, p)[0]
+    assert _met.milk10k_score(y, p) == pytest.approx(np.mean([2 / 3, 1.0, 0.5]))
+    cuts = _cal.tune_cuts(y, p)
+    s_cut = _cal.score_with_cuts(y, p, cuts)[0]
+    assert s_cut >= _met.milk10k_score(y, p)
     # rescaling lands every tuned cut on 0.5, with the strict ">" kept
-    assert _calib.milk10k_score(y, _calib.rescale_cuts(p, cuts))[0] == pytest.approx(s_cut)
+    assert _met.milk10k_score(y, _cal.rescale_cuts(p, cuts)) == pytest.approx(s_cut)
     # a class too rare to expect a positive in the scored set is left unpredicted (scores 1.0 when absent)
     rare_y, rare_p = np.zeros(1000), np.linspace(0, 1, 1000)
     rare_y[[10, 500]] = 1
-    assert _calib.tune_cut(rare_y, rare_p) < 0.6
-    assert _calib.tune_cut(rare_y, rare_p, eval_size=100) == _calib.CUT_MAX
+    assert _cal.tune_cut(rare_y, rare_p) < 0.6
+    assert _cal.tune_cut(rare_y, rare_p, eval_size=100) == _cal.CUT_MAX
     # an empty class scores 1.0 when nothing is predicted
-    assert _calib.dice_per_class(np.zeros((3, 1)), np.zeros((3, 1)))[0] == 1.0
+    assert _met.dice_per_class(np.zeros((3, 1)), np.zeros((3, 1)))[0] == 1.0
 
 
 def test_train_cv_writes_oof_and_loadable_bundles(data, tmp_path):
@@ -172,7 +172,7 @@ def test_ensemble_weights_on_simplex_and_not_worse_than_best(data):
     members = [noisy, mid, good]
 
     def metric(yt, p):
-        return -_calib.log_loss(yt.argmax(1), p)
+        return -_met.log_loss(yt.argmax(1), p)
 
     w, score = search_weights(members, Y, metric)
     assert w.shape == (3,) and np.all(w >= 0) and w.sum() == pytest.approx(1.0)

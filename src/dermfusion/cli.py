@@ -172,16 +172,25 @@ def data_check_cmd(
     console.print("[green]no errors[/]")
 
 
+COMMAND_MODULES = ("commands", "commands_combine", "commands_service", "commands_perf")
+
+
 def main() -> None:
-    try:
-        from . import commands  # noqa: F401  registers the training/evaluation/serving verbs
-    except ImportError as e:  # a missing optional extra must not break import/folds/check
-        err_console.print(f"[yellow]some commands unavailable: {e}[/]")
+    import importlib
+
+    for mod in COMMAND_MODULES:  # each registers its verbs on `app`
+        try:
+            importlib.import_module(f".{mod}", __package__)
+        except ImportError as e:  # a missing optional extra must not break import/folds/check
+            err_console.print(f"[yellow]some dermfusion commands are unavailable ({e}); "
+                              "install the extras: pip install 'dermfusion\\[serve,export]'[/]")
     try:
         app()
     except _user_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        fail(str(msg), 2)
+        from rich.markup import escape
+        err_console.print(f"[bold red]error:[/] {escape(str(msg))}", highlight=False)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -161,8 +161,8 @@ def _make_probe(key: str, enc: nn.Module, recorder: _Recorder) -> _Probe:
     if info:
         try:
             name = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
-            target = inner.get_submodule(name.replace("_", ".") if not _has(inner, name) else name)
-            return _CNNProbe(key, enc, recorder, target)
+            name = name if _has(inner, name) else name.replace("_", ".")
+            return _CNNProbe(key, enc, recorder, inner.get_submodule(name))
         except Exception:  # noqa: BLE001 — an unusual feature_info: fall back to input gradients
             pass
     return _Probe(key, enc, recorder)
@@ -176,6 +176,7 @@ def _has(module: nn.Module, name: str) -> bool:
         return False
 
 
+
 def _normalise(grid: torch.Tensor) -> np.ndarray:
     g = grid.detach().float().cpu().numpy()
     g = np.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
@@ -184,10 +185,24 @@ def _normalise(grid: torch.Tensor) -> np.ndarray:
 
 
 class Explainer:
-    """Install on an eval-mode dermfusion network once; call :meth:`run` per batch (thread-safe)."""
+    """Install on an eval-mode dermfusion network once; call :meth:`run` per batch (thread-safe).
+
+    ``Explainer.for_model(model)`` returns the explainer already attached to a model (hooks must be
+    installed only once per model, or every attention map would be recorded twice).
+    """
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "Explainer":
+        ex = getattr(model, "_dermfusion_explainer", None)
+        if ex is None:
+            ex = cls(model)
+        return ex
 
     def __init__(self, model: nn.Module):
+        if getattr(model, "_dermfusion_explainer", None) is not None:
+            raise ValueError("this model already has an Explainer; use Explainer.for_model(model)")
         self.model = model
+        object.__setattr__(model, "_dermfusion_explainer", self)  # not a submodule, not in state_dict
         self.recorder = _Recorder()
         self.modalities: list[str] = list(getattr(model, "modalities", None) or model.feature_spec.modalities)
         encoders = getattr(model, "encoders", None)
@@ -196,6 +211,7 @@ class Explainer:
             for key, enc in encoders.items():
                 self.probes[key] = _make_probe(key, enc, self.recorder)
         keys = getattr(model, "encoder_keys", None)
+        self._joint = keys is None and len(self.probes) == 1 and next(iter(self.probes)) not in self.modalities
         self.encoder_keys: dict[str, str | None] = {}
         for m in self.modalities:
             if keys and m in keys:
@@ -211,15 +227,16 @@ class Explainer:
 
     def method(self, modality: str) -> str:
         key = self.encoder_keys.get(modality)
-        probe = self.probes.get(key) if key else None
-        if probe is None or (probe.method != "input_gradient" and key not in self.probes):
-            return "input_gradient"
-        return probe.method
+        probe = self.probes.get(key) if key is not None else None
+        return probe.method if probe is not None else "input_gradient"
 
     def _pass_index(self, modality: str) -> int:
+        """Which call of its encoder saw this modality: shared encoders run once per modality, in order."""
+        if self._joint:
+            return 0
         key = self.encoder_keys[modality]
         same = [m for m in self.modalities if self.encoder_keys.get(m) == key]
-        return same.index(modality) if len(same) > 1 and key not in self.modalities else 0
+        return same.index(modality)
 
     def run(self, batch: dict, explain: bool = True) -> ExplainResult:
         model = self.model

@@ -62,7 +62,8 @@ def _load_network(bundle: Bundle, **kwargs) -> NetworkPredictor:
 
 
 class AveragePredictor(Predictor):
-    """Several bundles of the same task (e.g. the folds of one run): calibrated probabilities averaged."""
+    """Several bundles of the same task (the folds of one run): raw probabilities averaged, then the
+    run's calibration (fitted on its out-of-fold predictions, the same for every fold) applied once."""
 
     def __init__(self, predictors: list[Predictor]):
         tasks = {p.task.name for p in predictors}
@@ -73,14 +74,38 @@ class AveragePredictor(Predictor):
         self.bundle = predictors[0].bundle
 
     def predict_raw(self, df, *, tta=0, progress=False):
-        return np.mean([p.predict_proba(df, tta=tta, progress=progress) for p in self.members], axis=0)
+        return np.mean([p.predict_raw(df, tta=tta, progress=progress) for p in self.members], axis=0)
 
-    def predict_proba(self, df, *, tta=0, progress=False):
-        return self.predict_raw(df, tta=tta, progress=progress)
 
-    def predict_submission(self, df, *, tta=0, progress=False):
-        from ..evaluation.calibration import Calibration
+@register_kind("average")
+def _load_average(bundle: Bundle, **kwargs) -> AveragePredictor:
+    """The fold bundles of one cross-validated run, averaged (members.json, paths relative to the bundle)."""
+    import json
 
-        probs = self.predict_raw(df, tta=tta, progress=progress)
-        cuts = Calibration.from_dict(self.bundle.calibration).cuts
-        return Calibration(cuts=cuts).apply(probs, rescale_cuts=True) if cuts else probs
+    from .bundle import load_predictor
+
+    members = json.loads(bundle.file("members.json").read_text())
+    pred = AveragePredictor([load_predictor((bundle.path / m["path"]).resolve(), **kwargs) for m in members])
+    pred.bundle = bundle
+    return pred
+
+
+def write_run_bundle(run_dir, fold_bundles) -> Bundle:
+    """RUN/bundle: one bundle standing for a run's fold ensemble, so stacks and ensembles can name a run."""
+    import json
+    import os
+    from pathlib import Path
+
+    from .bundle import read_bundle, write_bundle
+
+    run_dir = Path(run_dir)
+    out = run_dir / "bundle"
+    out.mkdir(parents=True, exist_ok=True)
+    first = read_bundle(fold_bundles[0])
+    members = [{"path": os.path.relpath(Path(b).resolve(), out.resolve())} for b in fold_bundles]
+    return write_bundle(out, config={"kind": "average", "task": first.task.name,
+                                     "name": first.config.get("experiment", {}).get("name", run_dir.name),
+                                     "members": members},
+                        write_model=lambda d: (d / "members.json").write_text(json.dumps(members, indent=2)),
+                        calibration=first.calibration,
+                        metrics=first.metrics)

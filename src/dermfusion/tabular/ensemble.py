@@ -19,7 +19,7 @@ from scipy.optimize import minimize
 
 from ..inference.bundle import write_bundle
 from ..tasks import TaskSpec, get_task
-from . import _calib
+from ..evaluation import calibration as _cal, metrics as _met
 from .stacking import relative_members
 
 
@@ -102,11 +102,11 @@ def compare_rows(oofs: dict[str, np.ndarray], y_true: np.ndarray, folds: np.ndar
     y_idx = y_true.argmax(1)
     rows = []
     for name, p in oofs.items():
-        r = {"run": name, "official_raw": _calib.milk10k_score(y_true, p)[0]}
+        r = {"run": name, "official_raw": _met.milk10k_score(y_true, p)}
         if task.metric == "milk10k_dice":
-            r["nested_cut"] = _calib.nested_cut_estimate(p, y_true, folds, eval_size=eval_size)["score"]
-        r.update(balanced_acc=_calib.balanced_accuracy(y_idx, p), macro_f1=_calib.macro_f1(y_idx, p),
-                 log_loss=_calib.log_loss(y_idx, p))
+            r["nested_cut"] = _cal.nested_cut_estimate(p, y_true, folds, eval_size=eval_size)["score"]
+        r.update(balanced_acc=_met.balanced_accuracy(y_idx, p), macro_f1=_met.macro_f1(y_idx, p),
+                 log_loss=_met.log_loss(y_idx, p))
         rows.append(r)
     return pd.DataFrame(rows).set_index("run")
 

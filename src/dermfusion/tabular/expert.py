@@ -115,7 +115,7 @@ def class_weights(y: np.ndarray, num_classes: int, mode: str | None) -> np.ndarr
 
 class TabularExpert:
     def __init__(self, backend: str = "lightgbm", params: dict | None = None, *, num_classes: int | None = None,
-                 class_weight: str | None = "sqrt", early_stopping_rounds: int | None = 100,
+                 class_weight: str | None = None, early_stopping_rounds: int | None = 100,
                  validation_fraction: float = 0.15, refit_full: bool = True, random_state: int = 0,
                  n_jobs: int = 2):
         if backend not in BACKENDS:

@@ -22,7 +22,7 @@ import pandas as pd
 from ..data.manifest import ManifestError, concept_columns, targets
 from ..inference.bundle import write_bundle
 from ..tasks import TaskSpec, get_task
-from . import _calib
+from ..evaluation import calibration as _cal, metrics as _met
 
 META_FILE = "meta.json"
 _EPS = 1e-6
@@ -156,9 +156,9 @@ def fit_stack(oof_frames: list[pd.DataFrame], manifest_df: pd.DataFrame, task: s
     out = pd.DataFrame(oof2, columns=list(task.classes))
     out.insert(0, "fold", folds)
     out.insert(0, "lesion_id", df["lesion_id"].to_numpy())
-    metrics = {"log_loss": _calib.log_loss(y, oof2), "balanced_accuracy": _calib.balanced_accuracy(y, oof2)}
+    metrics = {"log_loss": _met.log_loss(y, oof2), "balanced_accuracy": _met.balanced_accuracy(y, oof2)}
     if task.metric == "milk10k_dice":
-        metrics["nested_cut_score"] = _calib.nested_cut_estimate(oof2, y_true, folds, eval_size=eval_size)["score"]
+        metrics["nested_cut_score"] = _cal.nested_cut_estimate(oof2, y_true, folds, eval_size=eval_size)["score"]
     return StackResult(oof=out, meta=meta, member_names=names, metrics=metrics)
 
 

@@ -39,7 +39,8 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
     if cfg.model.kind == "tabular":
         from ..tabular.train import train_tabular_cv
 
-        return train_tabular_cv(cfg.model_dump(), df, task, out, folds=parse_folds(folds, df, cfg))
+        parse_folds(folds, df, cfg)  # validates the manifest's folds; the tabular stage trains all of them
+        return train_tabular_cv(cfg.model_dump(), df, task, out)
     from .engine import FoldTrainer
 
     fold_ids = parse_folds(folds, df, cfg)
@@ -86,16 +87,16 @@ def calibrate_run(options: dict, task, y: np.ndarray, oof: pd.DataFrame, bundles
     options: temperature (bool), cuts ("auto" | bool: per-class cuts for the MILK10k score, nested estimate),
     prior_adjustment ("balanced_accuracy": post-hoc logit adjustment −τ·log prior with τ chosen on OOF).
     """
-    from ..evaluation.calibration import Calibration, fit_calibration
+    from ..evaluation.calibration import Calibration, calibrate_oof
     from ..inference.bundle import update_calibration
     from .val_metrics import epoch_metrics
 
     p = oof[list(task.classes)].to_numpy()
     folds = oof["fold"].to_numpy()
     cuts = options.get("cuts", "auto")
-    cuts = (task.metric == "milk10k_dice") if cuts == "auto" else bool(cuts)
-    calib, report = fit_calibration(task, y, p, folds, temperature=bool(options.get("temperature", True)),
-                                    cuts=cuts, logit_adjust=False)
+    cuts = None if cuts == "auto" else bool(cuts)
+    calib, report = calibrate_oof(task, y, p, folds, temperature=bool(options.get("temperature", True)),
+                                  cuts=cuts, eval_size=options.get("eval_size"))
     if options.get("prior_adjustment") == "balanced_accuracy":
         tau, adj, table = tune_prior_adjustment(y, Calibration(temperature=calib.temperature).apply(p))
         calib.prior_adjustment = adj
@@ -112,7 +113,7 @@ def calibrate_run(options: dict, task, y: np.ndarray, oof: pd.DataFrame, bundles
 def tune_prior_adjustment(y: np.ndarray, p: np.ndarray, taus=None) -> tuple[float, list[float], dict]:
     """Post-hoc logit adjustment for balanced accuracy: add −τ·log(prior) to the log-probabilities and
     pick τ on the out-of-fold predictions (a single scalar, so the optimism of fitting it there is small)."""
-    from .val_metrics import balanced_accuracy
+    from ..evaluation.metrics import balanced_accuracy
 
     taus = np.round(np.arange(0, 2.01, 0.1), 2) if taus is None else taus
     prior = np.clip(y.mean(0), 1e-6, None)

@@ -1,0 +1,163 @@
+"""service.yaml: the triage policy, uncertainty cut-offs, limits, workers, auth and audit settings.
+
+Validated by pydantic (unknown keys are errors, so a typo cannot silently fall back to a default).
+Secrets can come from the environment instead of the file:
+
+  DERMFUSION_API_KEYS       comma-separated API keys (added to ``auth.api_keys``)
+  DERMFUSION_AUDIT_DB_URL   overrides ``audit.db_url``
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DISCLAIMER = (
+    "Decision support only — not a diagnosis. This output was produced by a machine-learning model and "
+    "must be interpreted by a qualified clinician together with the history, examination and, where "
+    "indicated, histopathology. It must not be used to rule out malignancy or to delay referral."
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TriageConfig(_Strict):
+    """Cut-offs that turn the calibrated output into an action (defaults are for primary care, where
+    missing a melanoma costs far more than an extra referral)."""
+
+    urgent_risk: float = Field(50.0, ge=0, le=100, description="urgent referral when risk score ≥ this")
+    routine_risk: float = Field(15.0, ge=0, le=100, description="routine referral when risk score ≥ this")
+    urgent_class_probability: dict[str, float] = Field(
+        default_factory=lambda: {"MEL": 0.30, "SCCKA": 0.40, "SCC": 0.40, "MAL_OTH": 0.40},
+        description="urgent referral when a class' calibrated probability ≥ its cut (classes not in the task are ignored)")
+    routine_class_probability: dict[str, float] = Field(
+        default_factory=lambda: {"BCC": 0.25, "AKIEC": 0.30, "AK": 0.30},
+        description="routine referral when a class' calibrated probability ≥ its cut")
+
+    @field_validator("urgent_class_probability", "routine_class_probability")
+    @classmethod
+    def _probabilities(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: p for k, p in v.items() if not 0.0 <= float(p) <= 1.0}
+        if bad:
+            raise ValueError(f"class probability cut-offs must lie in [0, 1]: {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.routine_risk > self.urgent_risk:
+            raise ValueError(f"routine_risk ({self.routine_risk}) must not exceed urgent_risk ({self.urgent_risk})")
+        return self
+
+
+class UncertaintyConfig(_Strict):
+    max_normalized_entropy: float = Field(0.70, ge=0, le=1, description="review when entropy / ln(C) exceeds this")
+    min_top_probability: float = Field(0.45, ge=0, le=1, description="review when the top class is less likely than this")
+    review_on_missing_image: bool = True
+    review_on_missing_metadata: bool = True
+
+
+class LimitsConfig(_Strict):
+    max_upload_bytes: int = Field(15 * 2**20, gt=0, description="per image file; larger → 413")
+    max_request_bytes: int = Field(32 * 2**20, gt=0, description="whole request body; larger → 413")
+    max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (decompression-bomb guard)")
+    min_side: int = Field(16, ge=1, description="images smaller than this on either side are refused")
+    allowed_content_types: list[str] = Field(
+        default_factory=lambda: ["image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp"])
+
+
+class WorkersConfig(_Strict):
+    workers: int = Field(2, ge=1, description="analyses running at once (threads)")
+    queue_size: int = Field(16, ge=0, description="analyses allowed to wait; beyond → 503 + Retry-After")
+    queue_timeout_s: float = Field(30.0, gt=0, description="a queued analysis waiting longer gets 503")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+
+
+class AuthConfig(_Strict):
+    api_keys: list[str] = Field(default_factory=list, description="empty = no authentication")
+    header: str = "X-API-Key"
+    protect_metrics: bool = False
+
+
+class AuditConfig(_Strict):
+    db_url: str = "sqlite:///dermfusion_audit.db"
+    required: bool = Field(True, description="fail the request (503) when the audit record cannot be written")
+    store_images: bool = False
+    image_dir: str = "dermfusion_images"
+
+
+class DriftConfig(_Strict):
+    window: int = Field(500, ge=10, description="recent analyses compared with the bundle's reference")
+    min_samples: int = Field(30, ge=1, description="no drift gauge until this many analyses are in the window")
+
+
+class ExplainConfig(_Strict):
+    enabled: bool = True
+    max_side: int = Field(512, ge=32, description="overlay PNGs are at most this many pixels on the long side")
+    alpha: float = Field(0.5, ge=0, le=1)
+    colormap: str = "jet"
+
+
+class ServiceConfig(_Strict):
+    triage: TriageConfig = Field(default_factory=TriageConfig)
+    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    device: str = "cpu"
+    disclaimer: str = DISCLAIMER
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _limits(self):
+        if self.limits.max_upload_bytes > self.limits.max_request_bytes:
+            raise ValueError("limits.max_upload_bytes must not exceed limits.max_request_bytes")
+        return self
+
+
+class ServiceConfigError(ValueError):
+    pass
+
+
+def load_service_config(path: str | Path | None = None, env: dict | None = None, **overrides) -> ServiceConfig:
+    """Read service.yaml (or the defaults), then apply the environment, then keyword overrides
+    (section=dict, e.g. ``audit={"db_url": ...}``)."""
+    env = os.environ if env is None else env
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ServiceConfigError(f"service config {p} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ServiceConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ServiceConfigError(f"{p}: expected a mapping at the top level")
+    if env.get("DERMFUSION_API_KEYS"):
+        keys = [k.strip() for k in env["DERMFUSION_API_KEYS"].split(",") if k.strip()]
+        raw.setdefault("auth", {})
+        raw["auth"]["api_keys"] = list(raw["auth"].get("api_keys", [])) + keys
+    if env.get("DERMFUSION_AUDIT_DB_URL"):
+        raw.setdefault("audit", {})["db_url"] = env["DERMFUSION_AUDIT_DB_URL"]
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    try:
+        return ServiceConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ServiceConfigError(f"invalid service config{f' {path}' if path else ''}:\n{e}") from None
+
+
+def default_config_yaml() -> str:
+    """The defaults as YAML (``dermfusion serve --print-config``)."""
+    return yaml.safe_dump(ServiceConfig().model_dump(), sort_keys=False, allow_unicode=True, width=100)

@@ -1,0 +1,48 @@
+"""Prometheus metrics, on a registry per app (several apps in one process never collide)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+ENDPOINTS = ("/v1/analyze", "/v1/model", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
+
+
+def endpoint_label(path: str) -> str:
+    """Bounded label values: known endpoints, /static, or "other"."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/static/"):
+        return "/static"
+    return "other"
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram("dermfusion_request_latency_seconds", "HTTP request latency", ["endpoint"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.requests = Counter("dermfusion_requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.inference = Histogram("dermfusion_inference_seconds", "model + explanation time per analysis",
+                                   buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.queue_wait = Histogram("dermfusion_queue_wait_seconds", "time an analysis waited for a worker",
+                                    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.predictions = Counter("dermfusion_predictions_total", "primary diagnosis per analysis", ["class"],
+                                   registry=r)
+        self.actions = Counter("dermfusion_actions_total", "recommended action per analysis", ["action"], registry=r)
+        self.reviews = Counter("dermfusion_review_recommended_total", "analyses flagged for human review", registry=r)
+        self.confidence = Histogram("dermfusion_prediction_confidence", "top calibrated probability",
+                                    buckets=tuple(i / 10 for i in range(1, 11)), registry=r)
+        self.risk = Histogram("dermfusion_risk_score", "risk score (0-100)",
+                              buckets=(5, 10, 15, 20, 30, 40, 50, 60, 80, 100), registry=r)
+        self.rejected = Counter("dermfusion_rejected_total", "requests refused, by error code", ["code"], registry=r)
+        self.in_flight = Gauge("dermfusion_analyses_in_flight", "analyses running or queued", registry=r)
+        self.drift = Gauge("dermfusion_input_drift_psi", "population stability index vs the bundle reference",
+                           ["signal"], registry=r)
+        self.drift_window = Gauge("dermfusion_drift_window_size", "analyses in the drift window", registry=r)
+        self.model_info = Gauge("dermfusion_model_info", "the loaded model (value 1)",
+                                ["name", "version", "hash", "task"], registry=r)
+        self.ready = Gauge("dermfusion_ready", "1 when the model is loaded and warmed", registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

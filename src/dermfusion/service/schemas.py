@@ -1,0 +1,240 @@
+"""The API contract: pydantic models for the metadata a client sends and every response it gets.
+
+FastAPI publishes them as the OpenAPI schema (``/openapi.json``, docs at ``/docs``).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..data.features import AGE_RANGE, MISSING_TOKENS, SITE_ALIASES, SITES, canonical_site
+from ..tasks import MODALITIES
+
+Action = Literal["monitor", "routine_referral", "urgent_referral"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+
+# ------------------------------------------------------------------------------------------------ input
+class PatientMetadata(_Model):
+    """Everything optional; unknown keys are refused (so no free text can slip in and be stored)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+
+    age: Optional[float] = Field(None, ge=AGE_RANGE[0], le=AGE_RANGE[1], description="years, 0–120")
+    sex: Optional[Literal["female", "male"]] = Field(None, description="female | male (m/f accepted)")
+    skin_tone: Optional[int] = Field(None, ge=0, le=5, description="skin tone class 0–5 (as in MILK10k)")
+    site: Optional[str] = Field(None, description="anatomical site: " + ", ".join(SITES)
+                                + " (common synonyms such as 'back' or 'face' are mapped)")
+    concepts: Optional[dict[str, dict[str, float]]] = Field(
+        None, description='MONET concept scores in [0, 1] per image, e.g. {"dermoscopic": {"pigmented": 0.8}}')
+
+    @field_validator("sex", mode="before")
+    @classmethod
+    def _sex(cls, v):
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise ValueError("sex must be a string: female or male")
+        s = v.strip().lower()
+        if s in MISSING_TOKENS:
+            return None
+        return {"f": "female", "m": "male"}.get(s, s)
+
+    @field_validator("skin_tone", mode="before")
+    @classmethod
+    def _skin_tone(cls, v):
+        if isinstance(v, str) and v.strip().lower() in MISSING_TOKENS:
+            return None
+        if isinstance(v, bool):
+            raise ValueError("skin_tone must be an integer 0–5")
+        return v
+
+    @field_validator("age", mode="before")
+    @classmethod
+    def _age(cls, v):
+        if isinstance(v, str) and v.strip().lower() in MISSING_TOKENS:
+            return None
+        if isinstance(v, bool):
+            raise ValueError("age must be a number of years")
+        return v
+
+    @field_validator("site", mode="before")
+    @classmethod
+    def _site(cls, v):
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise ValueError("site must be a string")
+        if v.strip().lower() in MISSING_TOKENS:
+            return None
+        site = canonical_site(v)
+        if not site:
+            raise ValueError(f"unknown site {v[:40]!r}; use one of: {', '.join(SITES)}")
+        return site
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts(cls, v):
+        if v is None:
+            return None
+        out = {}
+        for modality, scores in v.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"concept scores are keyed by image type ({', '.join(MODALITIES)}), got {modality[:40]!r}")
+            clean = {}
+            for name, score in scores.items():
+                key = name.strip().lower().removeprefix("monet_").replace(" ", "_").replace("-", "_")
+                if not key or not all(ch.isalnum() or ch == "_" for ch in key) or len(key) > 64:
+                    raise ValueError(f"invalid concept name {name[:40]!r}")
+                if not 0.0 <= score <= 1.0:
+                    raise ValueError(f"concept score {modality}.{key} = {score} is outside [0, 1]")
+                clean[key] = float(score)
+            out[modality] = clean
+        return out
+
+    def manifest_fields(self) -> dict:
+        """Manifest-style fields for ``batch_from_inputs`` (missing ones left out = unknown)."""
+        d: dict = {}
+        if self.age is not None:
+            d["age"] = float(self.age)
+        if self.sex is not None:
+            d["sex"] = self.sex
+        if self.skin_tone is not None:
+            d["skin_tone"] = str(int(self.skin_tone))
+        if self.site is not None:
+            d["site"] = self.site
+        for m, scores in (self.concepts or {}).items():
+            for name, s in scores.items():
+                d[f"concept_{m}_{name}"] = s
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- output
+class ErrorBody(_Model):
+    code: str = Field(..., description="machine-readable, e.g. invalid_image, payload_too_large")
+    message: str = Field(..., description="what is wrong and how to fix it")
+    field: Optional[str] = Field(None, description="the offending input, when there is one")
+    details: Optional[list[dict]] = None
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody
+    request_id: Optional[str] = None
+
+
+class ClassProbability(_Model):
+    code: str = Field(..., description="class code from the task, e.g. MEL")
+    name: str = Field(..., description="human-readable class name")
+    probability: float = Field(..., ge=0, le=1, description="calibrated probability")
+    malignant: bool
+
+
+class ModelRef(_Model):
+    name: str
+    version: str
+    hash: str
+    task: str
+    kind: str
+
+
+class Uncertainty(_Model):
+    normalized_entropy: float = Field(..., description="entropy / ln(number of classes), 0 = certain, 1 = uniform")
+    top_probability: float
+    margin: float = Field(..., description="top − second probability")
+
+
+class InputSummary(_Model):
+    modalities_received: list[str]
+    modalities_used: list[str]
+    modalities_missing: list[str] = Field(..., description="image types the model uses that were not uploaded")
+    metadata_used: dict = Field(default_factory=dict, description="validated metadata the model saw")
+    metadata_missing: list[str] = Field(default_factory=list)
+    image_sha256: dict[str, str] = Field(default_factory=dict)
+    image_size: dict[str, list[int]] = Field(default_factory=dict, description="[width, height] after EXIF rotation")
+
+
+class Heatmap(_Model):
+    modality: str
+    method: str = Field(..., description="fusion_weighted_attention_rollout | attention_rollout | grad_cam | input_gradient")
+    overlay_png_base64: str = Field(..., description="heat map over the uploaded image, original aspect ratio")
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    model_region: list[int] = Field(..., description="[left, top, right, bottom] of the part the model saw, in overlay pixels")
+
+
+class Contribution(_Model):
+    name: str
+    label: str
+    weight: float = Field(..., description="share of the fusion pooling attention")
+    present: bool
+
+
+class FusionExplanation(_Model):
+    image: dict[str, float] = Field(default_factory=dict, description="attention share per image type")
+    concepts: list[Contribution] = Field(default_factory=list)
+    metadata: list[Contribution] = Field(default_factory=list)
+    none: float = Field(0.0, description="share on the learned 'nothing' token")
+
+
+class Explanations(_Model):
+    heatmaps: list[Heatmap] = Field(default_factory=list)
+    fusion: Optional[FusionExplanation] = None
+    note: str = ("Heat maps show where the model looked, not proof of a finding; contributions are "
+                 "attention shares, not causal effects.")
+
+
+class AnalyzeResponse(_Model):
+    request_id: str
+    created_at: datetime
+    model: ModelRef
+    differential: list[ClassProbability] = Field(..., description="every class, most likely first")
+    primary_diagnosis: ClassProbability
+    risk_score: float = Field(..., ge=0, le=100, description="100 × calibrated probability of a malignant class")
+    risk_classes: list[str] = Field(..., description="the classes counted as malignant")
+    action: Action
+    action_reasons: list[str]
+    review_recommended: bool
+    review_reasons: list[str]
+    uncertainty: Uncertainty
+    inputs: InputSummary
+    warnings: list[str] = Field(default_factory=list)
+    explanations: Explanations
+    calibrated: bool = Field(..., description="whether the bundle's calibration was applied")
+    timings_ms: dict[str, float]
+    disclaimer: str
+
+
+class ModelInfo(_Model):
+    model: ModelRef
+    task: str
+    task_description: str
+    classes: list[str]
+    class_names: dict[str, str]
+    malignant: list[str]
+    modalities: list[str] = Field(..., description="image types the model uses")
+    metadata_fields: list[str]
+    concepts: list[str]
+    sites: list[str] = Field(default_factory=lambda: list(SITES))
+    site_aliases: dict[str, str] = Field(default_factory=lambda: dict(SITE_ALIASES))
+    calibration: dict
+    calibrated: bool
+    thresholds: dict
+    uncertainty: dict
+    limits: dict
+    explanations: bool
+    drift_reference: bool
+    auth_required: bool
+    disclaimer: str
+
+
+class Health(_Model):
+    status: str
+    ready: Optional[bool] = None
+    detail: Optional[str] = None
