@@ -68,3 +68,15 @@ def test_serve_print_config_and_errors(tmp_path):
     bad.write_text("workers: {workers: -1}\n")
     res = CliRunner().invoke(app, ["serve", str(tmp_path), "--config", str(bad)])
     assert res.exit_code == 2 and "workers" in res.output
+
+
+def test_reference_from_given_probabilities(tiny_predictor, ham_sample):
+    from dermfusion.service.drift import compute_reference_stats
+
+    n, c = len(ham_sample), tiny_predictor.task.num_classes
+    probs = np.full((n, c), 0.02)
+    probs[:, 1] = 1 - 0.02 * (c - 1)  # always NV
+    ref = compute_reference_stats(tiny_predictor, ham_sample, probs=probs, max_lesions=20)
+    assert ref["n_lesions"] == 20 and ref["signals"]["predicted_class"]["probs"][1] == 1.0
+    with pytest.raises(ValueError):
+        compute_reference_stats(tiny_predictor, ham_sample, probs=probs[:3])

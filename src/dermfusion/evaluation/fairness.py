@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from ..tasks import TaskSpec
-from .metrics import _as_arrays, balanced_accuracy, macro_f1, malignant_operating_point, melanoma_operating_point
+from .metrics import (_as_arrays, auroc_per_class, balanced_accuracy, macro_f1, malignant_operating_point,
+                      melanoma_operating_point)
 
 ATTRIBUTES = ("skin_tone", "sex", "age", "site")
 AGE_BANDS = ("<30", "30-49", "50-69", "70+", "unknown")
@@ -44,7 +45,8 @@ def slice_labels(meta: pd.DataFrame) -> dict[str, pd.Series]:
             s = col.astype(object).where(col.notna(), "").astype(str).str.strip()
             s = s.str.replace(r"\.0$", "", regex=True).replace({"": UNKNOWN, "nan": UNKNOWN, "None": UNKNOWN})
             out[attr] = ("tone " + s).where(s != UNKNOWN, UNKNOWN) if attr == "skin_tone" else s
-    return out
+    # an attribute nobody recorded has a single "unknown" slice equal to the whole set: leave it out
+    return {a: s for a, s in out.items() if (s != UNKNOWN).any()}
 
 
 def _group_order(attr: str, groups) -> list[str]:
@@ -64,7 +66,18 @@ def slice_metrics(task: TaskSpec, y_true: np.ndarray, y_prob: np.ndarray) -> dic
          "macro_f1": macro_f1(y_true, y_prob) if len(t) else np.nan}
     m.update(malignant_operating_point(task, y_true, y_prob))
     m.update(melanoma_operating_point(task, y_true, y_prob))
+    m["malignant_auroc"] = malignant_auroc(task, y_true, y_prob)
     return m
+
+
+def malignant_auroc(task: TaskSpec, y_true, y_prob) -> float:
+    """AUROC of the summed malignant-class probability for "any malignant vs benign" — threshold-free,
+    so a slice's ranking quality can be told apart from a shifted operating point. NaN without both."""
+    y_true, y_prob = _as_arrays(y_true, y_prob)
+    mal = task.malignant_indices
+    truth = np.isin(y_true.argmax(1), mal).astype(float)
+    score = y_prob[:, mal].sum(1)
+    return float(auroc_per_class(truth[:, None], score[:, None])[0]) if len(truth) else np.nan
 
 
 def fairness_table(task: TaskSpec, y_true, y_prob, meta: pd.DataFrame, margin: float = 0.10,
@@ -98,3 +111,19 @@ def _judge(m: dict, whole: dict, margin: float, min_size: int) -> tuple[str, str
         if np.isfinite(v) and np.isfinite(ref) and v < ref - margin:
             reasons.append(f"{name} {v:.2f} vs {ref:.2f} overall")
     return ("flagged", "; ".join(reasons)) if reasons else ("ok", "")
+
+
+def fairness_slices(task: TaskSpec, manifest_df: pd.DataFrame, y_true, y_prob, margin: float = 0.10,
+                    min_count: int = MIN_SLICE) -> pd.DataFrame:
+    """Subgroup table for predictions row-aligned with ``manifest_df`` (the manifest rows of the predicted
+    lesions, same order): skin tone ("tone 0".."tone 5", unknown), sex, age band (<30, 30-49, 50-69, 70+,
+    unknown) and body site ("" → unknown), plus an "all" row.
+
+    Columns: attribute, group, n, n_malignant, n_melanoma, accuracy, balanced_accuracy, macro_f1,
+    malignant_sensitivity/specificity (argmax in the malignant set), melanoma_sensitivity/specificity
+    (NaN when the task has no MEL), malignant_auroc (summed malignant probability), status ("ok",
+    "flagged", "too small") and reason. A slice is flagged when its malignant or melanoma sensitivity is
+    more than ``margin`` below the whole set's; slices under ``min_count`` lesions are "too small", never
+    flagged. Attributes nobody recorded (all unknown) are left out.
+    """
+    return fairness_table(task, y_true, y_prob, manifest_df, margin=margin, min_size=min_count)

@@ -40,9 +40,12 @@ def _new(size=(6.0, 4.6)):
     return fig, fig.add_subplot()
 
 
-def _render(key: str, fig, ax) -> RenderedFigure:
+def _render(key: str, fig, ax, panels=()) -> RenderedFigure:
+    """PNG of a finished figure. ``ax`` carries the title and both axis labels; ``panels`` are extra axes
+    (a twin axis, a histogram strip) that must at least label their value axis."""
     title, xlabel, ylabel = ax.get_title(), ax.get_xlabel(), ax.get_ylabel()
     missing = [n for n, v in (("title", title), ("x label", xlabel), ("y label", ylabel)) if not v.strip()]
+    missing += [f"label on panel {i}" for i, a in enumerate(panels) if not (a.get_ylabel().strip() or a.get_xlabel().strip())]
     if missing:
         raise ValueError(f"figure {key!r} has no {', '.join(missing)}")
     buf = io.BytesIO()
@@ -67,12 +70,12 @@ def confusion_figure(task: TaskSpec, cm) -> RenderedFigure:
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(C):
         for j in range(C):
-            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7 if C > 8 else 8,
-                    color="white" if norm[i, j] > 0.55 else "#222")
+            ax.text(j, i, f"{norm[i, j]:.2f}\n({int(cm[i, j])})", ha="center", va="center",
+                    fontsize=6 if C > 8 else 7.5, linespacing=1.1, color="white" if norm[i, j] > 0.55 else "#222")
     ax.set_xticks(range(C), task.classes, rotation=45, ha="right")
     ax.set_yticks(range(C), [f"{c} (n={int(r)})" for c, r in zip(task.classes, rows[:, 0])])
     fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
-    ax.set(title="Confusion matrix (rows normalised to 1)", xlabel="Predicted class (argmax)", ylabel="True class")
+    ax.set(title="Confusion matrix (row share, count in brackets)", xlabel="Predicted class (argmax)", ylabel="True class")
     return _render("confusion_matrix", fig, ax)
 
 
@@ -121,15 +124,23 @@ def reliability_figure(rel: dict, ece: float) -> RenderedFigure:
     count = np.asarray(rel["count"])
     width = np.diff(edges)
     fig, ax = _new()
-    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="#999", label="perfect calibration")
     ok = count > 0
+    # lesions per bin on a secondary axis, drawn behind: a bar built on 3 lesions says little
+    hist = ax.twinx()
+    hist.bar(edges[:-1], count, width=width, align="edge", color="#bbb", alpha=0.45, edgecolor="white")
+    hist.set_ylim(0, max(int(count.max()), 1) * 3.2)  # keep the histogram in the lower third
+    hist.set_ylabel("Lesions per bin (grey histogram)", color="#777")
+    hist.tick_params(axis="y", colors="#777", labelsize=8)
+    ax.set_zorder(hist.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="#999", label="perfect calibration")
     ax.bar(edges[:-1][ok], acc[ok], width=width[ok], align="edge", color="#4c78a8", edgecolor="white",
            alpha=0.85, label="accuracy in bin")
     ax.plot(conf[ok], acc[ok], "o", ms=3, color="#e45756", label="mean confidence in bin")
     ax.set(xlim=(0, 1), ylim=(0, 1), title=f"Reliability diagram (top label, ECE {ece:.3f})",
            xlabel="Confidence (highest predicted probability)", ylabel="Accuracy (share correct)")
     ax.legend(fontsize=7, loc="upper left")
-    return _render("reliability", fig, ax)
+    return _render("reliability", fig, ax, panels=(hist,))
 
 
 def f1_figure(task: TaskSpec, per_class: dict, ci: dict) -> RenderedFigure:

@@ -277,14 +277,15 @@ def bootstrap_ci(fn: Callable, y_true, y_prob, n: int = 1000, seed: int = 0, alp
     """
     y_true, y_prob = _as_arrays(y_true, y_prob)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y_true), size=(n, len(y_true)))  # all resamples drawn at once
+    N = len(y_true)
     first = fn(y_true, y_prob)
     keys = list(first) if isinstance(first, dict) else None
 
     def flat(v) -> np.ndarray:
         return np.asarray([v[k] for k in keys] if keys is not None else v, dtype=float).ravel()
 
-    vals = np.stack([flat(fn(y_true[i], y_prob[i])) for i in idx])
+    # one resample at a time keeps memory O(N); the metric functions themselves are vectorised over classes
+    vals = np.stack([flat(fn(y_true[i], y_prob[i])) for i in (rng.integers(0, N, N) for _ in range(n))])
     lo, hi = np.full(vals.shape[1], NAN), np.full(vals.shape[1], NAN)
     ok = np.isfinite(vals).any(0)
     if ok.any():

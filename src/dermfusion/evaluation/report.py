@@ -176,7 +176,9 @@ p.note{color:var(--muted);margin:6px 0 0;font-size:12.5px}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:right;white-space:nowrap}
 th{background:#f5f7fa;font-weight:600}
-th:first-child,td:first-child,td.text{text-align:left}
+th:first-child,td:first-child,th.text,td.text{text-align:left}
+td.text{white-space:normal}
+.scroll{overflow-x:auto}
 tr.flagged td{background:var(--flag)}
 tr.small td{color:var(--muted);background:var(--small)}
 tr.total td{font-weight:600}
@@ -209,11 +211,11 @@ def _headline_table(result: dict) -> str:
             continue  # task without a melanoma class
         name = LABELS[k] + (f" — {result['official_metric']}" if k == "official" else "")
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{_fmt(v)}{_ci(result['ci'].get(k))}</td></tr>")
-    return "<table><tr><th>Metric</th><th>Value [95% CI]</th></tr>" + "".join(rows) + "</table>"
+    return "<div class='scroll'><table><tr><th>Metric</th><th>Value [95% CI]</th></tr>" + "".join(rows) + "</table></div>"
 
 
 def _per_class_table(task: TaskSpec, result: dict) -> str:
-    head = ("<tr><th>Class</th><th>Description</th><th>n</th><th>Precision</th><th>Recall</th><th>F1 [95% CI]</th>"
+    head = ("<tr><th>Class</th><th class='text'>Description</th><th>n</th><th>Precision</th><th>Recall</th><th>F1 [95% CI]</th>"
             "<th>Dice (p&gt;0.5)</th><th>AUROC</th><th>Avg. precision</th></tr>")
     rows = []
     for c in task.classes:
@@ -223,12 +225,12 @@ def _per_class_table(task: TaskSpec, result: dict) -> str:
                     f"<td>{pc['support']}</td><td>{_fmt(pc['precision'])}</td><td>{_fmt(pc['recall'])}</td>"
                     f"<td>{_fmt(pc['f1'])}{_ci(pc['ci'].get('f1'))}</td><td>{_fmt(pc['dice'])}</td>"
                     f"<td>{_fmt(pc['auroc'])}</td><td>{_fmt(pc['average_precision'])}</td></tr>")
-    return "<table>" + head + "".join(rows) + "</table>"
+    return "<div class='scroll'><table>" + head + "".join(rows) + "</table></div>"
 
 
 def _fairness_table(rows: list[dict]) -> str:
-    head = ("<tr><th>Attribute</th><th>Group</th><th>n</th><th>Malignant n</th><th>Balanced acc.</th><th>Macro F1</th>"
-            "<th>Malignant sens.</th><th>Malignant spec.</th><th>Melanoma sens.</th><th>Status</th></tr>")
+    head = ("<tr><th>Attribute</th><th class='text'>Group</th><th>n</th><th>Malignant n</th><th>Balanced acc.</th><th>Macro F1</th>"
+            "<th>Malignant sens.</th><th>Malignant spec.</th><th>Melanoma sens.</th><th class='text'>Status</th></tr>")
     out = []
     for r in rows:
         cls = {"flagged": "flagged", "too small": "small"}.get(r["status"], "total" if r["attribute"] == "all" else "")
@@ -238,14 +240,14 @@ def _fairness_table(rows: list[dict]) -> str:
                    f"<td>{_fmt(r['macro_f1'])}</td><td>{_fmt(r['malignant_sensitivity'])}</td>"
                    f"<td>{_fmt(r['malignant_specificity'])}</td><td>{_fmt(r['melanoma_sensitivity'])}</td>"
                    f"<td class='text'>{status}</td></tr>")
-    return "<table>" + head + "".join(out) + "</table>"
+    return "<div class='scroll'><table>" + head + "".join(out) + "</table></div>"
 
 
 def _errors_table(errors: list[dict]) -> str:
     if not errors:
         return "<p>No misclassified lesions.</p>"
     thumbs = any(e["thumbnail"] for e in errors)
-    head = "<tr>" + ("<th>Image</th>" if thumbs else "") + ("<th>Lesion</th><th>True</th><th>Predicted</th>"
+    head = "<tr>" + ("<th>Image</th>" if thumbs else "") + ("<th class='text'>Lesion</th><th class='text'>True</th><th class='text'>Predicted</th>"
                                                             "<th>Confidence</th><th>P(true class)</th></tr>")
     rows = []
     for e in errors:
@@ -253,9 +255,9 @@ def _errors_table(errors: list[dict]) -> str:
         if thumbs:
             img = (f"<td><img class='thumb' alt='lesion {html.escape(e['lesion_id'])}' "
                    f"src='data:image/jpeg;base64,{e['thumbnail']}'></td>" if e["thumbnail"] else "<td></td>")
-        rows.append(f"<tr>{img}<td class='text'>{html.escape(e['lesion_id'])}</td><td>{html.escape(e['true'])}</td>"
-                    f"<td>{html.escape(e['predicted'])}</td><td>{_fmt(e['confidence'])}</td><td>{_fmt(e['p_true'])}</td></tr>")
-    return "<table>" + head + "".join(rows) + "</table>"
+        rows.append(f"<tr>{img}<td class='text'>{html.escape(e['lesion_id'])}</td><td class='text'>{html.escape(e['true'])}</td>"
+                    f"<td class='text'>{html.escape(e['predicted'])}</td><td>{_fmt(e['confidence'])}</td><td>{_fmt(e['p_true'])}</td></tr>")
+    return "<div class='scroll'><table>" + head + "".join(rows) + "</table></div>"
 
 
 def render_html(task: TaskSpec, result: dict, figures: list[RenderedFigure], errors: list[dict]) -> str:
@@ -281,7 +283,8 @@ is strictly above 0.5 and scores an absent, unpredicted class as 1.0. Malignant 
 <section><h2>Figures</h2><div class="grid">{figs}</div></section>
 <section><h2>Subgroups</h2>{_fairness_table(result['fairness'])}
 <p class="note">{n_flag} slice(s) flagged: sensitivity for the malignant set or for melanoma more than 0.10 below
-the whole set. Slices under 10 lesions are marked too small to judge.</p></section>
+the whole set — a screening rule, not a significance test: read it with the slice's counts. Slices under
+10 lesions are marked too small to judge.</p></section>
 <section><h2>Most confident errors</h2>{_errors_table(errors)}
 <p class="note">Wrong argmax predictions sorted by the model's confidence (up to {MAX_ERRORS}): review these first.</p></section>
 </main></body></html>

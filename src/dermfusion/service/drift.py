@@ -71,19 +71,25 @@ def categorical_reference(values, categories) -> dict:
     return {"type": "categorical", "categories": cats, "probs": probs.tolist(), "n": int(n)}
 
 
-def compute_reference_stats(predictor, manifest_df, *, bins: int = 10, max_lesions: int | None = None,
+def compute_reference_stats(predictor, manifest_df, *, probs=None, bins: int = 10, max_lesions: int | None = None,
                             progress: bool = False) -> dict:
     """Reference statistics for a bundle, from the lesions it was trained / validated on.
 
     Decodes every image once (thumbnail statistics), runs ``predictor.predict_proba`` for the
-    confidence and predicted-class distributions, and records the label prior when labels exist.
+    confidence and predicted-class distributions — or uses ``probs`` (N×C calibrated probabilities
+    for the rows of ``manifest_df``, e.g. the out-of-fold predictions) to skip that pass — and
+    records the label prior when labels exist.
     """
     from ..data.images import ImageError, read_image
     from ..data.manifest import IMAGE_COLUMNS
 
     df = manifest_df.reset_index(drop=True)
+    if probs is not None and len(probs) != len(df):
+        raise ValueError(f"probs has {len(probs)} rows for {len(df)} manifest rows")
     if max_lesions is not None and len(df) > max_lesions:
-        df = df.sample(n=max_lesions, random_state=0).reset_index(drop=True)
+        keep = df.sample(n=max_lesions, random_state=0).index
+        probs = None if probs is None else np.asarray(probs)[keep]
+        df = df.loc[keep].reset_index(drop=True)
     task = predictor.task
     spec = getattr(predictor, "spec", None)
     modalities = list(getattr(spec, "modalities", None) or task.modalities)
@@ -104,12 +110,13 @@ def compute_reference_stats(predictor, manifest_df, *, bins: int = 10, max_lesio
             for k, v in st.items():
                 values.setdefault(f"{m}.{k}", []).append(v)
     signals = {name: numeric_reference(v, bins) for name, v in values.items()}
-    try:
-        probs = predictor.predict_proba(df, progress=progress)
-        calibrated = True
-    except ImportError:  # calibration module not available: raw probabilities
-        probs = predictor.predict_raw(df, progress=progress)
-        calibrated = False
+    calibrated = True
+    if probs is None:
+        try:
+            probs = predictor.predict_proba(df, progress=progress)
+        except ImportError:  # calibration module not available: raw probabilities
+            probs = predictor.predict_raw(df, progress=progress)
+            calibrated = False
     probs = np.asarray(probs, dtype=np.float64)
     classes = list(task.classes)
     if len(probs):

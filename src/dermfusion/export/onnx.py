@@ -1,0 +1,316 @@
+"""Export a whole fusion network (encoders, concept/metadata tokens, fusion, heads) to ONNX.
+
+Graph inputs (batch dimension dynamic, named ``batch``):
+
+  image_<modality>   float32 B×3×H×W   normalised pixels, one input per modality (zeros where absent)
+  image_present      bool    B×M       column order = ``modalities`` in the metadata
+  concepts           float32 B×K       ┐ only when the model has concepts (K > 0)
+  concepts_present   bool    B×K       ┘
+  numeric            float32 B×N       ┐ only when it has numeric metadata
+  numeric_present    bool    B×N       ┘
+  categorical        int64   B×Q         only when it has categorical metadata (0 = unknown)
+
+Outputs: ``probabilities`` (softmax, B×C) and ``logits`` (B×C). Absent inputs are *masked*,
+exactly as in PyTorch: an absent image's pixels cannot change the output.
+
+``metadata_props`` carry what a client needs to feed the graph without dermfusion:
+``dermfusion.classes``, ``dermfusion.modalities``, ``dermfusion.preprocess`` (size/mean/std/
+interpolation per modality), ``dermfusion.feature_spec``, ``dermfusion.inputs`` (name, dtype,
+shape, meaning), plus task/name/version/bundle hash when exported from a bundle. All values are JSON.
+
+At export the graph is run with ONNX Runtime on batches of several sizes (one image missing) and
+compared with PyTorch; :class:`ExportParityError` is raised when probabilities differ by more than
+``atol`` (1e-4).
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+OPSET = 18
+IMAGE_PREFIX = "image_"
+OUTPUT_NAMES = ("probabilities", "logits")
+
+
+class ExportParityError(RuntimeError):
+    """The exported graph does not reproduce PyTorch's probabilities within tolerance."""
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dtype: str            # numpy dtype name: float32 | bool | int64
+    shape: tuple          # without the batch dimension
+    meaning: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": ["batch", *self.shape], "meaning": self.meaning}
+
+
+def model_modalities(model: nn.Module) -> list[str]:
+    mods = getattr(model, "modalities", None) or getattr(getattr(model, "feature_spec", None), "modalities", None)
+    if not mods:
+        raise ValueError("the model has no `modalities` (is it a dermfusion network?)")
+    return list(mods)
+
+
+def input_specs(model: nn.Module) -> list[InputSpec]:
+    """The graph inputs of ``model``, in order."""
+    spec = model.feature_spec
+    dc = model.data_config
+    specs = [InputSpec(IMAGE_PREFIX + m, "float32", tuple(dc[m]["input_size"]), f"{m} image, normalised")
+             for m in spec.modalities]
+    specs.append(InputSpec("image_present", "bool", (len(spec.modalities),),
+                           f"which images are present, columns {list(spec.modalities)}"))
+    if spec.concepts:
+        k = len(spec.concepts)
+        specs += [InputSpec("concepts", "float32", (k,), "concept scores"),
+                  InputSpec("concepts_present", "bool", (k,), "which concept scores are known")]
+    if spec.numeric:
+        n = len(spec.numeric)
+        specs += [InputSpec("numeric", "float32", (n,), f"numeric metadata {list(spec.numeric)}"),
+                  InputSpec("numeric_present", "bool", (n,), "which numeric values are known")]
+    if spec.categorical:
+        specs.append(InputSpec("categorical", "int64", (len(spec.categorical),),
+                               f"categorical metadata codes {list(spec.categorical)}; 0 = unknown"))
+    return specs
+
+
+class OnnxFusionWrapper(nn.Module):
+    """Positional tensors in (``input_specs`` order) -> (probabilities, logits)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.model, self.names = model, list(names)
+        self.modalities = list(model.feature_spec.modalities)
+
+    def forward(self, *inputs: torch.Tensor):
+        x = dict(zip(self.names, inputs))
+        batch = {"images": {m: x[IMAGE_PREFIX + m] for m in self.modalities}, "image_present": x["image_present"]}
+        for k in ("concepts", "concepts_present", "numeric", "numeric_present", "categorical"):
+            if k in x:
+                batch[k] = x[k]
+        logits = self.model(batch)["logits"].float()
+        return torch.softmax(logits, dim=-1), logits
+
+
+def synthetic_batch(model: nn.Module, batch_size: int = 3, seed: int = 0, missing_image: bool = True) -> dict:
+    """A random Batch for ``model``'s inputs; with ``missing_image`` the first row lacks its first image."""
+    spec = model.feature_spec
+    dc = model.data_config
+    g = torch.Generator().manual_seed(seed)
+    b, m = batch_size, len(spec.modalities)
+    present = torch.ones(b, m, dtype=torch.bool)
+    if missing_image and m > 1:
+        present[0, 0] = False
+    images = {}
+    for j, mod in enumerate(spec.modalities):
+        img = torch.randn(b, *dc[mod]["input_size"], generator=g)
+        images[mod] = torch.where(present[:, j, None, None, None], img, torch.zeros_like(img))
+    k, n = len(spec.concepts), len(spec.numeric)
+    sizes = list(spec.categorical_sizes.values())
+    cat = torch.stack([torch.randint(0, s, (b,), generator=g) for s in sizes], 1) if sizes \
+        else torch.zeros(b, 0, dtype=torch.long)
+    return {"images": images, "image_present": present,
+            "concepts": torch.rand(b, k, generator=g), "concepts_present": torch.rand(b, k, generator=g) > 0.3,
+            "numeric": torch.rand(b, n, generator=g) * 80, "numeric_present": torch.rand(b, n, generator=g) > 0.2,
+            "categorical": cat, "lesion_id": [f"synthetic_{i}" for i in range(b)]}
+
+
+_DTYPES = {"float32": (np.float32, torch.float32), "bool": (np.bool_, torch.bool), "int64": (np.int64, torch.long)}
+
+
+def _batch_tensor(batch: dict, name: str) -> torch.Tensor:
+    if name.startswith(IMAGE_PREFIX) and name != "image_present":
+        return batch["images"][name[len(IMAGE_PREFIX):]]
+    return batch[name]
+
+
+def batch_to_onnx_inputs(batch: dict, modalities: Sequence[str] | None = None,
+                         names: Sequence[str] | None = None, specs: Sequence[InputSpec] | None = None) -> dict:
+    """Feeds for an ONNX Runtime session (numpy arrays in the graph's dtypes)."""
+    if specs is not None:
+        dtypes = {s.name: s.dtype for s in specs}
+        names = [s.name for s in specs]
+    else:
+        dtypes = {}
+        names = list(names or [IMAGE_PREFIX + m for m in modalities or batch["images"]] + ["image_present"])
+    feeds = {}
+    for name in names:
+        t = _batch_tensor(batch, name)
+        dt = dtypes.get(name) or ("bool" if name.endswith("present") else "int64" if name == "categorical"
+                                  else "float32")
+        feeds[name] = np.ascontiguousarray(t.detach().cpu().to(_DTYPES[dt][1]).numpy())
+    return feeds
+
+
+def _example_args(batch: dict, specs: Sequence[InputSpec]) -> tuple:
+    return tuple(_batch_tensor(batch, s.name).to(_DTYPES[s.dtype][1]) for s in specs)
+
+
+def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[InputSpec], opset: int) -> str:
+    """Try the dynamo exporter, then the TorchScript one; returns which one worked."""
+    names = [s.name for s in specs]
+    errors = []
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=list(OUTPUT_NAMES),
+                                     dynamic_shapes=tuple({0: batch} for _ in specs), opset_version=opset,
+                                     optimize=True, verbose=False)
+            prog.save(str(path))
+        return "dynamo"
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"dynamo: {type(e).__name__}: {str(e)[:500]}")
+    try:
+        axes = {n: {0: "batch"} for n in [*names, *OUTPUT_NAMES]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=names,
+                              output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True)
+        return "torchscript"
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"torchscript: {type(e).__name__}: {str(e)[:500]}")
+    raise RuntimeError("ONNX export failed with both exporters:\n" + "\n".join(errors))
+
+
+def _set_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=True)
+    existing = {p.key: p for p in proto.metadata_props}
+    for k, v in props.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+    proto.producer_name = "dermfusion"
+    if proto.ByteSize() > 1_800_000_000:  # protobuf's 2 GB limit: keep weights beside the graph
+        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(proto, str(path))
+    stray = path.with_name(path.name + ".data")
+    if stray.exists() and proto.ByteSize() <= 1_800_000_000:
+        stray.unlink()
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``dermfusion.*`` metadata of an exported graph, JSON values decoded."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except json.JSONDecodeError:
+            out[p.key] = p.value
+    return out
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str
+    inputs: list[dict]
+    max_abs_prob_diff: float | None = None
+    parity: dict = field(default_factory=dict)   # batch size -> max abs prob diff
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "exporter": self.exporter, "inputs": self.inputs,
+                "max_abs_prob_diff": self.max_abs_prob_diff, "parity": self.parity}
+
+
+def check_parity(model: nn.Module, path: str | Path, batch_sizes: Sequence[int] = (1, 3), seed: int = 1,
+                 batches: Sequence[dict] | None = None, threads: int | None = None) -> dict[int, float]:
+    """Max |p_onnx − p_torch| per batch size on random batches with one missing image."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    specs = input_specs(model)
+    batches = list(batches) if batches is not None else [synthetic_batch(model, b, seed=seed + b) for b in batch_sizes]
+    model.eval()
+    out = {}
+    for batch in batches:
+        with torch.no_grad():
+            ref = torch.softmax(model(batch)["logits"].float(), -1).numpy()
+        probs = sess.run(["probabilities"], batch_to_onnx_inputs(batch, specs=specs))[0]
+        out[int(ref.shape[0])] = float(np.abs(probs - ref).max())
+    return out
+
+
+def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | None = None,
+                preprocess: dict | None = None, metadata: dict | None = None, opset: int = OPSET,
+                check: bool = True, atol: float = 1e-4, batch_sizes: Sequence[int] = (1, 3)) -> ExportResult:
+    """Write ``model`` (a dermfusion network, float32) to ``out`` (a .onnx file); see the module doc.
+
+    ``preprocess`` defaults to the model's ``data_config``. With ``check`` the graph is compared with
+    PyTorch at ``batch_sizes`` and :class:`ExportParityError` raised beyond ``atol``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    specs = input_specs(model)
+    wrapper = OnnxFusionWrapper(model, [s.name for s in specs]).eval()
+    example = synthetic_batch(model, 2, seed=0)
+    with torch.no_grad():
+        exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset)
+    if preprocess is None:
+        preprocess = {m: {"size": int(c["input_size"][-1]), "mean": list(c["mean"]), "std": list(c["std"]),
+                          "interpolation": c.get("interpolation", "bicubic")} for m, c in model.data_config.items()}
+    from .. import __version__
+
+    props = {"dermfusion.version": __version__,
+             "dermfusion.modalities": list(model.feature_spec.modalities),
+             "dermfusion.preprocess": preprocess,
+             "dermfusion.feature_spec": model.feature_spec.to_dict(),
+             "dermfusion.inputs": [s.to_dict() for s in specs],
+             "dermfusion.outputs": list(OUTPUT_NAMES)}
+    if classes is not None:
+        props["dermfusion.classes"] = list(classes)
+    props.update(metadata or {})
+    _set_metadata(out, {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()})
+    result = ExportResult(out, exporter, [s.to_dict() for s in specs])
+    if check:
+        result.parity = check_parity(model, out, batch_sizes)
+        result.max_abs_prob_diff = max(result.parity.values())
+        if not result.max_abs_prob_diff <= atol:
+            raise ExportParityError(f"{out}: ONNX probabilities differ from PyTorch by {result.max_abs_prob_diff:.3g} "
+                                    f"(> {atol}); per batch size: {result.parity}")
+    return result
+
+
+def load_bundle_model(bundle_path: str | Path):
+    """(model in eval mode, bundle) from a network bundle — the same weights NetworkPredictor loads."""
+    from ..inference.bundle import BundleError, read_bundle
+
+    bundle = read_bundle(bundle_path)
+    if bundle.kind != "network":
+        raise BundleError(f"{bundle_path}: export needs a network bundle (kind 'network'), not {bundle.kind!r}")
+    from ..inference.loaders import NetworkPredictor
+
+    pred = NetworkPredictor(bundle, device="cpu")
+    return pred.model.eval(), bundle
+
+
+def export_bundle_onnx(bundle_path: str | Path, out: str | Path, **kwargs) -> ExportResult:
+    """Export a network bundle's model to ``out`` (a .onnx file), with the bundle's classes, preprocessing
+    and provenance in the metadata."""
+    model, bundle = load_bundle_model(bundle_path)
+    meta = {"dermfusion.task": bundle.config.get("task"), "dermfusion.name": bundle.name,
+            "dermfusion.bundle_hash": bundle.content_hash,
+            "dermfusion.calibration": bundle.calibration or {}}
+    return export_onnx(model, out, classes=bundle.config.get("classes") or list(bundle.task.classes),
+                       preprocess=bundle.config.get("preprocess"), metadata=meta, **kwargs)

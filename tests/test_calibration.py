@@ -1,0 +1,119 @@
+"""Calibration: the serialised contract, temperature recovery, cut rescaling and the nested estimate."""
+import json
+
+import numpy as np
+import pytest
+
+from dermfusion.evaluation import calibration as K
+from dermfusion.evaluation.metrics import milk10k_score
+from dermfusion.tasks import ISIC2018, MILK10K
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _noise(n=600, C=11, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.eye(C)[rng.choice(C, n, p=np.r_[0.3, 0.2, np.full(C - 2, 0.5 / (C - 2))])]
+    return y, _softmax(rng.normal(size=(n, C)))
+
+
+def test_dict_round_trip_and_identity():
+    cal = K.Calibration(1.7, [0.1, -0.2, 0.0], [0.3, 0.5, 0.2])
+    d = json.loads(json.dumps(cal.to_dict()))
+    assert d == {"temperature": 1.7, "prior_adjustment": [0.1, -0.2, 0.0], "cuts": [0.3, 0.5, 0.2]}
+    assert K.Calibration.from_dict(d) == cal
+    assert K.Calibration.from_dict(None).is_identity and K.Calibration.from_dict({}).is_identity
+    p = _softmax(np.random.default_rng(0).normal(size=(5, 3)))
+    np.testing.assert_allclose(K.Calibration().apply(p), p, atol=1e-12)
+    with pytest.raises(ValueError, match="3 cuts"):
+        K.Calibration(cuts=[0.5, 0.5, 0.5]).apply(np.full((2, 4), 0.25), rescale_cuts=True)
+
+
+def test_apply_is_softmax_of_scaled_log_probs_plus_adjustment():
+    p = _softmax(np.random.default_rng(1).normal(size=(8, 4)))
+    adj = [0.5, 0.0, -0.3, 0.1]
+    want = _softmax(np.log(p) / 2.0 + np.array(adj))
+    np.testing.assert_allclose(K.Calibration(2.0, adj).apply(p), want, atol=1e-12)
+    np.testing.assert_allclose(K.fit_prior_adjustment([0.5, 0.25, 0.25], tau=2.0), -2 * np.log([0.5, 0.25, 0.25]))
+
+
+def test_fit_temperature_recovers_known_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(20000, 6)) * 1.5
+    labels = (_softmax(logits).cumsum(1) > rng.random((20000, 1))).argmax(1)
+    overconfident = _softmax(logits * 2.5)  # a model whose logits are 2.5x too large
+    T = K.fit_temperature(labels, overconfident)
+    assert T == pytest.approx(2.5, rel=0.05)
+    assert K.fit_temperature(np.eye(6)[labels], _softmax(logits)) == pytest.approx(1.0, rel=0.05)
+
+
+def test_rescale_maps_cut_to_half_and_preserves_order():
+    cuts = np.array([0.2, 0.5, 0.8])
+    p = np.array([[0.0, 0.0, 0.0], [0.1, 0.25, 0.4], [0.2, 0.5, 0.8], [0.6, 0.75, 0.9], [1.0, 1.0, 1.0]])
+    r = K.rescale_cuts(p, cuts)
+    np.testing.assert_allclose(r[2], 0.5)  # the cut itself lands on 0.5 (and is therefore negative)
+    np.testing.assert_allclose(r[0], 0.0)
+    np.testing.assert_allclose(r[4], 1.0)
+    assert (np.diff(r, axis=0) > 0).all()  # monotone in each class
+    rng = np.random.default_rng(0)
+    q = rng.random((500, 3))
+    rq = K.rescale_cuts(q, cuts)
+    for c in range(3):
+        assert (np.argsort(q[:, c], kind="stable") == np.argsort(rq[:, c], kind="stable")).all()
+        assert ((rq[:, c] > 0.5) == (q[:, c] > cuts[c])).all()
+
+
+def test_rescale_keeps_strictness_next_to_the_cut():
+    t = 0.3
+    just_above = np.nextafter(t, 1.0)
+    r = K.rescale_cuts(np.array([[t], [just_above], [np.nextafter(t, 0.0)]]), [t])
+    assert r[0, 0] == 0.5                         # at the cut: negative, as p > t is False
+    assert r[1, 0] > 0.5                          # one ulp above: positive (0.5 + tiny would round to 0.5)
+    assert r[2, 0] < 0.5
+
+
+def test_tuned_cuts_applied_by_rescaling_score_the_same():
+    y, p = _noise(seed=1)
+    cuts = K.tune_cuts(y, p)
+    s_cut, _ = K.score_with_cuts(y, p, cuts)
+    assert s_cut >= milk10k_score(y, p)
+    sub = K.Calibration(cuts=cuts.tolist()).apply(p, rescale_cuts=True)
+    assert milk10k_score(y, sub) == pytest.approx(K.score_with_cuts(y, K.Calibration().apply(p), cuts)[0])
+    grid = K.tune_cuts(y, p, grid=K.DEFAULT_GRID)
+    assert np.isin(grid, K.DEFAULT_GRID).all()  # every class has positives here, so every cut is a grid point
+    with pytest.raises(ValueError, match="milk10k_dice"):
+        K.tune_cuts(y, p, metric="balanced_accuracy")
+
+
+def test_class_without_positives_is_left_unpredicted():
+    y = np.zeros((50, 1))
+    p = np.random.default_rng(0).random((50, 1))
+    assert K.tune_cut(y[:, 0], p[:, 0]) == K.CUT_MAX
+    assert K.score_with_cuts(y, p, [K.CUT_MAX])[0] == 1.0
+
+
+def test_nested_estimate_is_below_in_sample_on_noise():
+    y, p = _noise(n=800, seed=2)
+    folds = np.arange(len(y)) % 5
+    est = K.nested_cut_estimate(p, y, folds)
+    assert est["score"] <= est["in_sample_score"]
+    assert set(est["fold_cuts"]) == {"0", "1", "2", "3", "4"} and len(est["cuts"]) == 11
+    assert est["pred"].shape == p.shape
+
+
+def test_fit_calibration_task_form_reports_nested_before_after():
+    y, p = _noise(n=500, seed=3)
+    folds = np.arange(len(y)) % 4
+    cal, report = K.fit_calibration(MILK10K, y, p, folds)
+    assert cal.cuts is not None and len(cal.cuts) == 11 and cal.temperature > 0
+    json.dumps(report)  # JSON-ready (goes into summary.json)
+    c = report["cuts"]
+    assert c["nested_score"] <= c["in_sample_score"] and "official_untuned" in c
+    cal2, rep2 = K.fit_calibration(ISIC2018, np.eye(7)[np.arange(70) % 7], _softmax(np.random.default_rng(0).normal(size=(70, 7))),
+                                   np.arange(70) % 2, logit_adjust=True)
+    assert cal2.cuts is None and len(cal2.prior_adjustment) == 7 and "cuts" not in rep2
+    # the array form used by the tabular stage
+    assert isinstance(K.fit_calibration(p, y, "milk10k_dice"), K.Calibration)
