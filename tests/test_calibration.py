@@ -117,3 +117,26 @@ def test_fit_calibration_task_form_reports_nested_before_after():
     assert cal2.cuts is None and len(cal2.prior_adjustment) == 7 and "cuts" not in rep2
     # the array form used by the tabular stage
     assert isinstance(K.fit_calibration(p, y, "milk10k_dice"), K.Calibration)
+
+
+def test_calibrate_oof_report_keys_and_improvement():
+    rng = np.random.default_rng(5)
+    n, C = 1500, 11
+    logits = rng.normal(size=(n, C)) * 1.5
+    y = np.eye(C)[(_softmax(logits).cumsum(1) > rng.random((n, 1))).argmax(1)]
+    over = _softmax(logits * 3.0)  # over-confident model
+    cal, rep = K.calibrate_oof(MILK10K, y, over, np.arange(n) % 5)
+    for k in ("n", "temperature", "prior_adjustment", "nll_before", "nll_after", "ece_before", "ece_after",
+              "official_before", "official_after", "cuts", "official_untuned", "nested_cut_score",
+              "in_sample_cut_score"):
+        assert k in rep, k
+    assert set(rep["cuts"]) >= {"folds", "official_untuned", "nested_score", "nested_per_class", "in_sample_score",
+                                "fold_cuts", "cuts"}
+    assert rep["cuts"]["folds"] == "given" and list(rep["cuts"]["cuts"]) == list(MILK10K.classes)
+    assert rep["temperature"] == pytest.approx(3.0, rel=0.10)
+    assert rep["nll_after"] < rep["nll_before"] and rep["ece_after"] < rep["ece_before"]
+    assert rep["cuts"]["in_sample_score"] >= rep["cuts"]["official_untuned"]
+    json.dumps(rep)
+    # no usable folds: random 5-fold, and the report says so
+    _, rep2 = K.calibrate_oof(MILK10K, y, over, None, temperature=False)
+    assert rep2["temperature"] == 1.0 and rep2["cuts"]["folds"].startswith("random")

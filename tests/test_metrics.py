@@ -157,3 +157,25 @@ def test_bootstrap_ci_shapes_and_coverage():
     assert d["a"][0] <= d["a"][1] and np.isnan(d["nan"][0])
     full = M.bootstrap_metrics(ISIC2018, y, p, n=30)
     assert set(full["per_class"]) == set(ISIC2018.classes) and "official" in full["headline"]
+
+
+def test_training_epoch_metrics_agree_with_evaluation():
+    from dermfusion.training.val_metrics import epoch_metrics
+
+    for task, C in ((ISIC2018, 7), (MILK10K, 11)):
+        y, p = _random(C=C, seed=7)
+        got = epoch_metrics(task, y, p)
+        full = M.compute_metrics(task, y, p)
+        for k, v in got.items():
+            if k in full:
+                assert v == pytest.approx(full[k]), (task.name, k)
+        assert got["official"] == pytest.approx(M.official_score(task, y, p))
+
+
+def test_bootstrap_metrics_intervals_contain_point_estimates():
+    y, p = _random(n=500, seed=8)
+    point = M.headline_metrics(ISIC2018, y, p)
+    ci = M.bootstrap_metrics(ISIC2018, y, p, n=200)["headline"]
+    for k in ("official", "balanced_accuracy", "macro_f1", "accuracy", "macro_auroc", "brier", "log_loss"):
+        lo, hi = ci[k]
+        assert lo <= point[k] <= hi, (k, lo, point[k], hi)

@@ -172,3 +172,51 @@ def test_report_opens_cleanly_in_chromium(built, tmp_path):
         dest = Path(__file__).parent / "artifacts"
         dest.mkdir(exist_ok=True)
         shutil.copy(shot, dest / "report.png")
+
+
+def test_fairness_slices_api(built):
+    from dermfusion.evaluation.fairness import fairness_slices
+
+    _, _, man, pred = built
+    y = man[[f"label_{c}" for c in ISIC2018.classes]].to_numpy(float)
+    p = pred[list(ISIC2018.classes)].to_numpy(float)
+    df = fairness_slices(ISIC2018, man, y, p)
+    assert {"attribute", "group", "n", "n_malignant", "balanced_accuracy", "macro_f1", "malignant_sensitivity",
+            "melanoma_sensitivity", "malignant_auroc", "status", "reason"} <= set(df.columns)
+    assert set(df["attribute"]) == {"all", "skin_tone", "sex", "age", "site"}
+    for attr in ("skin_tone", "sex", "age", "site"):  # every lesion lands in exactly one group per attribute
+        assert df.loc[df["attribute"] == attr, "n"].sum() == N
+    whole = df.iloc[0]
+    tone5 = df[(df["attribute"] == "skin_tone") & (df["group"] == "tone 5")].iloc[0]
+    assert tone5["malignant_auroc"] < whole["malignant_auroc"]  # the hidden failure also shows in ranking
+    # a huge margin flags nothing; a huge min_count marks everything too small (and flags nothing)
+    assert (fairness_slices(ISIC2018, man, y, p, margin=1.0)["status"] != "flagged").all()
+    big = fairness_slices(ISIC2018, man, y, p, min_count=10_000)
+    assert set(big["status"][1:]) == {"too small"}
+
+
+def test_unlabelled_rows_do_not_count(fixture_dir, tmp_path):
+    man, pred = _synthetic(fixture_dir, n=80, seed=1)
+    man.loc[:9, [f"label_{c}" for c in ISIC2018.classes]] = np.nan  # 10 lesions without ground truth
+    extra = man.iloc[:5].assign(lesion_id=[f"X{i}" for i in range(5)])
+    extra.loc[:, [f"label_{c}" for c in ISIC2018.classes]] = np.eye(7)[[0, 1, 2, 3, 4]]
+    man = pd.concat([man, extra], ignore_index=True)  # 5 labelled lesions nobody predicted
+    m = evaluate_predictions(pred, man, ISIC2018, tmp_path, n_bootstrap=0)
+    assert m["n"] == 70 and m["n_predictions_without_label"] == 10 and m["n_manifest_without_prediction"] == 5
+    html = (tmp_path / "report.html").read_text()
+    assert "10 predictions without a label left out" in html and "How to read this report" in html
+    man.loc[:, [f"label_{c}" for c in ISIC2018.classes]] = np.nan
+    with pytest.raises(EvaluationError, match="has a label"):
+        evaluate_predictions(pred, man, ISIC2018, tmp_path, n_bootstrap=0)
+
+
+def test_reliability_figure_has_a_labelled_count_histogram(built):
+    _, metrics, _, _ = built
+    rel = metrics["reliability"]
+    assert sum(rel["count"]) == N
+    fig = F.reliability_figure(rel, 0.1)
+    assert fig.title and fig.xlabel and fig.ylabel
+    f, ax = F._new()
+    ax.set(title="t", xlabel="x", ylabel="y")
+    with pytest.raises(ValueError, match="panel 0"):
+        F._render("bad", f, ax, panels=(ax.twinx(),))

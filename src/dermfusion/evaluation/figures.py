@@ -41,9 +41,11 @@ def _new(size=(6.0, 4.6)):
 
 
 def _render(key: str, fig, ax, panels=()) -> RenderedFigure:
-    """PNG of a finished figure. ``ax`` carries the title and both axis labels; ``panels`` are extra axes
-    (a twin axis, a histogram strip) that must at least label their value axis."""
-    title, xlabel, ylabel = ax.get_title(), ax.get_xlabel(), ax.get_ylabel()
+    """PNG of a finished figure. ``ax`` carries the title and the y label, and the x label unless a panel
+    below it (sharing x) carries it; ``panels`` are extra axes (a twin axis, a histogram strip) that must
+    label at least one of their axes."""
+    title, ylabel = ax.get_title(), ax.get_ylabel()
+    xlabel = ax.get_xlabel() or next((a.get_xlabel() for a in panels if a.get_xlabel().strip()), "")
     missing = [n for n, v in (("title", title), ("x label", xlabel), ("y label", ylabel)) if not v.strip()]
     missing += [f"label on panel {i}" for i, a in enumerate(panels) if not (a.get_ylabel().strip() or a.get_xlabel().strip())]
     if missing:
@@ -123,22 +125,20 @@ def reliability_figure(rel: dict, ece: float) -> RenderedFigure:
     conf = np.asarray(rel["confidence"], float)
     count = np.asarray(rel["count"])
     width = np.diff(edges)
-    fig, ax = _new()
     ok = count > 0
-    # lesions per bin on a secondary axis, drawn behind: a bar built on 3 lesions says little
-    hist = ax.twinx()
-    hist.bar(edges[:-1], count, width=width, align="edge", color="#bbb", alpha=0.45, edgecolor="white")
-    hist.set_ylim(0, max(int(count.max()), 1) * 3.2)  # keep the histogram in the lower third
-    hist.set_ylabel("Lesions per bin (grey histogram)", color="#777")
-    hist.tick_params(axis="y", colors="#777", labelsize=8)
-    ax.set_zorder(hist.get_zorder() + 1)
-    ax.patch.set_visible(False)
+    fig = MplFigure(figsize=(6.0, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    # a strip below with the lesions per bin: a bar built on 3 lesions says little
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    hist.bar(edges[:-1], count, width=width, align="edge", color="#9aa5b1", edgecolor="white")
+    hist.set(xlabel="Confidence (highest predicted probability)", ylabel="Lesions")
+    ax.tick_params(labelbottom=False)
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="#999", label="perfect calibration")
     ax.bar(edges[:-1][ok], acc[ok], width=width[ok], align="edge", color="#4c78a8", edgecolor="white",
            alpha=0.85, label="accuracy in bin")
     ax.plot(conf[ok], acc[ok], "o", ms=3, color="#e45756", label="mean confidence in bin")
     ax.set(xlim=(0, 1), ylim=(0, 1), title=f"Reliability diagram (top label, ECE {ece:.3f})",
-           xlabel="Confidence (highest predicted probability)", ylabel="Accuracy (share correct)")
+           ylabel="Accuracy (share correct)")  # the x label sits on the histogram strip below
     ax.legend(fontsize=7, loc="upper left")
     return _render("reliability", fig, ax, panels=(hist,))
 

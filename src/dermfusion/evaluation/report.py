@@ -72,10 +72,17 @@ def align(predictions, manifest_df: pd.DataFrame, task: TaskSpec):
                               f"{', '.join(unknown[:5])}; are predictions and manifest from the same dataset?")
     rows = man.set_index("lesion_id").loc[pred["lesion_id"]].reset_index()
     y_true = targets(rows, task).astype(float)
-    unlabelled = ~np.isfinite(y_true).all(1)
-    if unlabelled.any():
-        raise EvaluationError(f"{int(unlabelled.sum())} predicted lesion(s) have no label in the manifest, e.g. "
-                              f"{', '.join(rows['lesion_id'][unlabelled][:5])}")
+    # only labelled manifest rows count: predictions for unlabelled lesions (e.g. a test split without
+    # ground truth) are left out and counted in pred.attrs["n_unlabelled"]
+    labelled = np.isfinite(y_true).all(1)
+    if not labelled.any():
+        raise EvaluationError(f"none of the {len(pred)} predicted lesions has a label in the manifest (e.g. "
+                              f"{', '.join(rows['lesion_id'][:5])}); evaluate against a manifest with ground truth")
+    n_unlabelled = int((~labelled).sum())
+    if n_unlabelled:
+        pred, rows, y_true = (pred[labelled].reset_index(drop=True), rows[labelled].reset_index(drop=True),
+                              y_true[labelled])
+    pred.attrs["n_unlabelled"] = n_unlabelled
     try:
         y_prob = pred[list(task.classes)].to_numpy(dtype=float)
     except ValueError as e:
@@ -91,6 +98,7 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
     """Metrics with bootstrap 95% CIs, fairness slices and worst errors → out_dir/metrics.json and
     out_dir/report.html. Returns the metrics dict (as written to metrics.json)."""
     pred, rows, y_true, y_prob = align(predictions, manifest_df, task)
+    n_labelled_manifest = int(np.isfinite(targets(manifest_df, task).astype(float)).all(1).sum())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = compute_metrics(task, y_true, y_prob)
@@ -102,7 +110,8 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
     figures = all_figures(task, y_true, y_prob, m, ci)
     result = {
         "task": task.name, "official_metric": task.metric, "n": int(len(y_true)),
-        "n_manifest_without_prediction": int(len(manifest_df) - len(y_true)),
+        "n_manifest_without_prediction": n_labelled_manifest - int(len(y_true)),
+        "n_predictions_without_label": int(pred.attrs.get("n_unlabelled", 0)),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__,
         "metrics": {k: m[k] for k in HEADLINE}, "ci": ci["headline"], "n_bootstrap": ci["n_resamples"],
         "per_class": {c: {**m["per_class"][c], "ci": ci["per_class"].get(c, {})} for c in task.classes},
@@ -175,7 +184,7 @@ h2{font-size:17px;margin:0 0 10px}
 p.note{color:var(--muted);margin:6px 0 0;font-size:12.5px}
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:right;white-space:nowrap}
-th{background:#f5f7fa;font-weight:600}
+th{background:#f5f7fa;font-weight:600;white-space:normal;vertical-align:bottom}
 th:first-child,td:first-child,th.text,td.text{text-align:left}
 td.text{white-space:normal}
 .scroll{overflow-x:auto}
@@ -190,6 +199,9 @@ figcaption{color:var(--muted);font-size:12.5px;margin-top:4px}
 img.thumb{width:64px;height:64px;object-fit:cover;border-radius:4px}
 .badge{display:inline-block;padding:1px 6px;border-radius:4px;font-size:12px;background:#e6f0fb;color:var(--accent)}
 .badge.flag{background:#f8d4d4;color:#9b1c1c}
+td.status{min-width:180px}
+.howto ul{margin:0;padding-left:20px;color:var(--ink)}
+.howto li{margin:2px 0}
 """
 
 
@@ -230,16 +242,18 @@ def _per_class_table(task: TaskSpec, result: dict) -> str:
 
 def _fairness_table(rows: list[dict]) -> str:
     head = ("<tr><th>Attribute</th><th class='text'>Group</th><th>n</th><th>Malignant n</th><th>Balanced acc.</th><th>Macro F1</th>"
-            "<th>Malignant sens.</th><th>Malignant spec.</th><th>Melanoma sens.</th><th class='text'>Status</th></tr>")
+            "<th>Malignant sens.</th><th>Malignant spec.</th><th>Melanoma sens.</th><th>Malignant AUROC</th>"
+            "<th class='text'>Status</th></tr>")
     out = []
     for r in rows:
         cls = {"flagged": "flagged", "too small": "small"}.get(r["status"], "total" if r["attribute"] == "all" else "")
-        status = html.escape(r["status"]) + (f": {html.escape(r['reason'])}" if r["status"] == "flagged" else "")
+        reason = str(r.get("reason") or "").replace("sensitivity", "sens.")  # the columns say what it is
+        status = html.escape(r["status"]) + (f": {html.escape(reason)}" if r["status"] == "flagged" else "")
         out.append(f"<tr class='{cls}'><td>{html.escape(r['attribute'])}</td><td class='text'>{html.escape(str(r['group']))}</td>"
                    f"<td>{r['n']}</td><td>{r['n_malignant']}</td><td>{_fmt(r['balanced_accuracy'])}</td>"
                    f"<td>{_fmt(r['macro_f1'])}</td><td>{_fmt(r['malignant_sensitivity'])}</td>"
                    f"<td>{_fmt(r['malignant_specificity'])}</td><td>{_fmt(r['melanoma_sensitivity'])}</td>"
-                   f"<td class='text'>{status}</td></tr>")
+                   f"<td>{_fmt(r.get('malignant_auroc'))}</td><td class='text status'>{status}</td></tr>")
     return "<div class='scroll'><table>" + head + "".join(out) + "</table></div>"
 
 
@@ -265,16 +279,27 @@ def render_html(task: TaskSpec, result: dict, figures: list[RenderedFigure], err
                    f"<figcaption>{html.escape(f.title)}</figcaption></figure>" for f in figures)
     n_flag = sum(r["status"] == "flagged" for r in result["fairness"])
     extra = result["n_manifest_without_prediction"]
+    unlabelled = result.get("n_predictions_without_label", 0)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>dermfusion evaluation — {html.escape(task.name)}</title><style>{CSS}</style></head>
 <body>
 <header><h1>Evaluation report — {html.escape(task.name)}</h1>
 <div class="meta">{html.escape(task.description)}<br>
-{result['n']} lesions evaluated{f' ({extra} manifest lesions had no prediction)' if extra > 0 else ''} ·
+{result['n']} lesions evaluated{f' ({extra} labelled manifest lesions had no prediction)' if extra > 0 else ''}{f' · {unlabelled} predictions without a label left out' if unlabelled else ''} ·
 official metric <b>{html.escape(task.metric)}</b> = {_fmt(result['metrics']['official'])} ·
 generated {html.escape(result['generated'])} · dermfusion {html.escape(result['version'])}</div></header>
 <main>
+<section class="howto"><h2>How to read this report</h2><ul>
+<li><b>Headline metrics</b> come with 95% bootstrap intervals: if two models' intervals overlap widely, the
+data cannot tell them apart. Small classes have wide intervals.</li>
+<li><b>Sensitivity</b> is the share of true cases the model names; for the malignant set and melanoma a missed
+case is the costly error, so read those rows before accuracy.</li>
+<li><b>Calibration</b> (ECE, reliability diagram): bars on the diagonal mean a stated 80% is right about 80% of
+the time; the grey histogram shows how many lesions each bar rests on.</li>
+<li><b>Subgroups</b> highlighted in red do worse on cancers than the whole set; check their counts before
+acting. <b>Most confident errors</b> are the cases to review by eye first.</li>
+<li>This is a research evaluation on retrospective data, not evidence of clinical safety.</li></ul></section>
 <section><h2>Headline metrics</h2>{_headline_table(result)}
 <p class="note">Intervals: percentile bootstrap over lesions ({result['n_bootstrap']} resamples).
 Argmax metrics read the most probable class; the MILK10k score counts a class as predicted when its probability

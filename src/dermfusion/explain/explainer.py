@@ -176,7 +176,6 @@ def _has(module: nn.Module, name: str) -> bool:
         return False
 
 
-
 def _normalise(grid: torch.Tensor) -> np.ndarray:
     g = grid.detach().float().cpu().numpy()
     g = np.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)

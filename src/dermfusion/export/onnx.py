@@ -24,6 +24,8 @@ compared with PyTorch; :class:`ExportParityError` is raised when probabilities d
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -155,21 +157,38 @@ def _example_args(batch: dict, specs: Sequence[InputSpec]) -> tuple:
     return tuple(_batch_tensor(batch, s.name).to(_DTYPES[s.dtype][1]) for s in specs)
 
 
-def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[InputSpec], opset: int) -> str:
-    """Try the dynamo exporter, then the TorchScript one; returns which one worked."""
+def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[InputSpec], opset: int,
+                  exporter: str = "auto") -> str:
+    """Export with ``exporter`` ("dynamo", "torchscript", or "auto": dynamo, then TorchScript); returns which worked."""
+    import logging
+
+    if exporter not in {"auto", "dynamo", "torchscript"}:
+        raise ValueError(f"exporter must be auto, dynamo or torchscript, not {exporter!r}")
     names = [s.name for s in specs]
     errors = []
-    try:
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=list(OUTPUT_NAMES),
-                                     dynamic_shapes=tuple({0: batch} for _ in specs), opset_version=opset,
-                                     optimize=True, verbose=False)
-            prog.save(str(path))
-        return "dynamo"
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"dynamo: {type(e).__name__}: {str(e)[:500]}")
+    if exporter in {"auto", "dynamo"}:
+        quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+        levels = [lg.level for lg in quiet]
+        try:
+            for lg in quiet:
+                lg.setLevel(logging.ERROR)
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                # forward(*inputs): one var-positional argument, hence the extra tuple level
+                prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=names,
+                                         output_names=list(OUTPUT_NAMES),
+                                         dynamic_shapes=(tuple({0: batch} for _ in specs),), opset_version=opset,
+                                         optimize=True, verbose=False)
+                prog.save(str(path))
+            return "dynamo"
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"dynamo: {type(e).__name__}: {str(e)[:500]}")
+            if exporter == "dynamo":
+                raise RuntimeError("ONNX export failed:\n" + errors[0]) from e
+        finally:
+            for lg, lv in zip(quiet, levels):
+                lg.setLevel(lv)
     try:
         axes = {n: {0: "batch"} for n in [*names, *OUTPUT_NAMES]}
         with warnings.catch_warnings():
@@ -253,11 +272,14 @@ def check_parity(model: nn.Module, path: str | Path, batch_sizes: Sequence[int] 
 
 def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | None = None,
                 preprocess: dict | None = None, metadata: dict | None = None, opset: int = OPSET,
-                check: bool = True, atol: float = 1e-4, batch_sizes: Sequence[int] = (1, 3)) -> ExportResult:
+                check: bool = True, atol: float = 1e-4, batch_sizes: Sequence[int] = (1, 3),
+                exporter: str = "auto") -> ExportResult:
     """Write ``model`` (a dermfusion network, float32) to ``out`` (a .onnx file); see the module doc.
 
     ``preprocess`` defaults to the model's ``data_config``. With ``check`` the graph is compared with
-    PyTorch at ``batch_sizes`` and :class:`ExportParityError` raised beyond ``atol``.
+    PyTorch at ``batch_sizes`` and :class:`ExportParityError` raised beyond ``atol``. ``exporter``:
+    "dynamo" (torch.export), "torchscript" (the legacy tracer; faster to run), or "auto" (dynamo,
+    falling back to TorchScript).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +288,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     wrapper = OnnxFusionWrapper(model, [s.name for s in specs]).eval()
     example = synthetic_batch(model, 2, seed=0)
     with torch.no_grad():
-        exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset)
+        exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset, exporter)
     if preprocess is None:
         preprocess = {m: {"size": int(c["input_size"][-1]), "mean": list(c["mean"]), "std": list(c["std"]),
                           "interpolation": c.get("interpolation", "bicubic")} for m, c in model.data_config.items()}

@@ -1,0 +1,303 @@
+"""Measuring instruments: the machine's matmul rates, a model's FLOPs, latency, peak memory, part timers.
+
+The *floor* of a backend is the time its FLOPs would take at the machine's own measured matmul
+rate for the precision that backend computes in (``floor_ms``). FLOPs are counted with
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention) — elementwise work,
+memory traffic and framework overhead are what separate a real run from its floor.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+KINDS = ("linear", "attention", "conv")
+# which dtype each backend computes (part, kind) in; parts: encoders | fusion
+_BF16_ENC = {("encoders", k): "bf16" for k in KINDS}
+BACKEND_PRECISION: dict[str, dict] = {
+    "fp32": {}, "onnx": {},
+    "bf16": _BF16_ENC, "compile": _BF16_ENC,
+    "autocast": {**_BF16_ENC, **{("fusion", k): "bf16" for k in KINDS}},
+    "int8": {("encoders", "linear"): "int8"},
+}
+
+
+# ------------------------------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"})
+    except OSError:
+        pass
+    return []
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": cores, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    try:
+        with open("/proc/loadavg") as fh:
+            info["loadavg_1m"] = float(fh.read().split()[0])
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(dtype: str = "fp32", n: int = 2048, device: torch.device | str = "cpu", repeats: int = 5) -> float | None:
+    """Measured GFLOP/s (GOP/s for int8) of an n³ matmul; None when the dtype is unsupported here."""
+    device = torch.device(device)
+    try:
+        if dtype == "int8":
+            a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+            b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
+            fn = lambda: torch._int_mm(a, b)  # noqa: E731
+        else:
+            dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+            a, b = torch.randn(n, n, device=device).to(dt), torch.randn(n, n, device=device).to(dt)
+            fn = lambda: a @ b  # noqa: E731
+        fn(), fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _sync(device)
+        return 2 * n ** 3 / ((time.perf_counter() - t0) / repeats) / 1e9
+    except Exception:  # noqa: BLE001 — e.g. _int_mm missing on this build
+        return None
+
+
+def matmul_rates(device="cpu", dtypes=("fp32", "bf16", "int8"), repeats: int = 5) -> dict[str, float | None]:
+    return {d: matmul_rate(d, device=device, repeats=repeats) for d in dtypes}
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+def _op_kind(op) -> str:
+    name = str(op)
+    if "convolution" in name:
+        return "conv"
+    if "attention" in name or "bmm" in name:
+        return "attention"
+    return "linear"
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(model: nn.Module, batch: dict) -> dict:
+    """FLOPs of one forward pass on ``batch``, per lesion: ``total``, ``encoders`` {key: flops}, ``fusion``,
+    and ``by_part`` {encoders|fusion: {linear|attention|conv: flops}}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the module tracker needs grad-free params
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa.default] = _cpu_sdpa_flops
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        frozen(batch)
+    counts = counter.get_flop_counts()
+    b = int(batch["image_present"].shape[0])
+    root = type(frozen).__name__
+    total_ops = counts.get("Global", {})
+    enc_keys = list(getattr(frozen, "encoders", {}).keys()) if hasattr(frozen, "encoders") else []
+    by_part = {"encoders": dict.fromkeys(KINDS, 0), "fusion": dict.fromkeys(KINDS, 0)}
+    encoders = {}
+    for k in enc_keys:
+        ops = counts.get(f"{root}.encoders.{k}", {})
+        encoders[k] = sum(ops.values()) / b
+        for op, c in ops.items():
+            by_part["encoders"][_op_kind(op)] += c / b
+    for op, c in total_ops.items():
+        by_part["fusion"][_op_kind(op)] += c / b
+    for kind in KINDS:  # fusion = everything that is not an encoder
+        by_part["fusion"][kind] -= by_part["encoders"][kind]
+    total = sum(total_ops.values()) / b
+    return {"total": total, "encoders": encoders, "fusion": total - sum(encoders.values()), "by_part": by_part}
+
+
+def floor_ms(flops: dict, rates: dict, backend: str, batch_size: int = 1) -> float | None:
+    """Time for ``batch_size`` lesions if every FLOP ran at the measured matmul rate of its precision."""
+    precision = BACKEND_PRECISION.get(backend, {})
+    total_s = 0.0
+    for part, kinds in flops["by_part"].items():
+        for kind, f in kinds.items():
+            if f <= 0:
+                continue
+            rate = rates.get(precision.get((part, kind), "fp32")) or rates.get("fp32")
+            if not rate:
+                return None
+            total_s += f / (rate * 1e9)
+    return total_s * batch_size * 1000
+
+
+# ------------------------------------------------------------------------------------------ timing + memory
+def latency_stats(ms: list[float]) -> dict:
+    a = np.asarray(ms, float)
+    if not len(a):
+        return {"n": 0}
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "mean_ms": float(a.mean()), "min_ms": float(a.min()), "n": int(len(a))}
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not Linux: ru_maxrss is a lifetime peak, better than nothing
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory above the starting point while the block runs: RSS sampled every ``interval`` s on
+    CPU, ``torch.cuda.max_memory_allocated`` on CUDA. ``.peak_mb`` after exit."""
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002):
+        self.device, self.interval = torch.device(device), interval
+        self.peak_mb: float = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = self._peak = rss_bytes()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, rss_bytes())
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, rss_bytes())
+        self.peak_mb = (self._peak - self._base) / 2**20
+        return False
+
+
+class PartTimer:
+    """Times each encoder's ``forward_tokens`` inside a module (eager backends only); the rest of a call
+    is fusion + heads. ``calls`` collects {"encoders": s} per timed call between ``start()``/``stop()``."""
+
+    def __init__(self, module: nn.Module | None, device: torch.device | str = "cpu"):
+        self.module, self.device = module, torch.device(device)
+        self.encoder_s = 0.0
+        self._patched: list = []
+
+    @property
+    def available(self) -> bool:
+        return self.module is not None and isinstance(getattr(self.module, "encoders", None), nn.ModuleDict)
+
+    def __enter__(self):
+        if not self.available:
+            return self
+        for enc in self.module.encoders.values():
+            original = enc.forward_tokens
+
+            def timed(x, _orig=original):
+                _sync(self.device)
+                t0 = time.perf_counter()
+                out = _orig(x)
+                _sync(self.device)
+                self.encoder_s += time.perf_counter() - t0
+                return out
+
+            enc.forward_tokens = timed  # instance attribute shadows the method
+            self._patched.append(enc)
+        return self
+
+    def __exit__(self, *exc):
+        for enc in self._patched:
+            del enc.forward_tokens
+        self._patched = []
+        return False
+
+    def reset(self) -> None:
+        self.encoder_s = 0.0
+
+
+def timed_calls(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu",
+                budget_s: float | None = None, min_repeats: int = 2,
+                part_timer: PartTimer | None = None) -> tuple[list[float], list[float]]:
+    """(total ms per call, encoder ms per call) for up to ``repeats`` calls, stopping early once
+    ``budget_s`` is spent (after at least ``min_repeats``)."""
+    device = torch.device(device)
+    totals, encs = [], []
+    start = time.perf_counter()
+    for i in range(repeats):
+        if part_timer is not None:
+            part_timer.reset()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        totals.append((time.perf_counter() - t0) * 1000)
+        if part_timer is not None and part_timer.available:
+            encs.append(part_timer.encoder_s * 1000)
+        if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+    return totals, encs
+
+
+@contextmanager
+def threads(n: int | None):
+    """Temporarily set torch's intra-op thread count."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
