@@ -25,22 +25,43 @@ def train_cmd(
     folds: Optional[str] = typer.Option(None, help="'all' (default), a list like 0,1, or 'full' for one model on all data"),
     set_: List[str] = typer.Option([], "--set", help="override a config value, e.g. --set train.epochs=3"),
     profile: bool = typer.Option(False, "--profile", help="print the data-wait vs compute breakdown per fold"),
+    fold_parallel: bool = typer.Option(False, "--fold-parallel",
+                                       help="under torchrun: each process trains its own folds (folds[rank::world], "
+                                            "no DDP); rank 0 gathers the out-of-fold predictions and calibrates"),
 ):
-    """Train (cross-validated) models: per-fold bundles, out-of-fold probabilities, calibration."""
+    """Train (cross-validated) models: per-fold bundles, out-of-fold probabilities, calibration.
+
+    Multi-GPU / multi-node: run the same command under torchrun, e.g.
+    `torchrun --nproc-per-node 4 --no-python dermfusion train …` (train.batch_size stays the global batch)."""
     from .config import load_config
     from .training.cv import train_cv
+    from .training.distributed import distributed_session, record_errors
 
     cfg = load_config(config, set_)
-    summary = train_cv(cfg, _manifest(manifest), out, folds=folds, profile=profile)
-    if profile and "profile" in summary:
-        from rich.table import Table
-        t = Table(title="training-step breakdown")
-        for c in ("fold", "data wait (s)", "compute (s)", "data wait share"):
-            t.add_column(c, justify="right")
-        for f, p in summary["profile"].items():
-            t.add_row(str(f), f"{p['data_wait_s']:.1f}", f"{p['compute_s']:.1f}", f"{p['data_wait_frac']:.1%}")
-        console.print(t)
-    console.print(f"[green]done[/]: bundles and out-of-fold predictions in {out}")
+
+    def run() -> None:
+        # fold-parallel ranks only exchange results (gloo), and may wait for the slowest fold: no short timeout
+        session = (distributed_session(cfg.train.device, backend="gloo", timeout_s=_FOLD_PARALLEL_TIMEOUT_S)
+                   if fold_parallel else distributed_session(cfg.train.device))
+        with session as ctx:
+            summary = train_cv(cfg, _manifest(manifest), out, folds=folds, profile=profile,
+                               fold_parallel=fold_parallel, dist=ctx)
+            if not ctx.is_main:
+                return
+            if profile and "profile" in summary:
+                from rich.table import Table
+                t = Table(title="training-step breakdown")
+                for c in ("fold", "data wait (s)", "compute (s)", "data wait share"):
+                    t.add_column(c, justify="right")
+                for f, p in summary["profile"].items():
+                    t.add_row(str(f), f"{p['data_wait_s']:.1f}", f"{p['compute_s']:.1f}", f"{p['data_wait_frac']:.1%}")
+                console.print(t)
+            console.print(f"[green]done[/]: bundles and out-of-fold predictions in {out}")
+
+    record_errors(run)()
+
+
+_FOLD_PARALLEL_TIMEOUT_S = 7 * 24 * 3600
 
 
 def expand_bundles(paths: list[Path]) -> list[Path]:
@@ -78,16 +99,34 @@ def predict_cmd(
     device: str = typer.Option("cpu"),
     batch_size: int = typer.Option(32),
 ):
-    """Predict class probabilities for every lesion of a manifest."""
-    from .inference.submission import write_predictions
+    """Predict class probabilities for every lesion of a manifest.
 
-    df = _manifest(manifest)
-    pred = load_any(bundles, device=device, batch_size=batch_size) if _is_network(bundles) else load_any(bundles)
-    task = pred.task
-    mode = ("submission" if task.metric == "milk10k_dice" else "probabilities") if output == "auto" else output
-    probs = (pred.predict_submission if mode == "submission" else pred.predict_proba)(df, tta=tta, progress=True)
-    write_predictions(out, df["lesion_id"], probs, task)
-    console.print(f"[green]wrote[/] {out}: {len(df)} lesions × {task.num_classes} classes ({mode})")
+    Under torchrun (`torchrun --nproc-per-node N --no-python dermfusion predict …`) every process predicts a
+    contiguous shard of the manifest on its own device and rank 0 writes one merged file in manifest order."""
+    from .inference.predict_loop import predict_frame_sharded
+    from .inference.submission import write_predictions
+    from .training.distributed import distributed_session, record_errors, run_collectively
+
+    def run() -> None:
+        with distributed_session(device) as ctx:
+            df = _manifest(manifest)
+            dev = str(ctx.device(device)) if ctx.launched else device
+
+            def load():
+                return load_any(bundles, device=dev, batch_size=batch_size) if _is_network(bundles) else load_any(bundles)
+
+            pred = run_collectively(ctx, load, what="loading the bundle(s)", gather=False)
+            task = pred.task
+            mode = ("submission" if task.metric == "milk10k_dice" else "probabilities") if output == "auto" else output
+            fn = pred.predict_submission if mode == "submission" else pred.predict_proba
+            probs = predict_frame_sharded(lambda part: fn(part, tta=tta, progress=ctx.progress), df, ctx)
+            if ctx.is_main:
+                write_predictions(out, df["lesion_id"], probs, task)
+                console.print(f"[green]wrote[/] {out}: {len(df)} lesions × {task.num_classes} classes ({mode})"
+                              + (f" from {ctx.world_size} processes" if ctx.distributed else ""))
+            ctx.barrier()
+
+    record_errors(run)()
 
 
 def _is_network(paths: list[Path]) -> bool:

@@ -132,7 +132,7 @@ def count_flops(model: nn.Module, batch: dict) -> dict:
     mapping = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
-        mapping[cpu_sdpa.default] = _cpu_sdpa_flops
+        mapping[cpu_sdpa] = _cpu_sdpa_flops  # keyed by the overload packet, as FlopCounterMode looks ops up
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         frozen(batch)
     counts = counter.get_flop_counts()
@@ -143,10 +143,16 @@ def count_flops(model: nn.Module, batch: dict) -> dict:
     by_part = {"encoders": dict.fromkeys(KINDS, 0), "fusion": dict.fromkeys(KINDS, 0)}
     encoders = {}
     for k in enc_keys:
-        ops = counts.get(f"{root}.encoders.{k}", {})
-        encoders[k] = sum(ops.values()) / b
-        for op, c in ops.items():
-            by_part["encoders"][_op_kind(op)] += c / b
+        # Encoders are entered through forward_tokens (not __call__), so the tracker records only their
+        # submodules: sum the outermost ones (a key nested in another would be counted twice).
+        prefix = f"{root}.encoders.{k}"
+        keys = [n for n in counts if n == prefix or n.startswith(prefix + ".")]
+        top = [n for n in keys if not any(n != q and n.startswith(q + ".") for q in keys)]
+        encoders[k] = 0.0
+        for n in top:
+            for op, c in counts[n].items():
+                encoders[k] += c / b
+                by_part["encoders"][_op_kind(op)] += c / b
     for op, c in total_ops.items():
         by_part["fusion"][_op_kind(op)] += c / b
     for kind in KINDS:  # fusion = everything that is not an encoder

@@ -122,6 +122,7 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
     """
     device = torch.device(device)
     log = log or (lambda *a: None)
+    backends = ["fp32", *[b for b in backends if b != "fp32"]]  # fp32 eager first: the reference
     model = model.float().eval().to(device)
     from ..export.onnx import synthetic_batch
 
@@ -174,12 +175,12 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
                         eval_times += tt
                         eval_encs += ee
                 probs = np.concatenate(probs)
-                if backend == "fp32" or reference is None and backend == backends[0]:
+                if backend == "fp32":
                     reference = probs
                 rec["accuracy"] = compare_probs(reference, probs) if reference is not None else None
                 rec["eval_peak_mem_mb"] = mem.peak_mb
             for bs in batch_sizes:
-                if eval_batches and bs == eval_size and eval_times:
+                if eval_batches and bs == eval_size and len(eval_times) >= 3:
                     totals, encs, peak = eval_times, eval_encs, rec["eval_peak_mem_mb"]
                 else:
                     log(f"{backend}: batch {bs}")

@@ -96,9 +96,20 @@ def class_balanced_weights(targets: np.ndarray, power: float = 0.5) -> np.ndarra
 
 
 def class_balanced_sampler(targets: np.ndarray, power: float = 0.5, num_samples: int | None = None,
-                           seed: int = 0) -> WeightedRandomSampler:
-    g = torch.Generator().manual_seed(seed)
+                           seed: int = 0, *, rank: int = 0, world_size: int = 1):
+    """Weighted sampling with replacement, ``num_samples`` (default: one per lesion) per epoch.
+
+    Single process: a ``WeightedRandomSampler`` with a generator seeded by ``seed``. Under torchrun
+    (``world_size > 1``): a ``DistributedWeightedSampler`` — every rank draws the same epoch from the same
+    seed and keeps ``indices[rank::world_size]`` (see ``data.samplers``), so the ranks' shares of one
+    global batch are those of the single-process batch.
+    """
     w = torch.as_tensor(class_balanced_weights(targets, power), dtype=torch.double)
+    if world_size > 1:
+        from .samplers import DistributedWeightedSampler
+
+        return DistributedWeightedSampler(w, num_samples or len(targets), rank=rank, world_size=world_size, seed=seed)
+    g = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(w, num_samples or len(targets), replacement=True, generator=g)
 
 

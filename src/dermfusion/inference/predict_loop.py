@@ -30,3 +30,30 @@ def predict_probs(model, loader, device, amp=None, channels_last=False, tta: int
             acc = p if acc is None else acc + p
         out.append((acc / n_views).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def predict_frame_sharded(predict, df, dist=None, what: str = "prediction") -> np.ndarray:
+    """``predict(frame) -> N×C`` over a whole manifest, split across torchrun ranks.
+
+    Rank r predicts the r-th contiguous, non-padded shard of the rows; the shards are gathered in rank order,
+    so every rank gets the full N×C array in the manifest's row order. A failure on any rank raises
+    ``DistributedError`` on every rank (naming the rank and its error) instead of leaving the others waiting.
+    Outside torchrun this is just ``predict(df)``.
+    """
+    from ..data.samplers import shard_bounds
+    from ..training.distributed import DistributedError, current, run_collectively
+
+    ctx = dist if dist is not None else current()
+    if not ctx.distributed:
+        return predict(df)
+    start, stop = shard_bounds(len(df), ctx.rank, ctx.world_size)
+    part = df.iloc[start:stop].reset_index(drop=True)
+
+    def work():
+        return np.asarray(predict(part)) if len(part) else None
+
+    parts = [p for p in run_collectively(ctx, work, what=what) if p is not None]
+    out = np.concatenate(parts) if parts else np.zeros((0, 0), np.float64)
+    if len(out) != len(df):
+        raise DistributedError(f"{what}: gathered {len(out)} rows for a manifest of {len(df)}")
+    return out

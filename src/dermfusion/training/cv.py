@@ -1,5 +1,10 @@
 """Cross-validation: every fold in one command, out-of-fold probabilities for every training lesion,
-per-fold bundles, calibration fitted on the out-of-fold predictions and written into each bundle."""
+per-fold bundles, calibration fitted on the out-of-fold predictions and written into each bundle.
+
+Under torchrun: by default every fold is trained data-parallel by all ranks (DDP, see ``engine``);
+with ``fold_parallel=True`` each rank trains its own folds (``folds[rank::world]``) as an ordinary
+single-process run on its own device, and rank 0 gathers the out-of-fold predictions and fits the
+calibration once. Either way rank 0 alone writes oof.csv / summary.json."""
 from __future__ import annotations
 
 import json
@@ -31,12 +36,20 @@ def parse_folds(spec: str | None, df: pd.DataFrame, cfg: ExperimentConfig) -> li
 
 
 def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: str | None = None,
-             profile: bool = False) -> dict:
+             profile: bool = False, *, fold_parallel: bool = False, dist=None) -> dict:
+    from .distributed import current
+
+    ctx = dist if dist is not None else current()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     task = get_task(cfg.task)
     if cfg.model.kind == "tabular":
+        if ctx.distributed:
+            from ..config import ConfigError
+
+            raise ConfigError("tabular models train in one process: run `dermfusion train` without torchrun")
         from ..tabular.train import train_tabular_cv
 
         parse_folds(folds, df, cfg)  # validates the manifest's folds; the tabular stage trains all of them
@@ -44,22 +57,57 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
     from .engine import FoldTrainer
 
     fold_ids = parse_folds(folds, df, cfg)
-    results = []
-    for f in fold_ids:
-        console.rule(f"fold {f}" if f >= 0 else "full-data refit")
-        results.append(FoldTrainer(cfg, task, df, f, out / (f"fold_{f}" if f >= 0 else "full"), profile=profile).run())
+    if fold_parallel and ctx.distributed:
+        results = _train_fold_parallel(cfg, task, df, fold_ids, out, profile, ctx)
+    else:
+        results = []
+        for f in fold_ids:
+            if ctx.is_main:
+                console.rule(f"fold {f}" if f >= 0 else "full-data refit")
+            results.append(FoldTrainer(cfg, task, df, f, _fold_dir(out, f), profile=profile, dist=ctx).run())
     summary: dict = {"task": task.name, "folds": fold_ids,
                      "bundles": [str(r.bundle.relative_to(out)) for r in results],
                      "per_fold": {r.fold: r.metrics for r in results}}
-    oofs = [r.oof for r in results if len(r.oof)]
-    if oofs:
-        oof = pd.concat(oofs, ignore_index=True)
-        oof.to_csv(out / "oof.csv", index=False)
-        summary.update(_oof_summary(cfg, task, df, oof, out, [r.bundle for r in results]))
-    if profile:
-        summary["profile"] = {r.fold: _profile(r.history) for r in results}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if ctx.distributed:
+        summary["world_size"] = ctx.world_size
+        summary["mode"] = "fold_parallel" if fold_parallel else "data_parallel"
+    if ctx.is_main:  # one writer for the run's files and the calibration written into the bundles
+        oofs = [r.oof for r in results if len(r.oof)]
+        if oofs:
+            oof = pd.concat(oofs, ignore_index=True)
+            oof.to_csv(out / "oof.csv", index=False)
+            summary.update(_oof_summary(cfg, task, df, oof, out, [r.bundle for r in results]))
+        if profile:
+            summary["profile"] = {r.fold: _profile(r.history) for r in results}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    ctx.barrier()
     return summary
+
+
+def _fold_dir(out: Path, fold: int) -> Path:
+    return out / (f"fold_{fold}" if fold >= 0 else "full")
+
+
+def _train_fold_parallel(cfg, task, df, fold_ids, out, profile, ctx) -> list:
+    """Each rank trains folds[rank::world] on its own device, no DDP; every rank's results gathered (fold order).
+
+    A failure on one rank is reported on every rank (rank and error) once the others reach the gather."""
+    from .distributed import run_collectively
+    from .engine import FoldTrainer
+
+    mine = fold_ids[ctx.rank::ctx.world_size]
+    solo = ctx.solo()
+
+    def work() -> list:
+        res = []
+        for f in mine:
+            console.rule(f"fold {f} (rank {ctx.rank})" if f >= 0 else f"full-data refit (rank {ctx.rank})")
+            res.append(FoldTrainer(cfg, task, df, f, _fold_dir(out, f), profile=profile, dist=solo).run())
+        return res
+
+    per_rank = run_collectively(ctx, work, what="fold-parallel training")
+    by_fold = {r.fold: r for rank_results in per_rank for r in rank_results}
+    return [by_fold[f] for f in fold_ids]
 
 
 def _profile(history: list[dict]) -> dict:

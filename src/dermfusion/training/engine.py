@@ -3,9 +3,15 @@
 Determinism: every epoch re-seeds all RNGs from (seed, fold, epoch), so an epoch's augmentations,
 sampling and dropout depend only on those numbers. Resuming from the checkpoint of epoch e then
 replays epoch e+1 exactly as the uninterrupted run would have.
+
+Under torchrun (see ``training.distributed``) the same loop runs on every rank with a DDP-wrapped model:
+``train.batch_size`` stays the global batch (``batch_size / world`` per rank, drawn from one shared weighted
+epoch), the loss is computed on the gathered global batch, validation is sharded and gathered, and only
+rank 0 writes logs, checkpoints and the bundle. A single process takes exactly the code path it always did.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -18,14 +24,17 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from ..config import ExperimentConfig
+from ..config import ConfigError, ExperimentConfig
 from ..console import console, make_progress
 from ..data.dataset import LesionDataset, class_balanced_sampler, collate
 from ..data.features import FeatureSpec
 from ..data.manifest import present_modalities, targets
 from ..data.transforms import Preprocess
 from ..tasks import TaskSpec
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import save_atomic, write_dir_atomic
+from .distributed import (RANK_SEED_STRIDE, DistContext, convert_sync_batchnorm, current, find_unused_setting,
+                          gather_for_loss, gather_indexed, has_batchnorm, load_checkpoint_everywhere,
+                          unused_parameters, wrap_ddp)
 from .ema import ModelEMA
 from .runtime import autocast, autocast_dtype, default_num_workers, move_batch, resolve_device, seed_everything
 
@@ -70,10 +79,23 @@ class FoldResult:
 
 
 class FoldTrainer:
+    """One fold's training. ``dist``: the torchrun context (default: the current session's, a plain single
+    process outside torchrun). Hooks for tests and tools: ``on_before_optimizer_step(trainer, epoch, step)``
+    runs after the (all-reduced) backward of an optimiser step, ``on_step_end(trainer, epoch, step)`` after
+    every step."""
+
     def __init__(self, cfg: ExperimentConfig, task: TaskSpec, df: pd.DataFrame, fold: int, out: Path,
-                 profile: bool = False):
+                 profile: bool = False, dist: DistContext | None = None):
         self.cfg, self.task, self.fold, self.out, self.profile = cfg, task, fold, Path(out), profile
-        self.device = resolve_device(cfg.train.device)
+        self.dist = dist if dist is not None else current()
+        self.world = self.dist.world_size if self.dist.distributed else 1
+        if cfg.train.batch_size % self.world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly "
+                              f"over {self.world} processes (per-process batch = batch_size / world size)")
+        self.batch_per_rank = cfg.train.batch_size // self.world
+        self.on_before_optimizer_step = None
+        self.on_step_end = None
+        self.device = self.dist.device(cfg.train.device) if self.dist.launched else resolve_device(cfg.train.device)
         self.amp = autocast_dtype(self.device, cfg.train.precision)
         self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
         if fold >= 0:
@@ -97,8 +119,15 @@ class FoldTrainer:
         if workers > 0:
             kw["prefetch_factor"] = 4
         if train:
-            sampler = class_balanced_sampler(ds.targets, cfg.train.sampler_power, seed=self._seed(epoch))
-            return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=len(ds) > cfg.train.batch_size, **kw)
+            sampler = class_balanced_sampler(ds.targets, cfg.train.sampler_power, seed=self._seed(epoch),
+                                             rank=self.dist.rank, world_size=self.world)
+            bs = self.batch_per_rank
+            return DataLoader(ds, batch_size=bs, sampler=sampler, drop_last=len(sampler) > bs, **kw)
+        if self.world > 1:  # contiguous, non-padded shard: every lesion is predicted by exactly one rank
+            from ..data.samplers import ShardedEvalSampler
+
+            return DataLoader(ds, batch_size=cfg.train.eval_batch_size,
+                              sampler=ShardedEvalSampler(len(ds), self.dist.rank, self.world), **kw)
         return DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, **kw)
 
     def _seed(self, epoch: int) -> int:
@@ -119,6 +148,12 @@ class FoldTrainer:
         if str(loss_cfg["alpha"]).lower() in {"none", "null"}:
             loss_cfg["alpha"] = None
         self.loss_fn = build_loss(loss_cfg, counts)
+        if self.world > 1 and has_batchnorm(self.model):
+            if self.device.type == "cuda":  # before the optimiser is built: it must see the converted modules
+                self.model = convert_sync_batchnorm(self.model)
+            elif self.dist.is_main:
+                console.print("[yellow]note:[/] BatchNorm statistics stay per process on CPU "
+                              "(SyncBatchNorm needs CUDA)")
         groups = build_param_groups(self.model, lr=cfg.optim.lr, head_lr=cfg.optim.head_lr,
                                     layer_decay=cfg.optim.layer_decay, weight_decay=cfg.optim.weight_decay)
         fused = self.device.type == "cuda"
@@ -128,9 +163,25 @@ class FoldTrainer:
         warm = int(round(cfg.optim.warmup_epochs * steps / cfg.optim.accumulate))
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=warm, total_steps=total)
         self.ema = ModelEMA(self.model, cfg.train.ema) if cfg.train.ema > 0 else None
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.ddp_model = None
+        step_model = self.model
+        if self.world > 1:
+            find_unused = find_unused_setting(self._probe_unused)
+            self.ddp_model = wrap_ddp(self.model, self.device, find_unused)
+            step_model = self.ddp_model
+        self.step_model = torch.compile(step_model) if cfg.train.compile else step_model
         if cfg.train.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
+
+    def _probe_unused(self) -> list[str]:
+        ds = LesionDataset(self.train_df.iloc[:2], self.task, self.spec, self.preprocess, train=False)
+        batch = move_batch(collate([ds[i] for i in range(len(ds))]), self.device, self.channels_last)
+        return unused_parameters(self.model, self.loss_fn, batch)
+
+    def _loss(self, outputs: dict, target: torch.Tensor):
+        if self.world > 1:  # the loss of the global batch (identical on every rank); see gather_for_loss
+            outputs, target = gather_for_loss(outputs, target)
+        return self.loss_fn(outputs, target)
 
     def steps_per_epoch(self) -> int:
         bs = self.cfg.train.batch_size
@@ -141,7 +192,7 @@ class FoldTrainer:
     # ---- loop ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, progress) -> dict:
         cfg = self.cfg
-        seed_everything(self._seed(epoch))
+        seed_everything(self._seed(epoch) + RANK_SEED_STRIDE * self.dist.rank)
         loader = self._loader(self.train_df, train=True, epoch=epoch)
         self.model.train()
         steps = self.steps_per_epoch()
@@ -155,11 +206,16 @@ class FoldTrainer:
             t1 = time.perf_counter()
             t_data += t1 - t0
             batch = move_batch(batch, self.device, self.channels_last)
-            with autocast(self.device, self.amp):
-                outputs = self.step_model(batch)
-                loss, parts = self.loss_fn(outputs, batch["target"])
-            (loss / cfg.optim.accumulate).backward()
-            if (step + 1) % cfg.optim.accumulate == 0 or step + 1 == steps:
+            update = (step + 1) % cfg.optim.accumulate == 0 or step + 1 == steps
+            # DDP: accumulate locally, all-reduce only on the micro-step that updates
+            with (self.ddp_model.no_sync() if self.ddp_model is not None and not update else contextlib.nullcontext()):
+                with autocast(self.device, self.amp):
+                    outputs = self.step_model(batch)
+                    loss, parts = self._loss(outputs, batch["target"])
+                (loss / cfg.optim.accumulate).backward()
+            if update:
+                if self.on_before_optimizer_step is not None:
+                    self.on_before_optimizer_step(self, epoch, step)
                 if cfg.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
@@ -173,6 +229,8 @@ class FoldTrainer:
             t0 = time.perf_counter()
             t_compute += t0 - t1
             progress.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
+            if self.on_step_end is not None:
+                self.on_step_end(self, epoch, step)
         progress.remove_task(task)
         total = t_data + t_compute
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "data_wait_s": t_data,
@@ -184,8 +242,12 @@ class FoldTrainer:
         from ..inference.predict_loop import predict_probs
 
         model = model or (self.ema.module if self.ema else self.model)
-        return predict_probs(model, self._loader(frame, train=False), self.device, self.amp, self.channels_last,
-                             tta=tta, modalities=self.spec.modalities)
+        loader = self._loader(frame, train=False)
+        probs = predict_probs(model, loader, self.device, self.amp, self.channels_last, tta=tta,
+                              modalities=self.spec.modalities)
+        if self.world > 1:  # every rank predicted its shard: gather, in row order, each lesion once
+            probs = gather_indexed(self.dist, list(loader.sampler), probs, len(frame))
+        return probs
 
     def evaluate(self, probs: np.ndarray) -> dict:
         from .val_metrics import epoch_metrics
@@ -194,12 +256,14 @@ class FoldTrainer:
 
     def run(self) -> FoldResult:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.setup()
         ckpt_path = self.out / "last.ckpt"
         log_path = self.out / "log.jsonl"
         start, best, best_state, history, bad_epochs = 0, -math.inf, None, [], 0
-        ck = load_checkpoint(ckpt_path)
+        ck = load_checkpoint_everywhere(self.dist, ckpt_path)
         if ck is not None:
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -208,9 +272,10 @@ class FoldTrainer:
                 self.ema.module.load_state_dict(ck["ema"])
             start, best, best_state = ck["epoch"] + 1, ck["best"], ck.get("best_state")
             history, bad_epochs = ck["history"], ck.get("bad_epochs", 0)
-            console.print(f"[cyan]fold {self.fold}: resuming after epoch {start}[/]")
-        writer = _tensorboard(self.out)
-        with make_progress() as progress:
+            if main:
+                console.print(f"[cyan]fold {self.fold}: resuming after epoch {start}[/]")
+        writer = _tensorboard(self.out) if main else None
+        with (make_progress() if self.dist.progress else _NullProgress()) as progress:
             for epoch in range(start, cfg.train.epochs):
                 stats = self.train_epoch(epoch, progress)
                 rec = {"fold": self.fold, "epoch": epoch + 1, **stats, "lr": self.scheduler.get_last_lr()[-1]}
@@ -225,19 +290,22 @@ class FoldTrainer:
                     else:
                         bad_epochs += 1
                 history.append(rec)
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                if writer:
-                    for k, v in rec.items():
-                        if isinstance(v, (int, float)):
-                            writer.add_scalar(k, v, epoch + 1)
-                console.print(_epoch_line(rec))
-                save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                             "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best": best,
-                             "best_state": best_state, "history": history, "bad_epochs": bad_epochs,
-                             "ema": self.ema.module.state_dict() if self.ema else None}, ckpt_path)
+                if main:  # one writer; the checkpoint holds the unwrapped model: it resumes on any world size
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                    if writer:
+                        for k, v in rec.items():
+                            if isinstance(v, (int, float)):
+                                writer.add_scalar(k, v, epoch + 1)
+                    console.print(_epoch_line(rec))
+                    save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best": best,
+                                 "best_state": best_state, "history": history, "bad_epochs": bad_epochs,
+                                 "ema": self.ema.module.state_dict() if self.ema else None}, ckpt_path)
+                self.dist.barrier()
                 if cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience:
-                    console.print(f"fold {self.fold}: early stop after epoch {epoch + 1} (best {best:.4f})")
+                    if main:
+                        console.print(f"fold {self.fold}: early stop after epoch {epoch + 1} (best {best:.4f})")
                     break
         final = self.ema.module if self.ema else self.model
         if best_state is not None:
@@ -250,7 +318,8 @@ class FoldTrainer:
             oof = pd.DataFrame(probs, columns=list(self.task.classes))
             oof.insert(0, "lesion_id", self.val_df["lesion_id"].to_numpy())
             oof.insert(1, "fold", self.fold)
-        bundle = self.write_bundle(final, metrics)
+        bundle = self.write_bundle(final, metrics) if main else self.out / "bundle"
+        self.dist.barrier()
         return FoldResult(self.fold, oof, metrics, bundle, history)
 
     def write_bundle(self, model, metrics: dict) -> Path:
@@ -263,8 +332,28 @@ class FoldTrainer:
                   "preprocess": {m: p.to_dict() for m, p in self.preprocess.items()},
                   "experiment": cfg.model_dump(), "fold": self.fold}
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        return write_bundle(self.out / "bundle", config=config, metrics=metrics,
-                            write_model=lambda d: save_file(state, str(d / "model.safetensors"))).path
+        # written beside and renamed into place: a crash never leaves a half-written bundle
+        return write_dir_atomic(self.out / "bundle", lambda d: write_bundle(
+            d, config=config, metrics=metrics, write_model=lambda m: save_file(state, str(m / "model.safetensors"))))
+
+
+class _NullProgress:
+    """Stands in for the progress display on ranks other than 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+    def remove_task(self, *a, **k):
+        pass
 
 
 def _epoch_line(rec: dict) -> str:

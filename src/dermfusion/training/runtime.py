@@ -34,6 +34,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def default_num_workers(device: torch.device) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # torchrun: the processes of one node share its cores
+    cpus = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
     if device.type == "cuda":
         return max(2, min(12, cpus - 2))
     # on a small CPU box the model needs the cores; one worker decodes (cached) images ahead

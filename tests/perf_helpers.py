@@ -1,0 +1,60 @@
+"""Tiny tri-modal models and bundles for the export / backend / bench tests (no network, seconds on CPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dermfusion.data.features import FeatureSpec
+
+CONCEPTS = ["concept_clinical_hair", "concept_dermoscopic_hair", "concept_dermoscopic_vessels"]
+TINY_ENCODER = {"name": "timm:vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32,
+                "num_heads": 2}
+
+
+def tiny_spec() -> FeatureSpec:
+    """Two image modalities + 3 concepts + age + sex/skin tone/site."""
+    return FeatureSpec(modalities=["clinical", "dermoscopic"], concepts=list(CONCEPTS))
+
+
+def tiny_trimodal(seed: int = 0, num_classes: int = 4):
+    from dermfusion.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model("trimodal_fusion", num_classes=num_classes, feature_spec=tiny_spec(), encoder=TINY_ENCODER,
+                        fusion_dim=32, num_heads=2).eval()
+
+
+def tiny_batch(model, batch_size: int = 3, seed: int = 0) -> dict:
+    """A random batch whose first row has no clinical image (masked)."""
+    from dermfusion.export.onnx import synthetic_batch
+
+    batch = synthetic_batch(model, batch_size, seed=seed, missing_image=True)
+    assert not batch["image_present"][0, 0]
+    return batch
+
+
+def write_tiny_bundle(out: Path, seed: int = 0) -> Path:
+    """An untrained tri-modal network bundle written exactly as FoldTrainer writes one."""
+    from safetensors.torch import save_file
+
+    from dermfusion.config import ExperimentConfig
+    from dermfusion.inference.bundle import write_bundle
+    from dermfusion.tasks import get_task
+    from dermfusion.training.engine import build_model, preprocess_of
+
+    cfg = ExperimentConfig.model_validate({
+        "name": "tiny_trimodal", "task": "milk10k",
+        "model": {"kind": "network", "name": "trimodal_fusion", "encoder": TINY_ENCODER, "fusion_dim": 32,
+                  "num_heads": 2}})
+    task = get_task(cfg.task)
+    spec = tiny_spec()
+    torch.manual_seed(seed)
+    model = build_model(cfg, task, spec).eval()
+    pre = preprocess_of(model, spec)
+    config = {"kind": "network", "task": task.name, "name": "tiny_trimodal_fold0",
+              "model": {"name": cfg.model.name, **cfg.model_kwargs()}, "feature_spec": spec.to_dict(),
+              "preprocess": {m: p.to_dict() for m, p in pre.items()}, "experiment": cfg.model_dump(), "fold": 0}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return write_bundle(out, config=config, metrics={},
+                        write_model=lambda d: save_file(state, str(d / "model.safetensors"))).path

@@ -1,0 +1,86 @@
+"""Benchmark instruments and the `bench` command on tiny models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dermfusion.bench import bench_model, count_flops, floor_ms, markdown, save_json
+from dermfusion.bench.core import PeakMemory
+from dermfusion.export.onnx import synthetic_batch
+from perf_helpers import tiny_batch, tiny_trimodal
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_count_flops_splits_encoders_and_fusion():
+    model = tiny_trimodal()
+    f = count_flops(model, synthetic_batch(model, 2, missing_image=False))
+    assert set(f["encoders"]) == {"clinical", "dermoscopic"}
+    assert f["encoders"]["clinical"] == pytest.approx(f["encoders"]["dermoscopic"])
+    assert f["total"] == pytest.approx(sum(f["encoders"].values()) + f["fusion"])
+    assert f["fusion"] > 0 and f["by_part"]["encoders"]["attention"] > 0  # CPU SDPA is counted
+    # ViT encoder: 2 blocks of (qkv 3d² + proj d² + mlp 8d²)·T·2 FLOPs + patch embedding
+    d, t = 32, 17
+    linear = 2 * (12 * d * d * t * 2)
+    assert f["by_part"]["encoders"]["linear"] / 2 == pytest.approx(linear, rel=0.01)
+    rates = {"fp32": 100.0, "bf16": 400.0, "int8": 800.0}
+    assert floor_ms(f, rates, "bf16") < floor_ms(f, rates, "fp32")
+    assert floor_ms(f, rates, "fp32", batch_size=4) == pytest.approx(4 * floor_ms(f, rates, "fp32"))
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory() as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x += 1
+        import time
+        time.sleep(0.05)
+    del x
+    assert mem.peak_mb > 32
+
+
+def test_bench_model_reports_everything():
+    model = tiny_trimodal()
+    batches = [tiny_batch(model, 2, seed=s) for s in range(3)]
+    res = bench_model(model, backends=["bf16", "int8", "no_such_backend"], batch_sizes=[1, 2], eval_batches=batches,
+                      repeats=3, rates={"fp32": 100.0, "bf16": 200.0, "int8": 400.0})
+    assert list(res["backends"]) == ["fp32", "bf16", "int8", "no_such_backend"]  # fp32 first: the reference
+    assert not res["backends"]["no_such_backend"]["ok"]
+    for name in ("fp32", "bf16", "int8"):
+        rec = res["backends"][name]
+        assert rec["ok"], rec
+        assert rec["accuracy"]["n"] == 6 and rec["accuracy"]["argmax_agreement"] >= 0.8
+        for bs in ("1", "2"):
+            st = rec["batches"][bs]
+            for key in ("p50_ms", "p95_ms", "lesions_per_s", "peak_mem_mb", "encoders_ms", "fusion_ms", "floor_ms",
+                        "x_floor", "speedup"):
+                assert key in st, (name, bs, key)
+            assert st["encoders_ms"] <= st["p50_ms"] * 1.5
+    assert res["backends"]["fp32"]["batches"]["1"]["speedup"] == pytest.approx(1.0)
+    md = markdown(res)
+    assert "| bf16 | 2 |" in md and "failed" in md
+
+
+def test_bench_cli_on_config(tmp_path):
+    from typer.testing import CliRunner
+
+    import dermfusion.commands_perf  # noqa: F401
+    from dermfusion.cli import app
+
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "tiny_cpu", "--batch-sizes", "1,2", "--backends", "fp32,bf16",
+                                   "--accuracy-n", "4", "--repeats", "2", "--threads", "1", "--json", str(out),
+                                   "--markdown"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["backends"]["bf16"]["ok"] and data["accuracy_lesions"] == 4
+    assert data["matmul_gflops"]["fp32"] > 0 and data["preprocess"]["per_lesion_ms"] > 0
+    assert "| backend | batch |" in res.output
+    save_json(data, tmp_path / "again.json")
