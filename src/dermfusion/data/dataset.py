@@ -29,7 +29,7 @@ class LesionDataset(Dataset):
         cols = task.label_columns()
         if with_targets is None:
             with_targets = all(c in self.df.columns for c in cols) and self.df[cols].notna().all(axis=None)
-        self.targets = self.df[cols].to_numpy(np.float32) if with_targets else None
+        self.targets = np.array(self.df[cols].to_numpy(np.float32)) if with_targets else None  # writable copy
         self.transforms = {m: (train_transform(m, preprocess[m], aug_strength) if train else eval_transform(preprocess[m]))
                            for m in spec.modalities}
         # cache at a little above the input size so random crops still have detail

@@ -393,8 +393,12 @@ def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None,
     export_onnx(model, tmp / "fp32.onnx", check=False, exporter=exporter)
     exclude = []
     if not quantize_fusion:  # keep fusion + heads in float32: few FLOPs, most of the decision
+        # TorchScript node names carry the module scope, "/model/<child of the network>/…"; encoders are
+        # entered through forward_tokens, so their nodes show the encoder's own children instead.
+        fusion = {name for name, _ in model.named_children() if name != "encoders"}
         graph = onnx.load(str(tmp / "fp32.onnx"), load_external_data=False).graph
-        exclude = [n.name for n in graph.node if n.op_type in {"MatMul", "Gemm"} and "encoders" not in n.name]
+        exclude = [n.name for n in graph.node if n.op_type in {"MatMul", "Gemm"}
+                   and len(n.name.split("/")) > 2 and n.name.split("/")[2] in fusion]
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs every skipped node
     try:

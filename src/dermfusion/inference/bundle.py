@@ -59,7 +59,7 @@ class Bundle:
 def _hash_dir(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.is_file() and f.name not in {"HASH", "metrics.json", "calibration.json"}:
+        if f.is_file() and f.name not in {"HASH", "metrics.json", "calibration.json", "drift_reference.json"}:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()

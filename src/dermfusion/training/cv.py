@@ -126,7 +126,25 @@ def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
     console.print(f"[bold]out-of-fold[/] ({len(oof)} lesions): official {res['oof']['official']:.4f} · "
                   f"balanced accuracy {res['oof']['balanced_accuracy']:.4f} · macro-F1 {res['oof']['macro_f1']:.4f}")
     res["calibration"] = calibrate_run(cfg.calibration, task, y, oof, bundles)
+    write_drift_references(task, lab, oof, bundles, res["calibration"]["fitted"])
     return res
+
+
+def write_drift_references(task, lab: pd.DataFrame, oof: pd.DataFrame, bundles, calibration: dict) -> None:
+    """Each fold bundle gets the input / output statistics of its validation lesions (drift_reference.json),
+    from the calibrated out-of-fold probabilities — the service compares live traffic against them."""
+    from ..evaluation.calibration import Calibration
+    from ..inference.bundle import load_predictor
+    from ..service.drift import compute_reference_stats, write_reference_stats
+
+    calib = Calibration.from_dict(calibration)
+    for b in bundles:
+        fold = load_predictor(b)
+        rows = (oof["fold"] == fold.bundle.config.get("fold", -2)).to_numpy()
+        if not rows.any():
+            continue
+        probs = calib.apply(oof.loc[rows, list(task.classes)].to_numpy())
+        write_reference_stats(b, compute_reference_stats(fold, lab[rows].reset_index(drop=True), probs=probs))
 
 
 def calibrate_run(options: dict, task, y: np.ndarray, oof: pd.DataFrame, bundles) -> dict:
