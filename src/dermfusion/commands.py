@@ -113,7 +113,9 @@ def predict_cmd(
             dev = str(ctx.device(device)) if ctx.launched else device
 
             def load():
-                return load_any(bundles, device=dev, batch_size=batch_size) if _is_network(bundles) else load_any(bundles)
+                if _is_network(bundles):
+                    return load_any(bundles, device=dev, batch_size=batch_size)
+                return load_any(bundles)
 
             pred = run_collectively(ctx, load, what="loading the bundle(s)", gather=False)
             task = pred.task

@@ -69,6 +69,6 @@ def run_demo(out: Path, epochs: int = 4) -> dict:
     console.print(f"fold bundles {', '.join(summary['bundles'])} (under {out / 'run'})")
     console.print(f"predictions  {out / 'predictions.csv'}")
     console.print(f"report       {out / 'report' / 'report.html'}")
-    console.print(f"serve it     dermfusion serve {out / 'run' / summary['bundles'][0]}")
+    console.print(f"serve it     dermfusion serve {out / 'run'}")
     console.print(f"[dim]{time.perf_counter() - t0:.0f} s[/]")
     return summary

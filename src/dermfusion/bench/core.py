@@ -23,11 +23,11 @@ from torch import nn
 KINDS = ("linear", "attention", "conv")
 # which dtype each backend computes (part, kind) in; parts: encoders | fusion
 _BF16_ENC = {("encoders", k): "bf16" for k in KINDS}
+_BF16_ALL = {**_BF16_ENC, **{("fusion", k): "bf16" for k in KINDS}}
 BACKEND_PRECISION: dict[str, dict] = {
     "fp32": {}, "onnx": {},
-    "bf16": _BF16_ENC, "compile": _BF16_ENC,
-    "autocast": {**_BF16_ENC, **{("fusion", k): "bf16" for k in KINDS}},
-    "int8": {("encoders", "linear"): "int8"},
+    "bf16": _BF16_ALL, "compile": _BF16_ALL, "autocast": _BF16_ALL,
+    "int8": {("encoders", "linear"): "int8"}, "onnx-int8": {("encoders", "linear"): "int8"},
 }
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 COLUMNS = ("backend", "batch", "p50 ms", "p95 ms", "lesions/s", "speed-up", "encoders ms", "fusion ms",
-           "floor ms", "× floor", "peak MB", "max Δp", "argmax agree")
+           "floor ms", "× floor", "peak MB", "max Δp", "argmax agree", "checked")
 
 
 def _f(v, fmt="{:.1f}") -> str:
@@ -28,7 +28,8 @@ def rows(result: dict) -> list[list[str]]:
                         _f(st.get("speedup"), "{:.2f}×"), _f(st.get("encoders_ms")), _f(st.get("fusion_ms")),
                         _f(st.get("floor_ms")), _f(st.get("x_floor"), "{:.2f}"), _f(st.get("peak_mem_mb"), "{:.0f}"),
                         _f(acc.get("max_prob_diff"), "{:.4f}"),
-                        _f(acc.get("argmax_agreement") * 100 if acc else None, "{:.1f} %")])
+                        _f(acc.get("argmax_agreement") * 100 if acc else None, "{:.1f} %"),
+                        str(acc.get("n", "—"))])
     return out
 
 

@@ -112,13 +112,14 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
                 device: str | torch.device = "cpu", eval_batches: list[dict] | None = None,
                 repeats: int | dict = 10, budget_s: float = 20.0, image_paths: Sequence[str | Path] | None = None,
                 preprocess: dict | None = None, name: str | None = None, rates: dict | None = None,
-                backend_options: dict | None = None, log=None) -> dict:
+                backend_options: dict | None = None, eval_limit: dict | None = None, log=None) -> dict:
     """Benchmark ``model`` (fp32, eval) on each backend. See the module doc for what is measured.
 
     ``eval_batches``: batches (ideally real lesions) for the accuracy check vs fp32; when their size
     equals a benchmarked batch size, the accuracy pass doubles as that size's latency samples.
     ``repeats``: calls per batch size (int, or {batch_size: n}); each measurement also stops after
     ``budget_s`` seconds. ``rates``: precomputed matmul rates (measured here when None).
+    ``eval_limit``: {backend: number of eval batches} to check slow backends on fewer lesions.
     """
     device = torch.device(device)
     log = log or (lambda *a: None)
@@ -132,7 +133,7 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
     result["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     log("measuring matmul rates")
     result["matmul_gflops"] = rates if rates is not None else matmul_rates(device)
-    flops = count_flops(model, synthetic_batch(model, 1, seed=0, missing_image=False))
+    flops = count_flops(model, _to_device(synthetic_batch(model, 1, seed=0, missing_image=False), device))
     result["flops"] = flops
     if image_paths and preprocess:
         result["preprocess"] = time_preprocessing(image_paths, preprocess)
@@ -164,12 +165,13 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
             rec["batches"] = {}
             eval_times: list[float] = []
             eval_encs: list[float] = []
-            if eval_batches:
-                log(f"{backend}: accuracy pass over {len(eval_batches) * eval_size} lesions")
-                runner(eval_batches[0])  # warm-up (and compile, for shape-specialised backends)
+            mine = eval_batches[: (eval_limit or {}).get(backend, len(eval_batches))] if eval_batches else []
+            if mine:
+                log(f"{backend}: accuracy pass over {len(mine) * eval_size} lesions")
+                runner(mine[0])  # warm-up (and compile, for shape-specialised backends)
                 probs = []
                 with timer, PeakMemory(device) as mem:
-                    for b in eval_batches:
+                    for b in mine:
                         tt, ee = timed_calls(lambda b=b: probs.append(runner.predict_proba(b).cpu().numpy()), 1,
                                              device, part_timer=timer)
                         eval_times += tt
@@ -177,10 +179,10 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
                 probs = np.concatenate(probs)
                 if backend == "fp32":
                     reference = probs
-                rec["accuracy"] = compare_probs(reference, probs) if reference is not None else None
+                rec["accuracy"] = compare_probs(reference[: len(probs)], probs) if reference is not None else None
                 rec["eval_peak_mem_mb"] = mem.peak_mb
             for bs in batch_sizes:
-                if eval_batches and bs == eval_size and len(eval_times) >= 3:
+                if mine and bs == eval_size and len(eval_times) >= min(3, n_rep(bs)):
                     totals, encs, peak = eval_times, eval_encs, rec["eval_peak_mem_mb"]
                 else:
                     log(f"{backend}: batch {bs}")

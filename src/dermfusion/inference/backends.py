@@ -9,15 +9,16 @@ fp32 eager is always the fallback.
 Backends (``BACKENDS``):
 
   fp32      eager PyTorch, float32 — the reference.
-  bf16      image encoders cast to bfloat16 as a whole (weights *and* activations; no autocast),
-            fusion + heads stay float32 (<2 % of the FLOPs, and they read float metadata).
+  bf16      image encoders cast to bfloat16 as a whole (weights *and* activations, cast once),
+            fusion + heads keep float32 weights and run under bf16 autocast (they read float
+            metadata, which a whole-model cast would break; they are a few % of the FLOPs).
             Uses the AVX-512-BF16 / AMX matrix units on CPU, tensor cores on GPU.
   autocast  ``torch.autocast(bfloat16)`` around the fp32 model (casts per op; slower than ``bf16``
             because every linear re-casts its weight on every call).
   int8      dynamic int8 quantisation of the encoders' ``nn.Linear`` layers (VNNI on CPU);
             activations are quantised per call, attention softmax stays float32. CPU only.
   onnx      ONNX Runtime (float32) on the exported model (``dermfusion.export``).
-  onnx-int8 ONNX Runtime with the encoders' MatMul/Gemm weights int8 (per channel), dynamic activations.
+  onnx-int8 ONNX Runtime with the encoders' MatMul weights int8 (per channel), dynamic activations.
   compile   ``torch.compile`` (inductor) of the ``bf16`` model. The first call compiles (minutes
             for a ViT-B on 2 cores), later calls are fast.
 
@@ -199,6 +200,10 @@ class BackendRunner:
     def __call__(self, batch: dict) -> dict:
         return self.fn(batch)
 
+    def eval(self) -> "BackendRunner":
+        """No-op, so a runner can stand in for the model in ``predict_probs``."""
+        return self
+
     def predict_proba(self, batch: dict) -> torch.Tensor:
         return torch.softmax(self(batch)["logits"].float(), dim=-1)
 
@@ -270,10 +275,16 @@ def _fp32(model: nn.Module, device="cpu", **_) -> BackendRunner:
     return _eager_runner("fp32", model.to(device), device)
 
 
+def _bf16_autocast(device: torch.device):
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 @register_backend("bf16")
 def _bf16(model: nn.Module, device="cpu", **_) -> BackendRunner:
     device = _as_device(device)
-    return _eager_runner("bf16", bf16_model(model, device), device)
+    # encoders hold bf16 weights; the small fusion part keeps fp32 weights and runs under autocast
+    # (it reads float metadata and concept scores, which a whole-model cast would break)
+    return _eager_runner("bf16", bf16_model(model, device), device, _bf16_autocast(device))
 
 
 @register_backend("autocast")
@@ -325,7 +336,7 @@ def _compile(model: nn.Module, device="cpu", sample_batch: dict | None = None, *
     except Exception:  # noqa: BLE001
         pass
     compiled = torch.compile(m, dynamic=False)
-    runner = _eager_runner("compile", compiled, device)
+    runner = _eager_runner("compile", compiled, device, _bf16_autocast(device))
     runner.module = m
     if sample_batch is not None:  # compile now, so the cost is visible and not charged to the first request
         t0 = time.perf_counter()
@@ -376,7 +387,11 @@ def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx
 @register_backend("onnx-int8")
 def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None, threads: int | None = None,
                exporter: str = "torchscript", quantize_fusion: bool = False, **_) -> BackendRunner:
-    """ONNX Runtime with the encoders' MatMul/Gemm weights quantised to int8 (dynamic activations)."""
+    """ONNX Runtime with the encoders' MatMul weights quantised to int8 (per channel, dynamic activations).
+
+    Fusion and head MatMuls stay float32 (excluded by module scope); 2-D linears export as Gemm and
+    are not quantised at all.
+    """
     import logging
     import tempfile
     from pathlib import Path
@@ -395,15 +410,21 @@ def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None,
     if not quantize_fusion:  # keep fusion + heads in float32: few FLOPs, most of the decision
         # TorchScript node names carry the module scope, "/model/<child of the network>/…"; encoders are
         # entered through forward_tokens, so their nodes show the encoder's own children instead.
-        fusion = {name for name, _ in model.named_children() if name != "encoders"}
+        fusion = set()
+        for name, child in model.named_children():
+            if name != "encoders":
+                fusion.add(name)
+                if isinstance(child, nn.ModuleDict):  # ModuleDict members get their own scope (token_proj.<m>)
+                    fusion.update(child.keys())
         graph = onnx.load(str(tmp / "fp32.onnx"), load_external_data=False).graph
         exclude = [n.name for n in graph.node if n.op_type in {"MatMul", "Gemm"}
                    and len(n.name.split("/")) > 2 and n.name.split("/")[2] in fusion]
+        exclude += [f"{n}_MatMul" for n in exclude]  # the quantiser rewrites Gemm as <name>_MatMul + Add
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs every skipped node
     try:
         quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=exclude, per_channel=True)
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, per_channel=True)
     finally:
         logging.getLogger().setLevel(level)
     runner = _onnx(model, device, onnx_path=tmp / "model.onnx", threads=threads)

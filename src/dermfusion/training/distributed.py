@@ -186,11 +186,14 @@ def run_collectively(ctx: DistContext, fn: Callable[[], Any], what: str = "work"
         if not ctx.distributed:
             raise
         err, result = e, None
-        status = f"{type(e).__name__}: {e}"
+        code = getattr(e, "exit_code", None)  # click/typer Exit: the message was printed just before
+        status = f"exited with code {code} (see its message above)" if code is not None else f"{type(e).__name__}: {e}"
+        from rich.markup import escape
+
         from ..console import err_console
 
-        err_console.print(f"[bold red]rank {ctx.rank} failed[/] during {what}:\n{traceback.format_exc()}",
-                          highlight=False, markup=True)
+        err_console.print(f"[bold red]rank {ctx.rank} failed[/] during {escape(what)}:\n"
+                          f"{escape(traceback.format_exc())}", highlight=False)
     if not ctx.distributed:
         return [result] if gather else result
     notes = ctx.all_gather_object((status, result if gather else None))
