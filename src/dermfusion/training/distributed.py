@@ -160,6 +160,7 @@ def distributed_session(device: str = "auto", *, backend: str | None = None,
     finally:
         _CURRENT = prev
         if ok:  # after a failure, exit and let torchrun tear the group down (destroy could wait on a dead peer)
+            dist.barrier()  # no rank tears down gloo while a peer is still using it (aborts at exit otherwise)
             dist.destroy_process_group()
 
 
