@@ -98,6 +98,8 @@ def predict_cmd(
                                             "auto = submission for milk10k)"),
     device: str = typer.Option("cpu"),
     batch_size: int = typer.Option(32),
+    precision: str = typer.Option("auto", help="network bundles: auto (bf16 where the bundle was trained in bf16 "
+                                               "or on CUDA, else fp32) | fp32 | bf16"),
 ):
     """Predict class probabilities for every lesion of a manifest.
 
@@ -114,7 +116,7 @@ def predict_cmd(
 
             def load():
                 if _is_network(bundles):
-                    return load_any(bundles, device=dev, batch_size=batch_size)
+                    return load_any(bundles, device=dev, batch_size=batch_size, backend=precision)
                 return load_any(bundles)
 
             pred = run_collectively(ctx, load, what="loading the bundle(s)", gather=False)

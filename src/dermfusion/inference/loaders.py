@@ -25,7 +25,7 @@ class NetworkPredictor(Predictor):
     """A trained network bundle: rebuilds the model from config.yaml, loads model.safetensors strictly."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", batch_size: int = 32, num_workers: int = 0,
-                 backend: str = "fp32"):
+                 backend: str = "auto"):
         from ..training.engine import build_model
 
         self.bundle = bundle
@@ -41,6 +41,12 @@ class NetworkPredictor(Predictor):
             raise BundleError(f"{bundle.path}: weights do not match the model (missing {list(missing)[:5]}, "
                               f"unexpected {list(unexpected)[:5]})")
         self.model.to(self.device).eval()
+        if backend == "auto":  # predict the way the model was validated during training
+            trained = cfg.train.precision
+            backend = "bf16" if trained == "bf16" or (trained == "auto" and self.device.type == "cuda") else "fp32"
+        if backend not in {"fp32", "bf16"}:
+            from .bundle import BundleError
+            raise BundleError(f"unknown precision {backend!r}: use auto, fp32 or bf16")
         self.batch_size, self.num_workers, self.backend = batch_size, num_workers, backend
 
     def loader(self, df: pd.DataFrame) -> DataLoader:
