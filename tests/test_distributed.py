@@ -314,10 +314,12 @@ def test_distributed_predict_matches_single_process(ddp_run, manifest, tmp_path)
     from dermfusion.cli import app
 
     script = _write(tmp_path / "launch.py", LAUNCHER)
-    res = torchrun(script, ["predict", ddp_run, "--manifest", manifest, "--out", tmp_path / "p2.csv"], cwd=tmp_path)
+    # a pinned backend: `auto` chooses by timing, which may differ between two separate runs
+    res = torchrun(script, ["predict", ddp_run, "--manifest", manifest, "--out", tmp_path / "p2.csv",
+                            "--backend", "fp32"], cwd=tmp_path)
     assert "from 2 processes" in res.stdout
     one = CliRunner().invoke(app, ["predict", str(ddp_run), "--manifest", str(manifest),
-                                   "--out", str(tmp_path / "p1.csv")])
+                                   "--out", str(tmp_path / "p1.csv"), "--backend", "fp32"])
     assert one.exit_code == 0, one.output
     p1 = pd.read_csv(tmp_path / "p1.csv", dtype={"lesion_id": str})
     p2 = pd.read_csv(tmp_path / "p2.csv", dtype={"lesion_id": str})

@@ -246,6 +246,24 @@ def test_modality_dropout_never_removes_the_last_view():
     assert (dropped != present).any()                           # but does drop
 
 
+@pytest.mark.parametrize("name", ["trimodal_fusion", "late_fusion"])
+def test_metadata_dropout_trains_the_no_metadata_path(name):
+    """p=1: in training every lesion is seen as if no metadata was supplied (outputs equal to a batch whose
+    metadata really is missing, whatever the values); in evaluation nothing is dropped."""
+    model = tiny_model(name, metadata_dropout=1.0, dropout=0.0, modality_dropout=0.0)
+    model.train()
+    batch = make_batch(8, seed=2)
+    none = dict(batch, numeric_present=torch.zeros_like(batch["numeric_present"]),
+                categorical=torch.zeros_like(batch["categorical"]))
+    other = dict(batch, numeric=batch["numeric"] + 5, categorical=(batch["categorical"] + 1) % 3)
+    with torch.no_grad():
+        dropped = model(batch)["logits"]
+        assert torch.allclose(dropped, model(none)["logits"], atol=1e-6)
+        assert torch.allclose(dropped, model(other)["logits"], atol=1e-6)
+        model.eval()
+        assert not torch.allclose(model(batch)["logits"], model(other)["logits"], atol=1e-4)
+
+
 def test_shared_encoder_is_stored_once():
     model = tiny_model(shared_encoder=True)
     assert list(model.encoders) == ["shared"]

@@ -138,12 +138,11 @@ def test_print_summary_renders(built):
     assert "Balanced accuracy" in text and "MEL" in text and "subgroup flagged" in text
 
 
-@pytest.mark.browser
-def test_report_opens_cleanly_in_chromium(built, tmp_path):
+def _open_in_chromium(html: Path, shot: Path) -> dict:
+    """Load a report in headless Chromium: console/page/request errors, images, sideways overflow, title."""
     if not (shutil.which("chromium") or Path(CHROMIUM).exists()):
         pytest.skip("chromium is not installed (set DERMFUSION_CHROMIUM or apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    out = built[0]
     problems: list[str] = []
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
@@ -153,25 +152,52 @@ def test_report_opens_cleanly_in_chromium(built, tmp_path):
             page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
             page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-            page.goto((out / "report.html").as_uri(), wait_until="load")
-            sizes = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
-            overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-            title = page.title()
-            shot = tmp_path / "report.png"
+            page.goto(html.resolve().as_uri(), wait_until="load")
+            res = {"images": page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"),
+                   "overflow": page.evaluate("document.documentElement.scrollWidth - "
+                                             "document.documentElement.clientWidth"),
+                   "title": page.title()}
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
-    assert not problems, problems
-    assert len(sizes) == 5 + 12
-    assert all(done and width > 0 for done, width, _ in sizes), sizes
-    assert all(alt for _, _, alt in sizes)
-    assert overflow <= 0, "the report scrolls sideways at 1280 px"
-    assert "isic2018" in title
+    res["problems"] = problems
+    return res
+
+
+def _check_rendered(res: dict, shot: Path, n_images: int, task: str) -> None:
+    assert not res["problems"], res["problems"]
+    assert len(res["images"]) == n_images
+    assert all(done and width > 0 for done, width, _ in res["images"]), res["images"]
+    assert all(alt for _, _, alt in res["images"])
+    assert res["overflow"] <= 0, "the report scrolls sideways at 1280 px"
+    assert task in res["title"]
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_report_opens_cleanly_in_chromium(built, tmp_path):
+    shot = tmp_path / "report.png"
+    _check_rendered(_open_in_chromium(built[0] / "report.html", shot), shot, 5 + 12, "isic2018")
     if os.environ.get("DERMFUSION_ARTIFACTS"):
         dest = Path(__file__).parent / "artifacts"
         dest.mkdir(exist_ok=True)
         shutil.copy(shot, dest / "report.png")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.environ.get("DERMFUSION_REPORT"), reason="set DERMFUSION_REPORT=DIR (an evaluate --out "
+                                                                    "folder) to check a real report")
+def test_a_real_report_opens_cleanly_in_chromium(tmp_path):
+    """DERMFUSION_REPORT=runs/ham_cpu/report python -m pytest tests/test_report.py -k real_report
+    (the HAM10000 out-of-fold report); the screenshot lands next to the report."""
+    out = Path(os.environ["DERMFUSION_REPORT"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    for f in metrics["figures"]:
+        assert f["title"].strip() and f["xlabel"].strip() and f["ylabel"].strip(), f
+    shot = out / "report_chromium.png"
+    n_errors = (out / "report.html").read_text().count("data:image/jpeg;base64,")
+    _check_rendered(_open_in_chromium(out / "report.html", shot), shot, len(metrics["figures"]) + n_errors,
+                    metrics.get("task", ""))
 
 
 def test_fairness_slices_api(built):

@@ -98,8 +98,10 @@ def predict_cmd(
                                             "auto = submission for milk10k)"),
     device: str = typer.Option("cpu"),
     batch_size: int = typer.Option(32),
-    precision: str = typer.Option("auto", help="network bundles: auto (bf16 where the bundle was trained in bf16 "
-                                               "or on CUDA, else fp32) | fp32 | bf16"),
+    backend: str = typer.Option("auto", help="network bundles: auto (the fastest backend whose probabilities on the "
+                                             "manifest's first 32 lesions match fp32 eager; fp32 if none) | trained "
+                                             "(as validated in training) | fp32 | bf16 | autocast | int8 | onnx | "
+                                             "onnx-int8 | compile"),
 ):
     """Predict class probabilities for every lesion of a manifest.
 
@@ -109,6 +111,12 @@ def predict_cmd(
     from .inference.submission import write_predictions
     from .training.distributed import distributed_session, record_errors, run_collectively
 
+    from .inference.backends import list_backends
+
+    if backend not in {"auto", "trained", *list_backends()}:
+        raise typer.BadParameter(f"unknown backend {backend!r}: use auto, trained or one of "
+                                 f"{', '.join(list_backends())}", param_hint="--backend")
+
     def run() -> None:
         with distributed_session(device) as ctx:
             df = _manifest(manifest)
@@ -116,10 +124,19 @@ def predict_cmd(
 
             def load():
                 if _is_network(bundles):
-                    return load_any(bundles, device=dev, batch_size=batch_size, backend=precision)
+                    return load_any(bundles, device=dev, batch_size=batch_size, backend=backend)
                 return load_any(bundles)
 
             pred = run_collectively(ctx, load, what="loading the bundle(s)", gather=False)
+            if backend == "auto" and hasattr(pred, "choose_backend"):
+                # every rank checks the same lesions; rank 0's choice is used everywhere, so the shards agree
+                sample = df.head(32)
+                chosen = run_collectively(ctx, lambda: pred.choose_backend(sample), what="choosing the backend")[0]
+                if ctx.distributed:
+                    pred.use_backend(chosen, sample)
+                if ctx.is_main:
+                    console.print(f"backend: {_backend_text(chosen)} (fastest that matches fp32 eager on "
+                                  f"{min(32, len(df))} lesions)")
             task = pred.task
             mode = ("submission" if task.metric == "milk10k_dice" else "probabilities") if output == "auto" else output
             fn = pred.predict_submission if mode == "submission" else pred.predict_proba
@@ -131,6 +148,13 @@ def predict_cmd(
             ctx.barrier()
 
     record_errors(run)()
+
+
+def _backend_text(chosen) -> str:
+    if isinstance(chosen, str):
+        return chosen
+    names = sorted(set(chosen))
+    return names[0] if len(names) == 1 else ", ".join(chosen)
 
 
 def _is_network(paths: list[Path]) -> bool:

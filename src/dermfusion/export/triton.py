@@ -13,7 +13,6 @@ protobuf schema needed), used by the tests to check a written repository against
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path

@@ -12,6 +12,7 @@ from ..data.dataset import LesionDataset, collate
 from ..data.features import FeatureSpec
 from ..data.transforms import Preprocess
 from ..training.runtime import resolve_device
+from .backends import list_backends
 from .bundle import Bundle, Predictor, register_kind
 from .predict_loop import predict_probs
 
@@ -25,7 +26,7 @@ class NetworkPredictor(Predictor):
     """A trained network bundle: rebuilds the model from config.yaml, loads model.safetensors strictly."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", batch_size: int = 32, num_workers: int = 0,
-                 backend: str = "auto"):
+                 backend: str = "trained"):
         from ..training.engine import build_model
 
         self.bundle = bundle
@@ -41,13 +42,49 @@ class NetworkPredictor(Predictor):
             raise BundleError(f"{bundle.path}: weights do not match the model (missing {list(missing)[:5]}, "
                               f"unexpected {list(unexpected)[:5]})")
         self.model.to(self.device).eval()
-        if backend == "auto":  # predict the way the model was validated during training
+        self.batch_size, self.num_workers = batch_size, num_workers
+        # runner: what predict calls — the eager model, or a backend built on first use (it needs real lesions)
+        self.runner, self.amp, self.selection, self.backend = None, None, None, backend
+        if backend in {"trained", "fp32"}:
+            self.runner = self.model
+        if backend == "trained":  # the way the model was validated during training (bf16 autocast or fp32)
             trained = cfg.train.precision
-            backend = "bf16" if trained == "bf16" or (trained == "auto" and self.device.type == "cuda") else "fp32"
-        if backend not in {"fp32", "bf16"}:
+            bf16 = trained == "bf16" or (trained == "auto" and self.device.type == "cuda")
+            self.amp, self.backend = (torch.bfloat16, "autocast") if bf16 else (None, "fp32")
+        elif backend != "auto" and backend not in list_backends():
             from .bundle import BundleError
-            raise BundleError(f"unknown precision {backend!r}: use auto, fp32 or bf16")
-        self.batch_size, self.num_workers, self.backend = batch_size, num_workers, backend
+            raise BundleError(f"unknown backend {backend!r}: use auto, trained or one of {', '.join(list_backends())}")
+
+    # ------------------------------------------------------------------ backends
+    def sample_batch(self, sample: pd.DataFrame) -> dict:
+        """The first rows of a manifest as one model batch on this predictor's device."""
+        from ..training.runtime import move_batch
+
+        return move_batch(next(iter(self.loader(sample.head(SELECTION_ROWS)))), self.device)
+
+    def choose_backend(self, sample: pd.DataFrame, candidates=None) -> str:
+        """Pick the fastest backend whose probabilities on ``sample`` (real lesions) match fp32 eager
+        (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %); fp32 eager is the fallback. Returns its name."""
+        from .backends import select_backend
+
+        cands = candidates if candidates is not None else default_candidates(self.device)
+        sel = select_backend(self.model, self.sample_batch(sample), cands, device=self.device)
+        self.amp, self.backend, self.selection = None, sel.name, sel.candidates
+        self.runner = self.model if sel.name == "fp32" else sel.runner
+        return sel.name
+
+    def use_backend(self, name: str, sample: pd.DataFrame | None = None) -> None:
+        """Run with backend ``name`` (no accuracy check: a caller's explicit choice, or another rank's)."""
+        from .backends import prepare_backend
+
+        if name == self.backend and self.runner is not None:
+            return
+        if name == "fp32":
+            self.runner, self.amp, self.backend = self.model, None, "fp32"
+            return
+        batch = self.sample_batch(sample) if sample is not None and len(sample) else None
+        self.runner, self.amp, self.backend = prepare_backend(self.model, name, device=self.device,
+                                                              sample_batch=batch), None, name
 
     def loader(self, df: pd.DataFrame) -> DataLoader:
         ds = LesionDataset(df, self.task, self.spec, self.preprocess, train=False, with_targets=False)
@@ -57,9 +94,21 @@ class NetworkPredictor(Predictor):
     def predict_raw(self, df: pd.DataFrame, *, tta: int = 0, progress: bool = False) -> np.ndarray:
         from ..console import track
 
-        amp = torch.bfloat16 if self.backend == "bf16" else None
-        return predict_probs(self.model, self.loader(df), self.device, amp, tta=tta,
+        if self.runner is None:
+            if self.backend == "auto":
+                self.choose_backend(df)
+            else:
+                self.use_backend(self.backend, df)
+        return predict_probs(self.runner, self.loader(df), self.device, self.amp, tta=tta,
                              modalities=self.spec.modalities, progress=track if progress else None)
+
+
+SELECTION_ROWS = 32
+
+
+def default_candidates(device) -> list[str]:
+    """Backends worth trying: bf16 (AMX / tensor cores) and int8 on CPU; bf16 on CUDA."""
+    return ["bf16", "int8"] if torch.device(device).type == "cpu" else ["bf16"]
 
 
 @register_kind("network")
@@ -78,6 +127,14 @@ class AveragePredictor(Predictor):
             raise BundleError(f"cannot average bundles of different tasks: {sorted(tasks)}")
         self.members = predictors
         self.bundle = predictors[0].bundle
+
+    def choose_backend(self, sample: pd.DataFrame, candidates=None) -> list[str]:
+        return [p.choose_backend(sample, candidates) if hasattr(p, "choose_backend") else "" for p in self.members]
+
+    def use_backend(self, names, sample: pd.DataFrame | None = None) -> None:
+        for p, name in zip(self.members, names):
+            if name and hasattr(p, "use_backend"):
+                p.use_backend(name, sample)
 
     def predict_raw(self, df, *, tta=0, progress=False):
         return np.mean([p.predict_raw(df, tta=tta, progress=progress) for p in self.members], axis=0)

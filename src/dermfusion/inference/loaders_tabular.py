@@ -57,15 +57,21 @@ def _check_member_task(bundle: Bundle, pred: Predictor, path: Path) -> None:
                           f"not those of {bundle.task.name!r}")
 
 
+def _load_members(bundle: Bundle, kwargs: dict) -> tuple[list[dict], list[Predictor]]:
+    """(members.json entries, their loaded predictors), each checked to predict the bundle's classes."""
+    members = _members(bundle)
+    preds = [load_predictor(m["resolved"], **kwargs) for m in members]
+    for m, p in zip(members, preds):
+        _check_member_task(bundle, p, m["path"])
+    return members, preds
+
+
 class EnsemblePredictor(Predictor):
     """Weighted mean of the members' raw probabilities (weights on the simplex)."""
 
     def __init__(self, bundle: Bundle, **kwargs):
         self.bundle = bundle
-        members = _members(bundle)
-        self.members = [load_predictor(m["resolved"], **kwargs) for m in members]
-        for m, p in zip(members, self.members):
-            _check_member_task(bundle, p, m["path"])
+        members, self.members = _load_members(bundle, kwargs)
         w = np.array([float(m["weight"]) for m in members])
         if (w < 0).any() or w.sum() <= 0:
             raise BundleError(f"{bundle.path}: ensemble weights must be non-negative with a positive sum")
@@ -86,10 +92,7 @@ class StackPredictor(Predictor):
         from ..tabular.stacking import MetaModel
 
         self.bundle = bundle
-        members = _members(bundle)
-        self.members = [load_predictor(m["resolved"], **kwargs) for m in members]
-        for m, p in zip(members, self.members):
-            _check_member_task(bundle, p, m["path"])
+        _, self.members = _load_members(bundle, kwargs)
         self.meta = MetaModel.load(bundle.path)
 
     def predict_raw(self, df: pd.DataFrame, *, tta: int = 0, progress: bool = False) -> np.ndarray:

@@ -76,3 +76,14 @@ def drop_present(present: torch.Tensor, p: float, keep_one: bool = True) -> torc
     if keep_one:
         new = torch.where(new.any(-1, keepdim=True), new, present)
     return new
+
+
+def drop_metadata(numeric_present: torch.Tensor, categorical: torch.Tensor, p: float):
+    """Train-time metadata dropout: with prob ``p`` a lesion's whole patient record (numeric fields and
+    categorical codes) is withheld, so the model also learns to answer when no metadata is supplied
+    (the ISIC 2018 test CSV; an API request without the form)."""
+    if p <= 0 or numeric_present.shape[0] == 0:
+        return numeric_present, categorical
+    dev = numeric_present.device if numeric_present.numel() else categorical.device
+    drop = torch.rand(numeric_present.shape[0], 1, device=dev) < p
+    return numeric_present & ~drop, torch.where(drop, torch.zeros_like(categorical), categorical)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..data.features import FeatureSpec
 from .backbones import create_backbone
-from .base import MultiModalNet, drop_present
+from .base import MultiModalNet, drop_metadata, drop_present
 from .layers import MLPHead, masked_mean
 from .registry import register_model
 from .tokens import ConceptTokenizer, MetadataTokenizer
@@ -23,8 +23,10 @@ from .tokens import ConceptTokenizer, MetadataTokenizer
 class _TabularSummary(nn.Module):
     """Concept + metadata tokens, masked-mean pooled: a fixed-width summary (zeros when nothing is known)."""
 
-    def __init__(self, feature_spec: FeatureSpec, dim: int, use_concepts: bool = True, use_metadata: bool = True):
+    def __init__(self, feature_spec: FeatureSpec, dim: int, use_concepts: bool = True, use_metadata: bool = True,
+                 metadata_dropout: float = 0.0):
         super().__init__()
+        self.metadata_dropout = metadata_dropout
         self.k = len(feature_spec.concepts) if use_concepts else 0
         self.use_metadata = use_metadata
         self.concepts = ConceptTokenizer(self.k, dim, [feature_spec.concept_modality(c)
@@ -39,8 +41,10 @@ class _TabularSummary(nn.Module):
                                batch.get("concepts_present", torch.zeros(b, k, dtype=torch.bool,
                                                                          device=device))[:, :k].bool())
         if self.use_metadata:
-            mt, mm = self.metadata(batch["numeric"].float(), batch["numeric_present"].bool(),
-                                   batch["categorical"].long())
+            nump, cat = batch["numeric_present"].bool(), batch["categorical"].long()
+            if self.training:
+                nump, cat = drop_metadata(nump, cat, self.metadata_dropout)
+            mt, mm = self.metadata(batch["numeric"].float(), nump, cat)
         else:
             mt, mm = self.metadata(torch.zeros(b, 0, device=device), torch.zeros(b, 0, dtype=torch.bool,
                                                                                   device=device),
@@ -51,7 +55,7 @@ class _TabularSummary(nn.Module):
 @register_model("single_image")
 class SingleImage(MultiModalNet):
     def __init__(self, num_classes: int, feature_spec: FeatureSpec, *, modality: str | None = None, encoder=None,
-                 pretrained_path=None, freeze_blocks: int = 0, use_metadata: bool = False,
+                 pretrained_path=None, freeze_blocks: int = 0, use_metadata: bool = False, metadata_dropout: float = 0.0,
                  use_concepts: bool = False, meta_dim: int = 64, dropout: float = 0.0, **backbone_kwargs):
         modality = modality or feature_spec.modalities[0]
         if modality not in feature_spec.modalities:
@@ -60,7 +64,7 @@ class SingleImage(MultiModalNet):
                          freeze_blocks=freeze_blocks, **backbone_kwargs)
         dim = self.encoder(modality).dim
         self.missing_image = nn.Parameter(torch.zeros(dim))  # stands in for an absent image
-        self.tabular = _TabularSummary(feature_spec, meta_dim, use_concepts, use_metadata) \
+        self.tabular = _TabularSummary(feature_spec, meta_dim, use_concepts, use_metadata, metadata_dropout) \
             if (use_metadata or use_concepts) else None
         self.head = MLPHead(dim + (meta_dim if self.tabular is not None else 0), num_classes,
                             hidden=max(dim // 2, 32), dropout=dropout)
@@ -79,12 +83,14 @@ class SingleImage(MultiModalNet):
 class LateFusion(MultiModalNet):
     def __init__(self, num_classes: int, feature_spec: FeatureSpec, *, encoder=None, shared_encoder: bool = False,
                  pretrained_path=None, freeze_blocks: int = 0, fusion_dim: int = 128, use_tabular: bool = True,
-                 modality_dropout: float = 0.0, dropout: float = 0.0, aux_heads: bool = True, **backbone_kwargs):
+                 modality_dropout: float = 0.0, metadata_dropout: float = 0.0, dropout: float = 0.0,
+                 aux_heads: bool = True, **backbone_kwargs):
         super().__init__(feature_spec, encoder=encoder, shared_encoder=shared_encoder, pretrained_path=pretrained_path,
                          freeze_blocks=freeze_blocks, **backbone_kwargs)
         self.modality_dropout = modality_dropout
         self.proj = nn.ModuleDict({m: nn.Linear(self.encoder(m).dim, fusion_dim) for m in self.modalities})
-        self.tabular = _TabularSummary(feature_spec, fusion_dim) if use_tabular else None
+        self.tabular = _TabularSummary(feature_spec, fusion_dim, metadata_dropout=metadata_dropout) \
+            if use_tabular else None
         self.head = MLPHead(fusion_dim * (2 if use_tabular else 1), num_classes, dropout=dropout)
         self.aux_heads = nn.ModuleDict({m: nn.Linear(self.encoder(m).dim, num_classes) for m in self.modalities}) \
             if aux_heads else nn.ModuleDict()

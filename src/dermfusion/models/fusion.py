@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..data.features import FeatureSpec
-from .base import MultiModalNet, drop_present
+from .base import MultiModalNet, drop_metadata, drop_present
 from .layers import MaskedCrossAttention, MLPHead, masked_mean, zero_masked
 from .registry import register_model
 from .tokens import ConceptTokenizer, MetadataTokenizer
@@ -33,13 +33,14 @@ class TriModalFusion(MultiModalNet):
     def __init__(self, num_classes: int, feature_spec: FeatureSpec, *, encoder=None, shared_encoder: bool = False,
                  pretrained_path=None, freeze_blocks: int = 0, fusion_dim: int = 128, num_heads: int = 4,
                  num_pool_queries: int = 1, dropout: float = 0.1, modality_dropout: float = 0.0,
-                 concept_dropout: float = 0.0, primary_modality: str = "dermoscopic", aux_heads: bool = True,
+                 concept_dropout: float = 0.0, metadata_dropout: float = 0.0, primary_modality: str = "dermoscopic", aux_heads: bool = True,
                  **backbone_kwargs):
         super().__init__(feature_spec, encoder=encoder, shared_encoder=shared_encoder, pretrained_path=pretrained_path,
                          freeze_blocks=freeze_blocks, **backbone_kwargs)
         d, mods = fusion_dim, self.modalities
         self.num_classes, self.fusion_dim = num_classes, d
         self.modality_dropout, self.concept_dropout = modality_dropout, concept_dropout
+        self.metadata_dropout = metadata_dropout
         self.primary = mods.index(primary_modality) if primary_modality in mods else 0
         self.token_proj = nn.ModuleDict({m: nn.Linear(self.encoder(m).token_dim, d) for m in mods})
         self.modality_embed = nn.Parameter(torch.zeros(len(mods), d))
@@ -79,6 +80,8 @@ class TriModalFusion(MultiModalNet):
         nump = batch.get("numeric_present", torch.zeros(b, n, dtype=torch.bool, device=device)).bool()
         cat = batch.get("categorical", torch.zeros(b, len(self.metadata.categorical), dtype=torch.long,
                                                    device=device))
+        if self.training:
+            nump, cat = drop_metadata(nump, cat, self.metadata_dropout)
         mt, mm = self.metadata(num, nump, cat.long())
         return torch.cat([ct.reshape(b, k, d), mt], 1), torch.cat([cm.reshape(b, k), mm], 1), k
 

@@ -113,6 +113,7 @@ class Analyzer:
         self.calibration = dict(self.bundle.calibration or {})
         self.calibrated = calibrate(self.calibration, np.full((1, self.task.num_classes), 1.0 / self.task.num_classes))[1]
         self.ready = False
+        self.backends: list[str] = []
 
     # --------------------------------------------------------------------------------------- info
     @property
@@ -298,13 +299,19 @@ class Analyzer:
             batch = batch_from_inputs({m: img for m, img in images.items() if m in net.spec.modalities},
                                       metadata, net.spec, net.preprocess)
             batch = move_batch(batch, net.device)
-            if i == 0:
+            fast = getattr(net, "runner", None)
+            fast = fast if fast is not None and fast is not net.model else None
+            p = None
+            if fast is not None:  # the selected backend gives the probabilities, explained or not
+                with torch.no_grad():
+                    p = torch.softmax(fast(batch)["logits"].float(), -1)[0].cpu().numpy()
+            if i == 0 and (want_maps or fast is None):  # the eager model explains (maps need gradients / hooks)
                 res = self.explainer.run(batch, explain=want_maps)
-                p = res.probs[0]
+                p = res.probs[0] if p is None else p
                 maps = {m: rows[0] for m, rows in res.maps.items() if rows and rows[0] is not None}
                 methods = res.methods
                 contrib = res.contributions[0] if res.contributions else {}
-            else:
+            elif p is None:
                 with torch.no_grad():
                     p = torch.softmax(net.model(batch)["logits"].float(), -1)[0].cpu().numpy()
             # like AveragePredictor: each member calibrated with its own bundle's calibration, then averaged
@@ -336,9 +343,31 @@ class Analyzer:
         return np.asarray(probs, dtype=np.float64)[0]
 
     # ------------------------------------------------------------------------------------- warm-up
+    def choose_backends(self) -> list[str]:
+        """Each network's inference backend (``config.backend``): ``auto`` = the fastest whose probabilities on
+        the bundled real HAM10000 sample match fp32 eager (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %), else fp32."""
+        name = self.config.backend
+        chosen = []
+        for net in self.networks:
+            if not hasattr(net, "choose_backend"):
+                chosen.append("fp32")
+                continue
+            sample = sample_frame(net.spec)
+            if name == "auto":
+                net.choose_backend(sample)
+            elif name != "trained":
+                net.use_backend(name, sample)
+            chosen.append(net.backend)
+        self.backends = chosen
+        if chosen:
+            log.info("inference backend: %s", ", ".join(sorted(set(chosen))))
+        return chosen
+
     def warmup(self) -> float:
-        """One full analysis on synthetic images (JIT paths, allocator, thread pools); seconds taken."""
+        """Backend choice, then one full analysis on synthetic images (JIT paths, allocator, thread pools);
+        seconds taken."""
         t = time.perf_counter()
+        self.choose_backends()
         rng = np.random.default_rng(0)
         uploads = {}
         for m in self.modalities or ["dermoscopic"]:
@@ -349,6 +378,23 @@ class Analyzer:
         self.analyze(uploads, PatientMetadata(), request_id="warmup", explain=True)
         self.ready = True
         return time.perf_counter() - t
+
+
+def sample_frame(spec, n: int = 32):
+    """A manifest of the bundled real HAM10000 sample images for backend checks (every image modality the
+    model uses gets the dermoscopic photo; metadata as recorded)."""
+    from importlib import resources
+
+    from ..data.importers.isic import import_isic
+
+    root = Path(str(resources.files("dermfusion") / "fixtures" / "ham10000_sample"))
+    df = import_isic(root / "train.csv", dataset="ham10000").head(n).reset_index(drop=True)
+    for m in spec.modalities:
+        df[f"image_{m}"] = df["image_dermoscopic"]
+    for c in spec.concepts:
+        if c not in df.columns:
+            df[c] = float("nan")
+    return df
 
 
 def _inputs_of(predictor) -> tuple[list[str], list[str], list[str]]:

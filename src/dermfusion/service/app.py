@@ -307,7 +307,7 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
             "thresholds": config.triage.model_dump(), "uncertainty": config.uncertainty.model_dump(),
             "limits": {k: v for k, v in config.limits.model_dump().items()},
             "explanations": an.can_explain, "drift_reference": state.drift.enabled,
-            "auth_required": bool(state.key_digests), "disclaimer": config.disclaimer,
+            "auth_required": bool(state.key_digests), "backends": an.backends, "disclaimer": config.disclaimer,
         }
 
     @app.post("/v1/analyze", response_model=AnalyzeResponse, tags=["analysis"], dependencies=[Security(api_key)],

@@ -112,6 +112,9 @@ class ServiceConfig(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     device: str = "cpu"
+    backend: str = Field("auto", description="auto = the fastest backend matching fp32 eager on real images "
+                                             "(fp32 if none) | trained | fp32 | bf16 | autocast | int8 | onnx | "
+                                             "onnx-int8 | compile")
     disclaimer: str = DISCLAIMER
     cors_origins: list[str] = Field(default_factory=list)
 

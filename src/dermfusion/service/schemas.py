@@ -231,6 +231,7 @@ class ModelInfo(_Model):
     explanations: bool
     drift_reference: bool
     auth_required: bool
+    backends: list[str] = Field(default_factory=list, description="inference backend of each network member")
     disclaimer: str
 
 
