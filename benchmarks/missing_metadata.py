@@ -57,6 +57,8 @@ def main() -> None:
                 out[name] = np.zeros((len(df), p.shape[1]))
             out[name][rows] = p
         print(f"fold {fold}: {len(rows)} lesions", flush=True)
+    done = np.isin(df["fold"].to_numpy(), summary["folds"])  # a run of some folds only: score those lesions
+    df, out = df[done].reset_index(drop=True), {k: v[done] for k, v in out.items()}
     y = class_index(df, task)
     calib = Calibration.from_dict((summary.get("calibration") or {}).get("fitted") or {})
     res = {}

@@ -149,3 +149,26 @@ def test_export_cli_triton_from_bundle(tmp_path):
                                    "--exporter", "torchscript"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "export.json").is_file()
+
+
+def test_open_clip_encoder_exports(tmp_path):
+    """open_clip / DermLIP towers use nn.MultiheadAttention, whose fused eval kernel no ONNX exporter knows:
+    export must go through the equal SDPA form and still match PyTorch."""
+    from test_models import _tiny_open_clip_dir
+
+    from dermfusion.models import create_model
+    from perf_helpers import tiny_spec
+
+    _tiny_open_clip_dir(tmp_path / "dermlip")
+    torch.manual_seed(0)
+    model = create_model("trimodal_fusion", num_classes=len(CLASSES), feature_spec=tiny_spec(),
+                         encoder={"name": f"open_clip:{tmp_path / 'dermlip'}"}, fusion_dim=32, num_heads=2).eval()
+    assert any(type(m) is torch.nn.MultiheadAttention for m in model.modules())
+    res = export_onnx(model, tmp_path / "model.onnx", classes=CLASSES)
+    assert res.max_abs_prob_diff <= 1e-4
+    assert any(type(m) is torch.nn.MultiheadAttention for m in model.modules())  # the caller's model is untouched
+    batch = tiny_batch(model, 2, seed=5)
+    with torch.no_grad():
+        ref = torch.softmax(model(batch)["logits"], -1).numpy()
+    probs = _session(tmp_path / "model.onnx").run(["probabilities"], batch_to_onnx_inputs(batch, specs=input_specs(model)))[0]
+    assert np.abs(probs - ref).max() <= 1e-4

@@ -18,9 +18,11 @@ def test_auto_backend_is_checked_against_fp32(tiny_bundle, ham_sample):  # noqa:
     fp32 = _load(tiny_bundle, "fp32").predict_raw(ham_sample)
     auto = _load(tiny_bundle, "auto")
     probs = auto.predict_raw(ham_sample)
-    assert auto.backend in {"fp32", "bf16", "int8"}
+    from dermfusion.inference.loaders import default_candidates
+
+    assert auto.backend in {"fp32", *default_candidates("cpu")}
     verdicts = {c["name"]: c for c in auto.selection}
-    assert verdicts["fp32"]["ok"] and {"bf16", "int8"} <= set(verdicts)
+    assert verdicts["fp32"]["ok"] and set(default_candidates("cpu")) <= set(verdicts)
     if auto.backend != "fp32":
         chosen = verdicts[auto.backend]
         assert chosen["ok"] and chosen["max_prob_diff"] <= 0.02 and chosen["argmax_agreement"] >= 0.99

@@ -83,3 +83,46 @@ def test_train_cv_smoke_oof_and_loadable_bundles(ham_sample, tmp_path):
         assert abs(float(p.sum(1).mean()) - 1.0) < 1e-4
     # no temporary bundle or checkpoint files left behind
     assert not list(out.rglob(".*tmp*"))
+
+
+def test_progressive_resizing_trains_at_the_scheduled_size_and_evaluates_at_the_backbone_size(ham_sample, tmp_path):
+    cfg = load_config("tiny_cpu", ["train.epochs=3", "train.max_steps_per_epoch=1", "train.epoch_sizes=[32,48]",
+                                   "model.encoder.dynamic_img_size=true"])
+    tr = _trainer(cfg, ham_sample, tmp_path / "run")
+    tr.setup()
+    seen = {}
+    for epoch in range(3):
+        batch = next(iter(tr._loader(tr.train_df, train=True, epoch=epoch)))
+        seen[epoch] = tuple(batch["images"]["dermoscopic"].shape[-2:])
+    assert seen == {0: (32, 32), 1: (48, 48), 2: (48, 48)}  # the last size repeats
+    val = next(iter(tr._loader(tr.val_df, train=False)))
+    assert tuple(val["images"]["dermoscopic"].shape[-2:]) == (64, 64)  # the backbone's size (tiny_cpu: 64)
+    tr.run()
+    log = [__import__("json").loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["train_size"] for r in log] == [32, 48, 48]
+
+
+@pytest.mark.parametrize("every,expected", [(1, [1, 2, 3]), (2, [2, 3]), (0, [])])
+def test_validate_every(ham_sample, tmp_path, every, expected):
+    import json
+
+    cfg = load_config("tiny_cpu", ["train.epochs=3", "train.max_steps_per_epoch=1", f"train.validate_every={every}"])
+    result = _trainer(cfg, ham_sample, tmp_path / "run").run()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "val_official" in r] == expected
+    assert "official" in result.metrics  # the fold's final prediction is always scored
+
+
+def test_precision_settings(monkeypatch):
+    from dermfusion.training import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.autocast_dtype(cpu, "auto") is None and runtime.autocast_dtype(cpu, "fp32") is None
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})          # e.g. an AMD EPYC (Zen 3)
+    assert runtime.autocast_dtype(cpu, "fast") is None
+    with pytest.warns(UserWarning, match="emulated"):
+        assert runtime.autocast_dtype(cpu, "bf16") is torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})  # Sapphire Rapids
+    assert runtime.autocast_dtype(cpu, "fast") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision"):
+        runtime.autocast_dtype(cpu, "fp8")

@@ -84,15 +84,27 @@ def matmul_rate(dtype: str = "fp32", n: int = 2048, device: torch.device | str =
     """Measured GFLOP/s (GOP/s for int8) of an n³ matmul; None when the dtype is unsupported here."""
     device = torch.device(device)
     try:
+        if dtype == "int8" and device.type == "cpu":
+            return _cpu_int8_rate(n, repeats)
         if dtype == "int8":
             a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
             b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=device)
             fn = lambda: torch._int_mm(a, b)  # noqa: E731
         else:
             dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+            if device.type == "cpu" and dtype != "fp32" and not _native_bf16_cpu():
+                n = min(n, 1024)  # emulated bf16 (no AMX / AVX-512 BF16) runs ~1 GFLOP/s: keep the probe short
             a, b = torch.randn(n, n, device=device).to(dt), torch.randn(n, n, device=device).to(dt)
             fn = lambda: a @ b  # noqa: E731
-        fn(), fn()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if time.perf_counter() - t0 > 1.0:  # a slow path: the warm-up call is the measurement
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            return 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
+        fn()
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(repeats):
@@ -101,6 +113,45 @@ def matmul_rate(dtype: str = "fp32", n: int = 2048, device: torch.device | str =
         return 2 * n ** 3 / ((time.perf_counter() - t0) / repeats) / 1e9
     except Exception:  # noqa: BLE001 — e.g. _int_mm missing on this build
         return None
+
+
+def _native_bf16_cpu() -> bool:
+    from ..training.runtime import native_bf16
+
+    return native_bf16(torch.device("cpu"))
+
+
+def _cpu_int8_rate(n: int, repeats: int) -> float | None:
+    """The faster of the two CPU int8 GEMM paths: ``torch._int_mm`` (oneDNN; AMX / VNNI where present) and the
+    dynamically quantised ``nn.Linear`` the ``int8`` backend runs (fbgemm; uses AVX2 where VNNI is absent —
+    on an AVX2-only EPYC ``_int_mm`` falls back to a reference kernel at ~1 GOP/s). A 512³ probe first keeps
+    a reference kernel from costing half a minute."""
+
+    def paths(k: int):
+        a = torch.randint(-128, 127, (k, k), dtype=torch.int8)
+        b = torch.randint(-128, 127, (k, k), dtype=torch.int8)
+        lin = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(k, k, bias=False)), {nn.Linear},
+                                                     dtype=torch.qint8)
+        x = torch.randn(k, k)
+        return [lambda: torch._int_mm(a, b), lambda: lin(x)]
+
+    def rate(fn, k: int, reps: int) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return 2 * k ** 3 / ((time.perf_counter() - t0) / reps) / 1e9
+
+    rates = []
+    for i, probe in enumerate(paths(512)):
+        try:
+            r = rate(probe, 512, 2)
+            if r > 20:  # a real kernel: measure it at full size
+                r = rate(paths(n)[i], n, repeats)
+            rates.append(r)
+        except Exception:  # noqa: BLE001 — a path this build lacks
+            continue
+    return max(rates) if rates else None
 
 
 def matmul_rates(device="cpu", dtypes=("fp32", "bf16", "int8"), repeats: int = 5) -> dict[str, float | None]:

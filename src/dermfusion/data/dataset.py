@@ -38,6 +38,7 @@ class LesionDataset(Dataset):
             for m in spec.modalities:
                 size = int(round(preprocess[m].size * (1.15 if train else 1.0)))
                 self.caches[m] = DecodeCache(cache_dir, size)
+                self.caches[m].prime(self.paths[m])
 
     def __len__(self) -> int:
         return len(self.df)

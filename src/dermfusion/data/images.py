@@ -94,6 +94,10 @@ def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
 
 
+# (path, mtime, size) -> sha1 of the file: shared by every cache in the process (an edited file changes mtime/size)
+_CONTENT_KEYS: dict[tuple[str, float, int], str] = {}
+
+
 class DecodeCache:
     """Resized uint8 RGB arrays on disk, keyed by file content and target size.
 
@@ -105,7 +109,7 @@ class DecodeCache:
         self.root = Path(root)
         self.size = int(size)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._keys: dict[tuple[str, float, int], str] = {}
+        self._keys = _CONTENT_KEYS
 
     def _key(self, path: Path) -> tuple[str, bytes | None]:
         st = path.stat()
@@ -116,6 +120,16 @@ class DecodeCache:
         key = hashlib.sha1(data).hexdigest()
         self._keys[memo] = key
         return key, data
+
+    def prime(self, paths) -> None:
+        """Hash ``paths`` now, in this process. Data-loader workers are forked per epoch and inherit the
+        memo, so each file is read and hashed once per run instead of once per epoch per worker."""
+        for p in paths:
+            if p:
+                try:
+                    self._key(Path(p))
+                except OSError:
+                    pass  # a missing file is reported, by name, when it is loaded
 
     def get(self, path: str | os.PathLike) -> np.ndarray:
         path = Path(path)

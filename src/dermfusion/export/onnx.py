@@ -25,6 +25,7 @@ compared with PyTorch; :class:`ExportParityError` is raised when probabilities d
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import warnings
@@ -285,7 +286,13 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
     specs = input_specs(model)
-    wrapper = OnnxFusionWrapper(model, [s.name for s in specs]).eval()
+    # nn.MultiheadAttention (open_clip / DermLIP towers, our fusion) runs aten::_native_multi_head_attention in
+    # eval mode, which no ONNX exporter supports: export a copy with the numerically equal SDPA form.
+    from ..inference.backends import fast_attention_
+
+    graph_model = copy.deepcopy(model)
+    fast_attention_(graph_model)
+    wrapper = OnnxFusionWrapper(graph_model, [s.name for s in specs]).eval()
     example = synthetic_batch(model, 2, seed=0)
     with torch.no_grad():
         exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset, exporter)

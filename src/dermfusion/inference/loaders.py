@@ -48,8 +48,9 @@ class NetworkPredictor(Predictor):
         if backend in {"trained", "fp32"}:
             self.runner = self.model
         if backend == "trained":  # the way the model was validated during training (bf16 autocast or fp32)
-            trained = cfg.train.precision
-            bf16 = trained == "bf16" or (trained == "auto" and self.device.type == "cuda")
+            from ..training.runtime import autocast_dtype
+
+            bf16 = autocast_dtype(self.device, cfg.train.precision) is not None
             self.amp, self.backend = (torch.bfloat16, "autocast") if bf16 else (None, "fp32")
         elif backend != "auto" and backend not in list_backends():
             from .bundle import BundleError
@@ -107,8 +108,14 @@ SELECTION_ROWS = 32
 
 
 def default_candidates(device) -> list[str]:
-    """Backends worth trying: bf16 (AMX / tensor cores) and int8 on CPU; bf16 on CUDA."""
-    return ["bf16", "int8"] if torch.device(device).type == "cpu" else ["bf16"]
+    """Backends worth trying: on CPU bf16 where it is native (AMX / AVX-512 BF16; emulated bf16 on an
+    AVX2-only CPU is many times slower than fp32, not worth a check) and int8; bf16 on CUDA."""
+    from ..training.runtime import native_bf16
+
+    device = torch.device(device)
+    if device.type != "cpu":
+        return ["bf16"]
+    return (["bf16"] if native_bf16(device) else []) + ["int8"]
 
 
 @register_kind("network")

@@ -17,12 +17,52 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs on matrix units here: a CUDA GPU that supports it, or a CPU with AMX or AVX-512 BF16.
+    Without them (e.g. an AVX2-only AMD EPYC) CPU bf16 is emulated: measured ~15x *slower* than fp32 for a
+    ResNet-18 training step (BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    return False
+
+
+PRECISIONS = ("auto", "fast", "fp32", "bf16")
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; fp32 on CPU (open_clip's ViT is ~20x slower under CPU autocast)."""
+    """The autocast dtype for a precision setting:
+
+    - ``auto``: bf16 on CUDA, fp32 on CPU (open_clip's ViT is ~20x slower under CPU autocast in some contexts);
+    - ``fast``: bf16 wherever the hardware computes it natively (CUDA, AMX / AVX-512 BF16 CPUs), else fp32;
+    - ``fp32`` / ``bf16``: as asked (``bf16`` on a CPU without native bf16 warns: it is much slower there)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if precision == "bf16":
+        if device.type == "cpu" and not native_bf16(device):
+            import warnings
+
+            warnings.warn("precision bf16 on a CPU without AMX / AVX-512 BF16: bf16 is emulated here and runs "
+                          "many times slower than fp32; use precision 'fast' (bf16 only where native) or 'fp32'",
+                          stacklevel=2)
         return torch.bfloat16
+    if precision == "fast":
+        return torch.bfloat16 if native_bf16(device) else None
     return torch.bfloat16 if device.type == "cuda" else None
 
 
