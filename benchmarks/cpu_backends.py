@@ -75,11 +75,12 @@ def diagnose_open_clip(batch: int = 2) -> dict:
 
     def run(model, ctx_name, autocast=False, repeats=2):
         ctx = torch.inference_mode if ctx_name == "inference_mode" else torch.no_grad
+        xx = x.to(next(model.parameters()).dtype)  # the whole-bf16 model takes bf16 pixels
         with ctx(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(x)
+            model(xx)
             t0 = time.perf_counter()
             for _ in range(repeats):
-                model(x)
+                model(xx)
         return (time.perf_counter() - t0) / repeats * 1000
 
     out = {"batch": batch}
