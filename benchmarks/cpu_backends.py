@@ -1,7 +1,7 @@
 """CPU inference backends for the tri-modal fusion network, from one run on this machine.
 
     python benchmarks/cpu_backends.py [--ham ../shared/data/ham10000] [--n 256] [--models vit_s16,vit_b16,openclip_b16]
-                                      [--backends fp32,bf16,autocast,int8,onnx,onnx-int8] [--compile]
+                                      [--backends fp32,bf16,autocast,int8,onnx,onnx-int8,compile]
 
 Three tri-modal models (two image encoders — clinical + dermoscopic — plus 14 concept tokens and
 age/sex/skin tone/site metadata, the MILK10k DermLIP config's fusion: 384-d, 8 heads, 4 pool queries):
@@ -129,10 +129,9 @@ def main() -> None:
     ap.add_argument("--ham", type=Path, default=ROOT.parent / "shared" / "data" / "ham10000")
     ap.add_argument("--n", type=int, default=256, help="HAM images for the accuracy check (multiple of 32)")
     ap.add_argument("--models", default="vit_s16,vit_b16,openclip_b16")
-    ap.add_argument("--backends", default="fp32,bf16,autocast,int8,onnx,onnx-int8")
+    ap.add_argument("--backends", default="fp32,bf16,autocast,int8,onnx,onnx-int8,compile")
     ap.add_argument("--slow-check", type=int, default=64,
                     help="lesions for the accuracy check of autocast / onnx (slower, not candidates); 0 = all")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile) for ViT-S")
     ap.add_argument("--no-diagnose", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -156,8 +155,8 @@ def main() -> None:
         pre = preprocess_of(model, model.feature_spec)
         frame = lesion_frame(paths, model.feature_spec.modalities, meta)
         batches = real_batches(model, frame, pre, 32, task="isic2018")
-        names = list(backends) + (["compile"] if args.compile and key == "vit_s16" else [])
-        limit = {b: max(1, args.slow_check // 32) for b in ("autocast", "onnx", "compile")} if args.slow_check else None
+        names = list(backends)
+        limit = {b: max(1, args.slow_check // 32) for b in ("autocast", "onnx")} if args.slow_check else None
         print(f"\n== {title}: {len(batches) * 32} lesions, backends {names}", flush=True)
         t0 = time.perf_counter()
         res = bench_model(model, backends=names, batch_sizes=[1, 32], eval_batches=batches, repeats={1: 10, 32: 3},

@@ -36,6 +36,26 @@ def test_count_flops_splits_encoders_and_fusion():
     assert floor_ms(f, rates, "fp32", batch_size=4) == pytest.approx(4 * floor_ms(f, rates, "fp32"))
 
 
+def test_count_flops_sees_into_multihead_attention():
+    """nn.MultiheadAttention's fused kernel (open_clip ViTs) must count like the same attention in linears."""
+    d, t, b = 32, 10, 2
+    mha = torch.nn.MultiheadAttention(d, 4, batch_first=True)
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, batch):
+            x = batch["x"]
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    f = count_flops(Wrap(), {"x": torch.randn(b, t, d), "image_present": torch.ones(b, 1)})
+    projections = 4 * d * d * t * 2          # q, k, v and out projections
+    attention = 2 * t * t * d * 2            # QKᵀ and AV
+    assert f["total"] == pytest.approx(projections + attention, rel=0.02)
+
+
 def test_peak_memory_sees_an_allocation():
     with PeakMemory() as mem:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB

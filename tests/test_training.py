@@ -126,3 +126,16 @@ def test_precision_settings(monkeypatch):
     assert runtime.autocast_dtype(cpu, "fast") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown precision"):
         runtime.autocast_dtype(cpu, "fp8")
+
+
+def test_profile_separates_pipeline_start_up_from_steady_state_input_wait(ham_sample, tmp_path):
+    from dermfusion.training.cv import train_cv
+
+    cfg = load_config("tiny_cpu", ["train.epochs=2", "train.max_steps_per_epoch=3", f"data.cache_dir={tmp_path / 'cache'}"])
+    summary = train_cv(cfg, ham_sample, tmp_path / "run", folds="0", profile=True)
+    prof = summary["profile"][0]
+    assert prof["startup_s"] > 0 and prof["compute_s"] > 0 and prof["data_wait_s"] >= 0
+    assert prof["data_wait_frac"] == pytest.approx(prof["data_wait_s"] / (prof["data_wait_s"] + prof["compute_s"]))
+    log = pd.read_json(tmp_path / "run" / "fold_0" / "log.jsonl", lines=True)
+    assert (log["startup_s"] > 0).all()  # one start-up per epoch (a new loader each epoch), logged
+    assert prof["startup_s"] == pytest.approx(log["startup_s"].sum())

@@ -50,11 +50,14 @@ def train_cmd(
                 return
             if profile and "profile" in summary:
                 from rich.table import Table
-                t = Table(title="training-step breakdown")
-                for c in ("fold", "data wait (s)", "compute (s)", "data wait share"):
+                t = Table(title="training-step breakdown",
+                          caption="start-up: each epoch's first batch (workers forked, first images decoded); "
+                                  "input-bound share: steady-state data wait / (data wait + compute)")
+                for c in ("fold", "start-up (s)", "data wait (s)", "compute (s)", "input-bound share"):
                     t.add_column(c, justify="right")
                 for f, p in summary["profile"].items():
-                    t.add_row(str(f), f"{p['data_wait_s']:.1f}", f"{p['compute_s']:.1f}", f"{p['data_wait_frac']:.1%}")
+                    t.add_row(str(f), f"{p.get('startup_s', 0.0):.2f}", f"{p['data_wait_s']:.2f}",
+                              f"{p['compute_s']:.2f}", f"{p['data_wait_frac']:.1%}")
                 console.print(t)
             console.print(f"[green]done[/]: bundles and out-of-fold predictions in {out}")
 

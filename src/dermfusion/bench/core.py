@@ -179,7 +179,12 @@ def count_flops(model: nn.Module, batch: dict) -> dict:
     and ``by_part`` {encoders|fusion: {linear|attention|conv: flops}}."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..inference.backends import fast_attention_
+
     frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the module tracker needs grad-free params
+    # nn.MultiheadAttention's fused inference kernel (open_clip's ViT, our fusion layers) is one opaque op
+    # that FlopCounterMode cannot see into: count the same arithmetic through its nn.Linear + SDPA form.
+    fast_attention_(frozen)
     mapping = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:

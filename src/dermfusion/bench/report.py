@@ -48,7 +48,12 @@ def header_lines(result: dict) -> list[str]:
         p = result["preprocess"]
         lines.append(f"preprocessing (decode+resize+normalise, 1 process): {p['per_lesion_ms']:.1f} ms per lesion")
     if result.get("accuracy_lesions"):
-        lines.append(f"accuracy vs fp32 eager on {result['accuracy_lesions']} lesions")
+        line = f"accuracy vs fp32 eager on {result['accuracy_lesions']} lesions"
+        gap = result.get("fp32_top1_top2_gap")
+        if gap:
+            line += (f"; fp32's top-1 minus top-2 probability: median {gap['0.5']:.4f}, 5th percentile "
+                     f"{gap['0.05']:.4f} (a backend's Δp above that flips the argmax)")
+        lines.append(line)
     return lines
 
 

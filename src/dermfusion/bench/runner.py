@@ -179,6 +179,10 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
                 probs = np.concatenate(probs)
                 if backend == "fp32":
                     reference = probs
+                    top2 = np.sort(probs, 1)[:, -2:]
+                    # how close the model's own decisions are: near-ties flip on any rounding
+                    result["fp32_top1_top2_gap"] = {q: float(np.quantile(top2[:, 1] - top2[:, 0], float(q)))
+                                                    for q in ("0.05", "0.5")}
                 rec["accuracy"] = compare_probs(reference[: len(probs)], probs) if reference is not None else None
                 rec["eval_peak_mem_mb"] = mem.peak_mb
             for bs in batch_sizes:

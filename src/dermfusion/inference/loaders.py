@@ -109,13 +109,18 @@ SELECTION_ROWS = 32
 
 def default_candidates(device) -> list[str]:
     """Backends worth trying: on CPU bf16 where it is native (AMX / AVX-512 BF16; emulated bf16 on an
-    AVX2-only CPU is many times slower than fp32, not worth a check) and int8; bf16 on CUDA."""
+    AVX2-only CPU is many times slower than fp32, not worth a check), int8 and, with onnxruntime
+    installed, ONNX Runtime int8 (the fastest passing backend for ViT-S/16 and open_clip ViT-B/16 pairs in
+    BENCHMARKS.md; preparing it exports the model once, ~30 s for a ViT-B pair); bf16 on CUDA."""
+    import importlib.util
+
     from ..training.runtime import native_bf16
 
     device = torch.device(device)
     if device.type != "cpu":
         return ["bf16"]
-    return (["bf16"] if native_bf16(device) else []) + ["int8"]
+    onnx = ["onnx-int8"] if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx") else []
+    return (["bf16"] if native_bf16(device) else []) + ["int8"] + onnx
 
 
 @register_kind("network")

@@ -208,14 +208,17 @@ class FoldTrainer:
         self.model.train()
         steps = self.steps_per_epoch()
         task = progress.add_task(f"fold {self.fold} epoch {epoch + 1}/{cfg.train.epochs}", total=steps, info="")
-        losses, t_data, t_compute = [], 0.0, 0.0
+        losses, t_data, t_compute, t_startup = [], 0.0, 0.0, 0.0
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
             t1 = time.perf_counter()
-            t_data += t1 - t0
+            if step == 0:  # pipeline start-up: worker processes forked, first batch decoded
+                t_startup = t1 - t0
+            else:  # steady state: the model waited for the input pipeline
+                t_data += t1 - t0
             batch = move_batch(batch, self.device, self.channels_last)
             update = (step + 1) % cfg.optim.accumulate == 0 or step + 1 == steps
             # DDP: accumulate locally, all-reduce only on the micro-step that updates
@@ -244,9 +247,11 @@ class FoldTrainer:
                 self.on_step_end(self, epoch, step)
         progress.remove_task(task)
         total = t_data + t_compute
+        wall = total + t_startup
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "data_wait_s": t_data,
-                "compute_s": t_compute, "data_wait_frac": t_data / total if total else 0.0,
-                "steps": len(losses), "lesions_per_s": len(losses) * cfg.train.batch_size / total if total else 0.0}
+                "compute_s": t_compute, "startup_s": t_startup,
+                "data_wait_frac": t_data / total if total else 0.0,
+                "steps": len(losses), "lesions_per_s": len(losses) * cfg.train.batch_size / wall if wall else 0.0}
 
     @torch.no_grad()
     def predict(self, frame: pd.DataFrame, model=None, tta: int = 0) -> np.ndarray:
