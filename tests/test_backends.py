@@ -81,6 +81,21 @@ def test_backend_agrees_with_fp32(name):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["onnx", "onnx-int8"])
+def test_onnx_backends_leave_no_export_behind(name, tmp_path, monkeypatch):
+    """A ViT-B pair's export is ~0.7 GB: the temporary graph files go once ONNX Runtime has loaded them."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_trimodal()
+    batch = tiny_batch(model, 3, seed=2)
+    runner = prepare_backend(model, name, exporter="torchscript")
+    assert list(tmp_path.iterdir()) == []
+    got = runner.predict_proba(batch)  # the session still runs from memory
+    cmp = compare_probs(prepare_backend(model, "fp32").predict_proba(batch), got)
+    assert cmp["max_prob_diff"] < (1e-4 if name == "onnx" else 0.05), cmp
+
+
 def test_bf16_backend_keeps_masking():
     model = tiny_trimodal()
     runner = prepare_backend(model, "bf16")

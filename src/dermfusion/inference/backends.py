@@ -347,7 +347,9 @@ def _compile(model: nn.Module, device="cpu", sample_batch: dict | None = None, *
 
 @register_backend("onnx")
 def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx_path=None,
-          threads: int | None = None, exporter: str = "auto", **_) -> BackendRunner:
+          threads: int | None = None, exporter: str = "auto", cleanup_dir=None, **_) -> BackendRunner:
+    """ONNX Runtime (float32) on ``onnx_path``, or on a fresh export of ``model`` to a temporary folder.
+    Temporary exports (and ``cleanup_dir``) are deleted once the session holds the graph in memory."""
     device = _as_device(device)
     if device.type != "cpu":
         raise BackendError("the onnx backend runs ONNX Runtime on CPU here")
@@ -361,17 +363,27 @@ def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx
     from ..export.onnx import batch_to_onnx_inputs, export_onnx
 
     info = {}
+    import shutil
+
     if onnx_path is None:
-        tmp = Path(tempfile.mkdtemp(prefix="dermfusion_onnx_"))
-        onnx_path = tmp / "model.onnx"
+        cleanup_dir = Path(tempfile.mkdtemp(prefix="dermfusion_onnx_"))
+        onnx_path = cleanup_dir / "model.onnx"
         t0 = time.perf_counter()
-        export_onnx(model, onnx_path, check=False, exporter=exporter)
+        try:
+            export_onnx(model, onnx_path, check=False, exporter=exporter)
+        except BaseException:
+            shutil.rmtree(cleanup_dir, ignore_errors=True)
+            raise
         info["export_s"] = round(time.perf_counter() - t0, 2)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    finally:  # a ViT-B pair's export is ~0.7 GB: never leave it behind in the temp folder
+        if cleanup_dir is not None:
+            shutil.rmtree(cleanup_dir, ignore_errors=True)
     names = [i.name for i in sess.get_inputs()]
     modalities = list(getattr(model, "modalities", []))
 
@@ -380,7 +392,8 @@ def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx
         probs, logits = sess.run(["probabilities", "logits"], feeds)
         return {"logits": torch.from_numpy(logits), "probabilities": torch.from_numpy(probs)}
 
-    info["onnx_path"] = str(onnx_path)
+    if cleanup_dir is None:
+        info["onnx_path"] = str(onnx_path)
     return BackendRunner("onnx", fn, device, None, info)
 
 
@@ -392,18 +405,31 @@ def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None,
     Fusion and head MatMuls stay float32 (excluded by module scope); 2-D linears export as Gemm and
     are not quantised at all.
     """
-    import logging
+    import shutil
     import tempfile
     from pathlib import Path
 
     try:
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        import onnx  # noqa: F401
+        from onnxruntime.quantization import quantize_dynamic  # noqa: F401
     except ImportError as e:  # pragma: no cover
         raise BackendError(f"onnxruntime quantisation is unavailable: {e}") from e
-    from ..export.onnx import export_onnx
 
     tmp = Path(tempfile.mkdtemp(prefix="dermfusion_onnx_int8_"))
+    try:
+        return _quantised_onnx_runner(model, tmp, device, threads, exporter, quantize_fusion)
+    finally:  # the session holds the quantised graph in memory; the files (fp32 + int8) can go
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _quantised_onnx_runner(model: nn.Module, tmp, device, threads, exporter: str, quantize_fusion: bool) -> BackendRunner:
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from ..export.onnx import export_onnx
+
     t0 = time.perf_counter()
     export_onnx(model, tmp / "fp32.onnx", check=False, exporter=exporter)
     exclude = []
@@ -429,6 +455,7 @@ def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None,
         logging.getLogger().setLevel(level)
     runner = _onnx(model, device, onnx_path=tmp / "model.onnx", threads=threads)
     runner.name = "onnx-int8"
+    runner.info.pop("onnx_path", None)  # deleted by the caller once the session is built
     runner.info.update({"export_quantize_s": round(time.perf_counter() - t0, 2), "float_nodes": len(exclude)})
     return runner
 
