@@ -81,6 +81,21 @@ def test_backend_agrees_with_fp32(name):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_compile_backend_agrees_with_fp32_and_keeps_masking():
+    model = tiny_trimodal()
+    batch = tiny_batch(model, 4, seed=3)
+    runner = prepare_backend(model, "compile", sample_batch=batch)
+    assert runner.info["compile_s"] > 0
+    cmp = compare_probs(prepare_backend(model, "fp32").predict_proba(batch), runner.predict_proba(batch))
+    assert cmp["max_prob_diff"] < 0.02 and cmp["argmax_agreement"] == 1.0, cmp
+    first = model.feature_spec.modalities[0]
+    masked = {**batch, "images": dict(batch["images"]), "image_present": batch["image_present"].clone()}
+    masked["image_present"][:, 0] = False
+    before = runner.predict_proba(masked)
+    masked["images"][first] = torch.rand_like(batch["images"][first])  # the missing image's pixels must not matter
+    assert torch.allclose(before, runner.predict_proba(masked), atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["onnx", "onnx-int8"])
 def test_onnx_backends_leave_no_export_behind(name, tmp_path, monkeypatch):
     """A ViT-B pair's export is ~0.7 GB: the temporary graph files go once ONNX Runtime has loaded them."""
