@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..training.runtime import cpu_flags as _all_cpu_flags
+from ..training.runtime import native_bf16
+
 KINDS = ("linear", "attention", "conv")
 # which dtype each backend computes (part, kind) in; parts: encoders | fusion
 _BF16_ENC = {("encoders", k): "bf16" for k in KINDS}
@@ -43,14 +46,8 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"})
-    except OSError:
-        pass
-    return []
+    """The vector / matrix-unit flags worth reporting next to a benchmark."""
+    return sorted(f for f in _all_cpu_flags() if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"})
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
@@ -92,7 +89,7 @@ def matmul_rate(dtype: str = "fp32", n: int = 2048, device: torch.device | str =
             fn = lambda: torch._int_mm(a, b)  # noqa: E731
         else:
             dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-            if device.type == "cpu" and dtype != "fp32" and not _native_bf16_cpu():
+            if device.type == "cpu" and dtype != "fp32" and not native_bf16(torch.device("cpu")):
                 n = min(n, 1024)  # emulated bf16 (no AMX / AVX-512 BF16) runs ~1 GFLOP/s: keep the probe short
             a, b = torch.randn(n, n, device=device).to(dt), torch.randn(n, n, device=device).to(dt)
             fn = lambda: a @ b  # noqa: E731
@@ -113,12 +110,6 @@ def matmul_rate(dtype: str = "fp32", n: int = 2048, device: torch.device | str =
         return 2 * n ** 3 / ((time.perf_counter() - t0) / repeats) / 1e9
     except Exception:  # noqa: BLE001 — e.g. _int_mm missing on this build
         return None
-
-
-def _native_bf16_cpu() -> bool:
-    from ..training.runtime import native_bf16
-
-    return native_bf16(torch.device("cpu"))
 
 
 def _cpu_int8_rate(n: int, repeats: int) -> float | None:

@@ -352,9 +352,9 @@ def _compile(model: nn.Module, device="cpu", sample_batch: dict | None = None, *
 
 @register_backend("onnx")
 def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx_path=None,
-          threads: int | None = None, exporter: str = "auto", cleanup_dir=None, **_) -> BackendRunner:
-    """ONNX Runtime (float32) on ``onnx_path``, or on a fresh export of ``model`` to a temporary folder.
-    Temporary exports (and ``cleanup_dir``) are deleted once the session holds the graph in memory."""
+          threads: int | None = None, exporter: str = "auto", **_) -> BackendRunner:
+    """ONNX Runtime (float32) on ``onnx_path``, or on a fresh export of ``model`` to a temporary folder,
+    deleted once the session holds the graph in memory."""
     device = _as_device(device)
     if device.type != "cpu":
         raise BackendError("the onnx backend runs ONNX Runtime on CPU here")
@@ -362,14 +362,13 @@ def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx
         import onnxruntime as ort
     except ImportError as e:  # pragma: no cover
         raise BackendError(f"onnxruntime is not installed: {e}") from e
+    import shutil
     import tempfile
     from pathlib import Path
 
     from ..export.onnx import batch_to_onnx_inputs, export_onnx
 
-    info = {}
-    import shutil
-
+    info, cleanup_dir = {}, None
     if onnx_path is None:
         cleanup_dir = Path(tempfile.mkdtemp(prefix="dermfusion_onnx_"))
         onnx_path = cleanup_dir / "model.onnx"
@@ -410,59 +409,50 @@ def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None,
     Fusion and head MatMuls stay float32 (excluded by module scope); 2-D linears export as Gemm and
     are not quantised at all.
     """
+    import logging
     import shutil
     import tempfile
     from pathlib import Path
 
     try:
-        import onnx  # noqa: F401
-        from onnxruntime.quantization import quantize_dynamic  # noqa: F401
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:  # pragma: no cover
         raise BackendError(f"onnxruntime quantisation is unavailable: {e}") from e
-
-    tmp = Path(tempfile.mkdtemp(prefix="dermfusion_onnx_int8_"))
-    try:
-        return _quantised_onnx_runner(model, tmp, device, threads, exporter, quantize_fusion)
-    finally:  # the session holds the quantised graph in memory; the files (fp32 + int8) can go
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _quantised_onnx_runner(model: nn.Module, tmp, device, threads, exporter: str, quantize_fusion: bool) -> BackendRunner:
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     from ..export.onnx import export_onnx
 
-    t0 = time.perf_counter()
-    export_onnx(model, tmp / "fp32.onnx", check=False, exporter=exporter)
-    exclude = []
-    if not quantize_fusion:  # keep fusion + heads in float32: few FLOPs, most of the decision
-        # TorchScript node names carry the module scope, "/model/<child of the network>/…"; encoders are
-        # entered through forward_tokens, so their nodes show the encoder's own children instead.
-        fusion = set()
-        for name, child in model.named_children():
-            if name != "encoders":
-                fusion.add(name)
-                if isinstance(child, nn.ModuleDict):  # ModuleDict members get their own scope (token_proj.<m>)
-                    fusion.update(child.keys())
-        graph = onnx.load(str(tmp / "fp32.onnx"), load_external_data=False).graph
-        exclude = [n.name for n in graph.node if n.op_type in {"MatMul", "Gemm"}
-                   and len(n.name.split("/")) > 2 and n.name.split("/")[2] in fusion]
-        exclude += [f"{n}_MatMul" for n in exclude]  # the quantiser rewrites Gemm as <name>_MatMul + Add
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs every skipped node
-    try:
-        quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, per_channel=True)
+    tmp = Path(tempfile.mkdtemp(prefix="dermfusion_onnx_int8_"))
+    try:  # the session holds the quantised graph in memory: the files (fp32 + int8) go afterwards
+        t0 = time.perf_counter()
+        export_onnx(model, tmp / "fp32.onnx", check=False, exporter=exporter)
+        exclude = []
+        if not quantize_fusion:  # keep fusion + heads in float32: few FLOPs, most of the decision
+            # TorchScript node names carry the module scope, "/model/<child of the network>/…"; encoders are
+            # entered through forward_tokens, so their nodes show the encoder's own children instead.
+            fusion = set()
+            for name, child in model.named_children():
+                if name != "encoders":
+                    fusion.add(name)
+                    if isinstance(child, nn.ModuleDict):  # ModuleDict members get their own scope (token_proj.<m>)
+                        fusion.update(child.keys())
+            graph = onnx.load(str(tmp / "fp32.onnx"), load_external_data=False).graph
+            exclude = [n.name for n in graph.node if n.op_type in {"MatMul", "Gemm"}
+                       and len(n.name.split("/")) > 2 and n.name.split("/")[2] in fusion]
+            exclude += [f"{n}_MatMul" for n in exclude]  # the quantiser rewrites Gemm as <name>_MatMul + Add
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs every skipped node
+        try:
+            quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, per_channel=True)
+        finally:
+            logging.getLogger().setLevel(level)
+        runner = _onnx(model, device, onnx_path=tmp / "model.onnx", threads=threads)
+        runner.name = "onnx-int8"
+        runner.info.pop("onnx_path", None)  # deleted below, once the session is built
+        runner.info.update({"export_quantize_s": round(time.perf_counter() - t0, 2), "float_nodes": len(exclude)})
+        return runner
     finally:
-        logging.getLogger().setLevel(level)
-    runner = _onnx(model, device, onnx_path=tmp / "model.onnx", threads=threads)
-    runner.name = "onnx-int8"
-    runner.info.pop("onnx_path", None)  # deleted by the caller once the session is built
-    runner.info.update({"export_quantize_s": round(time.perf_counter() - t0, 2), "float_nodes": len(exclude)})
-    return runner
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_backend(model: nn.Module, name: str, *, device="cpu", sample_batch: dict | None = None,

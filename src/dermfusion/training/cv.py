@@ -117,7 +117,7 @@ def _profile(history: list[dict]) -> dict:
     comp = sum(h["compute_s"] for h in history)
     start = sum(h.get("startup_s", 0.0) for h in history)
     return {"startup_s": start, "data_wait_s": data, "compute_s": comp,
-            "data_wait_frac": data / max(data + comp, 1e-9), "startup_frac": start / max(start + data + comp, 1e-9)}
+            "data_wait_frac": data / max(data + comp, 1e-9)}
 
 
 def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
