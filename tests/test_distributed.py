@@ -77,11 +77,12 @@ with distributed_session("cpu") as ctx:
     rec["ddp"] = type(tr.step_model).__name__
     rec["batch_per_rank"] = tr.batch_per_rank
     # 1. this rank's share of epoch 3, through the trainer's own loader, next to the single-process draw
-    loader = tr._loader(tr.train_df, train=True, epoch=3)
-    rec["indices"] = list(loader.sampler)
-    rec["global"] = loader.sampler.global_indices()
+    loader = tr.train_loader(range(3, 4))
+    rec["indices"] = list(loader.batch_sampler.make_sampler(3))
+    rec["global"] = loader.batch_sampler.make_sampler(3).global_indices()
     rec["single_process"] = list(class_balanced_sampler(loader.dataset.targets, cfg.train.sampler_power,
                                                          seed=tr._seed(3)))
+    rec["batched"] = [i for b in loader.batch_sampler for _, i in b]
     rec["batch_sizes"] = [len(b["lesion_id"]) for b in loader]
     # 2. gradients after the all-reduce of the first optimiser step: max - min over ranks, per parameter
     spread, nonzero = {}, 0
@@ -248,6 +249,7 @@ def test_torchrun_sampler_shares_gradients_and_failure_reporting(manifest, tmp_p
     for r, rec in enumerate(recs):
         assert rec["indices"] == glob[r::NPROC]
         assert set(rec["batch_sizes"]) == {4}
+        assert rec["batched"] == rec["indices"][:len(rec["batched"])] and rec["batched"]  # the loader's batches
     assert sorted(recs[0]["indices"] + recs[1]["indices"]) == sorted(glob)
     # gradients identical on both ranks after the all-reduce
     spread = recs[0]["grad_spread"]

@@ -92,10 +92,10 @@ def test_progressive_resizing_trains_at_the_scheduled_size_and_evaluates_at_the_
     tr.setup()
     seen = {}
     for epoch in range(3):
-        batch = next(iter(tr._loader(tr.train_df, train=True, epoch=epoch)))
+        batch = next(iter(tr.train_loader(range(epoch, epoch + 1))))
         seen[epoch] = tuple(batch["images"]["dermoscopic"].shape[-2:])
     assert seen == {0: (32, 32), 1: (48, 48), 2: (48, 48)}  # the last size repeats
-    val = next(iter(tr._loader(tr.val_df, train=False)))
+    val = next(iter(tr._loader(tr.val_df)))
     assert tuple(val["images"]["dermoscopic"].shape[-2:]) == (64, 64)  # the backbone's size (tiny_cpu: 64)
     tr.run()
     log = [__import__("json").loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -137,5 +137,81 @@ def test_profile_separates_pipeline_start_up_from_steady_state_input_wait(ham_sa
     assert prof["startup_s"] > 0 and prof["compute_s"] > 0 and prof["data_wait_s"] >= 0
     assert prof["data_wait_frac"] == pytest.approx(prof["data_wait_s"] / (prof["data_wait_s"] + prof["compute_s"]))
     log = pd.read_json(tmp_path / "run" / "fold_0" / "log.jsonl", lines=True)
-    assert (log["startup_s"] > 0).all()  # one start-up per epoch (a new loader each epoch), logged
+    assert log["startup_s"].iloc[0] > 0  # the fold's first batch: loader built, first images decoded
     assert prof["startup_s"] == pytest.approx(log["startup_s"].sum())
+
+
+def _fold_batches(cfg, df, out, epochs=3):
+    """Every training batch of ``epochs`` epochs through the trainer's loader, per epoch, and the worker pids."""
+    tr = _trainer(cfg, df, out)
+    tr.setup()
+    it = iter(tr.train_loader(range(epochs)))
+    batches = {e: [next(it) for _ in range(tr.steps_per_epoch())] for e in range(epochs)}
+    with pytest.raises(StopIteration):
+        next(it)
+    return batches, sorted(w.pid for w in getattr(it, "_workers", []))
+
+
+def test_one_training_loader_streams_every_epoch_at_its_scheduled_size(ham_sample, tmp_path):
+    cfg = load_config("tiny_cpu", ["data.num_workers=1", "train.epoch_sizes=[32,48]",
+                                   "model.encoder.dynamic_img_size=true"])
+    batches, pids = _fold_batches(cfg, ham_sample, tmp_path / "run")
+    assert len(pids) == 1  # one worker process for the whole fold
+    assert {e: {tuple(b["images"]["dermoscopic"].shape[-2:]) for b in bs} for e, bs in batches.items()} == \
+        {0: {(32, 32)}, 1: {(48, 48)}, 2: {(48, 48)}}
+    assert all(len(b["lesion_id"]) == cfg.train.batch_size for bs in batches.values() for b in bs)
+
+
+def test_only_the_first_epoch_of_a_fold_pays_pipeline_start_up(ham_sample, tmp_path):
+    cfg = load_config("tiny_cpu", ["train.epochs=3", "train.max_steps_per_epoch=2", "data.num_workers=1",
+                                   f"data.cache_dir={tmp_path / 'cache'}"])
+    tr = _trainer(cfg, ham_sample, tmp_path / "run")
+    tr.run()
+    log = pd.read_json(tmp_path / "run" / "log.jsonl", lines=True)
+    assert log["startup_s"].iloc[0] > 0 and (log["startup_s"].iloc[1:] == 0).all()
+    assert (log["steps"] == 2).all()
+
+
+def test_augmented_batches_do_not_depend_on_the_number_of_loader_workers(ham_sample, tmp_path):
+    base = ["train.epoch_sizes=[32,48]", "model.encoder.dynamic_img_size=true"]
+    b0, _ = _fold_batches(load_config("tiny_cpu", base + ["data.num_workers=0"]), ham_sample, tmp_path / "w0", 2)
+    b2, _ = _fold_batches(load_config("tiny_cpu", base + ["data.num_workers=2"]), ham_sample, tmp_path / "w2", 2)
+    for epoch in (0, 1):
+        for x, y in zip(b0[epoch], b2[epoch], strict=True):
+            assert x["lesion_id"] == y["lesion_id"]
+            assert torch.equal(x["images"]["dermoscopic"], y["images"]["dermoscopic"])
+    # each (epoch, lesion) key has its own fixed augmentation: repeatable, and different in another epoch
+    tr = _trainer(load_config("tiny_cpu"), ham_sample, tmp_path / "ds")
+    tr.setup()
+    data = tr.train_loader(range(2)).dataset
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a, again, other = data[(0, 3)], data[(0, 3)], data[(1, 3)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left untouched
+    assert torch.equal(a["images"]["dermoscopic"], again["images"]["dermoscopic"])
+    assert not torch.equal(a["images"]["dermoscopic"], other["images"]["dermoscopic"])
+
+
+class _Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return {"images": {"dermoscopic": torch.full((3, 8, 8), float(i)), "clinical": torch.zeros(3, 300, 300)},
+                "numeric": torch.tensor([i, -i], dtype=torch.float32), "present": torch.tensor([i % 2 == 0]),
+                "lesion_id": f"L{i}"}
+
+
+def test_batch_loader_hands_over_the_batches_collate_made():
+    from dermfusion.data.dataset import collate
+    from dermfusion.data.loading import BatchLoader
+
+    plain = list(torch.utils.data.DataLoader(_Items(), batch_size=4, collate_fn=collate))
+    packed = list(BatchLoader(_Items(), batch_size=4, collate_fn=collate, num_workers=1))
+    assert len(plain) == len(packed) == 2
+    for a, b in zip(plain, packed):
+        assert a["lesion_id"] == b["lesion_id"]
+        for key in ("numeric", "present"):
+            assert isinstance(b[key], torch.Tensor) and b[key].dtype == a[key].dtype and torch.equal(a[key], b[key])
+        for m in ("dermoscopic", "clinical"):  # small (pickled) and large (shared memory) image batches alike
+            assert isinstance(b["images"][m], torch.Tensor) and torch.equal(a["images"][m], b["images"][m])

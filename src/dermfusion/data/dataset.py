@@ -2,6 +2,9 @@
 every missing input, and a class-balanced sampler."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 import torch
@@ -15,12 +18,22 @@ from .transforms import Preprocess, eval_transform, train_transform
 
 
 class LesionDataset(Dataset):
+    """Manifest rows -> Batch items. Indexed by position ``i``, or — for a training loader that streams many
+    epochs through one set of worker processes — by ``(epoch, i)`` keys from
+    :class:`~dermfusion.data.samplers.EpochBatchSampler`: the item then takes that epoch's input size from ``epoch_sizes`` (progressive resizing; the last size
+    repeats) and, with ``seed`` set, draws its augmentation from a generator seeded by (seed, epoch, i), so a
+    lesion's augmented view does not depend on the number of loader workers, on which worker loads it, or on
+    whether training was resumed."""
+
     def __init__(self, df: pd.DataFrame, task: TaskSpec, spec: FeatureSpec, preprocess: dict[str, Preprocess],
                  train: bool = False, cache_dir: str | None = None, aug_strength: float = 1.0,
-                 with_targets: bool | None = None):
+                 with_targets: bool | None = None, epoch_sizes: Sequence[int] | None = None,
+                 seed: int | None = None):
         self.df = df.reset_index(drop=True)
         self.task, self.spec, self.train = task, spec, train
         self.preprocess = preprocess
+        self.seed = seed
+        self.epoch_sizes = [int(x) for x in epoch_sizes] if epoch_sizes else []
         self.lesion_ids = self.df["lesion_id"].astype(str).tolist()
         self.paths = {m: self.df[IMAGE_COLUMNS[m]].astype(str).tolist() for m in spec.modalities}
         self.numeric, self.numeric_present = spec.encode_numeric(self.df)
@@ -30,40 +43,72 @@ class LesionDataset(Dataset):
         if with_targets is None:
             with_targets = all(c in self.df.columns for c in cols) and self.df[cols].notna().all(axis=None)
         self.targets = np.array(self.df[cols].to_numpy(np.float32)) if with_targets else None  # writable copy
-        self.transforms = {m: (train_transform(m, preprocess[m], aug_strength) if train else eval_transform(preprocess[m]))
-                           for m in spec.modalities}
-        # cache at a little above the input size so random crops still have detail
-        self.caches = {}
-        if cache_dir:
-            for m in spec.modalities:
-                size = int(round(preprocess[m].size * (1.15 if train else 1.0)))
-                self.caches[m] = DecodeCache(cache_dir, size)
-                self.caches[m].prime(self.paths[m])
+        self.aug_strength = aug_strength
+        # one preprocessing (transforms + decode caches) per input size of the schedule, all built here, in the
+        # parent process, so worker processes inherit primed caches instead of hashing every JPEG again
+        self.cache_dir = cache_dir
+        self._by_size: dict[int | None, tuple[dict[str, Preprocess], dict, dict]] = {}
+        for size in (self.epoch_sizes or [None]):
+            self._setup(size)
+
+    def _setup(self, size: int | None) -> tuple[dict[str, Preprocess], dict, dict]:
+        """(preprocessing, transforms, decode caches) at input ``size`` (None: the preprocessing's own)."""
+        if size not in self._by_size:
+            pre = self.preprocess if size is None else {m: dataclasses.replace(p, size=size)
+                                                        for m, p in self.preprocess.items()}
+            self._by_size[size] = (pre, self._transforms(pre), self._caches(pre, self.cache_dir))
+        return self._by_size[size]
+
+    @property
+    def transforms(self) -> dict:
+        return self._setup(None)[1]
+
+    @property
+    def caches(self) -> dict:
+        return self._setup(None)[2]
+
+    def _transforms(self, pre: dict[str, Preprocess]) -> dict:
+        return {m: (train_transform(m, pre[m], self.aug_strength) if self.train else eval_transform(pre[m]))
+                for m in self.spec.modalities}
+
+    def _caches(self, pre: dict[str, Preprocess], cache_dir: str | None) -> dict:
+        caches = {}
+        if cache_dir:  # cache at a little above the input size so random crops still have detail
+            for m in self.spec.modalities:
+                caches[m] = DecodeCache(cache_dir, int(round(pre[m].size * (1.15 if self.train else 1.0))))
+                caches[m].prime(self.paths[m])
+        return caches
+
+    def size_of_epoch(self, epoch: int) -> int | None:
+        """The schedule's input size for ``epoch`` (None: the preprocessing's own)."""
+        return self.epoch_sizes[min(epoch, len(self.epoch_sizes) - 1)] if self.epoch_sizes else None
 
     def __len__(self) -> int:
         return len(self.df)
 
     def load_image(self, modality: str, i: int) -> torch.Tensor | None:
+        """Lesion ``i``'s decoded ``modality`` image (uint8 C×H×W, before transforms), or None when absent."""
+        return self._load(modality, i, self.preprocess[modality], self.caches.get(modality))
+
+    def _load(self, modality: str, i: int, pre: Preprocess, cache) -> torch.Tensor | None:
         path = self.paths[modality][i]
         if not path:
             return None
-        pre = self.preprocess[modality]
-        arr = load_rgb_array(path, self.caches.get(modality), size=None if modality in self.caches else
+        arr = load_rgb_array(path, cache, size=None if cache is not None else
                              int(round(pre.size * (1.15 if self.train else 1.0))))
         arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
         return torch.from_numpy(arr).permute(2, 0, 1)
 
-    def __getitem__(self, i: int) -> dict:
-        images, present = {}, []
-        for m in self.spec.modalities:
-            img = self.load_image(m, i)
-            size = self.preprocess[m].size
-            if img is None:
-                images[m] = torch.zeros(3, size, size)
-                present.append(False)
-            else:
-                images[m] = self.transforms[m](img)
-                present.append(True)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        pre, transforms, caches = self._setup(self.size_of_epoch(epoch) if epoch is not None else None)
+        if epoch is not None and self.seed is not None:
+            # the augmentation's own random stream; the caller's (dropout, the sampler) is left untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, epoch, i))
+                images, present = self._images(i, pre, transforms, caches)
+        else:
+            images, present = self._images(i, pre, transforms, caches)
         item = {
             "images": images,
             "image_present": torch.tensor(present, dtype=torch.bool),
@@ -77,6 +122,26 @@ class LesionDataset(Dataset):
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[i])
         return item
+
+    def _images(self, i: int, pre: dict, transforms: dict, caches: dict) -> tuple[dict, list[bool]]:
+        images, present = {}, []
+        for m in self.spec.modalities:
+            img = self._load(m, i, pre[m], caches.get(m))
+            if img is None:
+                images[m] = torch.zeros(3, pre[m].size, pre[m].size)
+                present.append(False)
+            else:
+                images[m] = transforms[m](img)
+                present.append(True)
+        return images, present
+
+
+def item_seed(seed: int, epoch: int, i: int) -> int:
+    """A 63-bit seed for lesion ``i`` in ``epoch`` (splitmix-style mixing: neighbouring keys get unrelated seeds)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(i) * 0x94D049BB133111EB) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) >> 1
 
 
 def collate(items: list[dict]) -> dict:

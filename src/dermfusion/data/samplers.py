@@ -9,6 +9,9 @@ the sampler yields what ``torch.utils.data.WeightedRandomSampler`` yields for th
 
 ``ShardedEvalSampler`` — contiguous, *non-padded* shards for evaluation and prediction: every index
 belongs to exactly one rank, so gathering the shards in rank order gives each lesion exactly once.
+
+``EpochBatchSampler`` — the batches of many epochs, as ``(epoch, index)`` keys, in one stream: one training
+loader iterator (and its worker processes) serves a whole fold.
 """
 from __future__ import annotations
 
@@ -71,3 +74,40 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """The batches of several training epochs in one stream: epoch ``e``'s draw comes from
+    ``make_sampler(e)`` and is cut into ``steps_per_epoch`` batches of ``batch_size`` ``(epoch, index)`` keys
+    (a draw shorter than one batch gives one short batch; leftovers are dropped), then epoch ``e + 1`` follows.
+
+    One loader iterator then serves a whole fold: its worker processes are forked once and decode the next
+    epoch's first batches while the current epoch's last steps compute (a loader per epoch waits for both at
+    every epoch start). ``LesionDataset`` reads the epoch from the key: that epoch's input size and
+    augmentation seeds.
+    """
+
+    def __init__(self, make_sampler, batch_size: int, steps_per_epoch: int, epochs: range):
+        if batch_size < 1 or steps_per_epoch < 1:
+            raise ValueError("batch_size and steps_per_epoch must be positive")
+        self.make_sampler, self.batch_size, self.steps = make_sampler, int(batch_size), int(steps_per_epoch)
+        self.epochs = epochs
+
+    def epoch_batches(self, epoch: int) -> Iterator[list[tuple[int, int]]]:
+        batch, n = [], 0
+        for i in self.make_sampler(epoch):
+            batch.append((epoch, int(i)))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch, n = [], n + 1
+                if n == self.steps:
+                    return
+        if batch and n == 0:
+            yield batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in self.epochs:
+            yield from self.epoch_batches(epoch)
+
+    def __len__(self) -> int:
+        return self.steps * len(self.epochs)

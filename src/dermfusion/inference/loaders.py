@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from ..config import ExperimentConfig
 from ..data.dataset import LesionDataset, collate
 from ..data.features import FeatureSpec
+from ..data.loading import BatchLoader
 from ..data.transforms import Preprocess
 from ..training.runtime import resolve_device
 from .backends import list_backends
@@ -89,7 +90,7 @@ class NetworkPredictor(Predictor):
 
     def loader(self, df: pd.DataFrame) -> DataLoader:
         ds = LesionDataset(df, self.task, self.spec, self.preprocess, train=False, with_targets=False)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=False, collate_fn=collate,
+        return BatchLoader(ds, batch_size=self.batch_size, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers)
 
     def predict_raw(self, df: pd.DataFrame, *, tta: int = 0, progress: bool = False) -> np.ndarray:

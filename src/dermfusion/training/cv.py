@@ -111,13 +111,15 @@ def _train_fold_parallel(cfg, task, df, fold_ids, out, profile, ctx) -> list:
 
 
 def _profile(history: list[dict]) -> dict:
-    """Where a fold's training time went: pipeline start-up (each epoch's first batch: worker processes
-    forked, first images decoded), then, in the steady state, waiting for input vs computing."""
+    """Where a fold's training time went: pipeline start-up (the fold's first batch: loader built, worker
+    processes forked, first images decoded — once per fold, later epochs' batches are prefetched), then
+    waiting for input vs computing. ``data_wait_frac`` leaves the start-up out, ``input_bound_frac`` counts it."""
     data = sum(h["data_wait_s"] for h in history)
     comp = sum(h["compute_s"] for h in history)
     start = sum(h.get("startup_s", 0.0) for h in history)
     return {"startup_s": start, "data_wait_s": data, "compute_s": comp,
-            "data_wait_frac": data / max(data + comp, 1e-9)}
+            "data_wait_frac": data / max(data + comp, 1e-9),
+            "input_bound_frac": (start + data) / max(start + data + comp, 1e-9)}
 
 
 def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:

@@ -29,7 +29,9 @@ from ..config import ConfigError, ExperimentConfig
 from ..console import console, make_progress
 from ..data.dataset import LesionDataset, class_balanced_sampler, collate
 from ..data.features import FeatureSpec
+from ..data.loading import BatchLoader
 from ..data.manifest import present_modalities, targets
+from ..data.samplers import EpochBatchSampler
 from ..data.transforms import Preprocess
 from ..tasks import TaskSpec
 from .checkpoint import save_atomic, write_dir_atomic
@@ -96,6 +98,7 @@ class FoldTrainer:
         self.batch_per_rank = cfg.train.batch_size // self.world
         self.on_before_optimizer_step = None
         self.on_step_end = None
+        self._train_iter, self._train_iter_epoch = None, None
         self.device = self.dist.device(cfg.train.device) if self.dist.launched else resolve_device(cfg.train.device)
         self.amp = autocast_dtype(self.device, cfg.train.precision)
         self.channels_last = cfg.train.channels_last and self.device.type in {"cuda", "cpu"}
@@ -109,28 +112,52 @@ class FoldTrainer:
         self.spec = feature_spec_for(cfg, task, df)
 
     # ---- construction -------------------------------------------------------------------------
-    def _loader(self, frame: pd.DataFrame, train: bool, epoch: int = 0) -> DataLoader:
-        cfg = self.cfg
-        cache = str(Path(cfg.data.cache_dir).expanduser()) if cfg.data.cache_dir else None
-        pre = self.train_preprocess(epoch) if train else self.preprocess
-        ds = LesionDataset(frame, self.task, self.spec, pre, train=train, cache_dir=cache,
-                           aug_strength=cfg.data.aug_strength)
-        workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
-        kw = dict(num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
-                  persistent_workers=False)
+    def _loader_kwargs(self) -> dict:
+        workers = default_num_workers(self.device) if self.cfg.data.num_workers < 0 else self.cfg.data.num_workers
+        kw = dict(num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda")
         if workers > 0:
             kw["prefetch_factor"] = 4
-        if train:
-            sampler = class_balanced_sampler(ds.targets, cfg.train.sampler_power, seed=self._seed(epoch),
-                                             rank=self.dist.rank, world_size=self.world)
-            bs = self.batch_per_rank
-            return DataLoader(ds, batch_size=bs, sampler=sampler, drop_last=len(sampler) > bs, **kw)
+        return kw
+
+    def _cache_dir(self) -> str | None:
+        return str(Path(self.cfg.data.cache_dir).expanduser()) if self.cfg.data.cache_dir else None
+
+    def train_loader(self, epochs: range) -> DataLoader:
+        """A training loader over ``epochs`` (one stream of ``steps_per_epoch()`` batches per epoch): its worker
+        processes, if any, are forked once and prefetch across epoch boundaries. The class-balanced draw,
+        the progressive-resizing input size and the augmentation seeds follow from each batch's epoch."""
+        cfg = self.cfg
+        ds = LesionDataset(self.train_df, self.task, self.spec, self.preprocess, train=True,
+                           cache_dir=self._cache_dir(), aug_strength=cfg.data.aug_strength,
+                           epoch_sizes=cfg.train.epoch_sizes, seed=self._seed(-1))
+        batches = EpochBatchSampler(lambda e: class_balanced_sampler(
+            ds.targets, cfg.train.sampler_power, seed=self._seed(e), rank=self.dist.rank, world_size=self.world),
+            self.batch_per_rank, self.steps_per_epoch(), epochs)
+        return BatchLoader(ds, batch_sampler=batches, **self._loader_kwargs())
+
+    def _epoch_batches(self, epoch: int):
+        """The batch iterator positioned at ``epoch``'s first batch (a new one when epochs are not consecutive)."""
+        if self._train_iter is None or self._train_iter_epoch != epoch:
+            self.close_loaders()
+            self._train_iter = iter(self.train_loader(range(epoch, max(epoch + 1, self.cfg.train.epochs))))
+        self._train_iter_epoch = epoch + 1
+        return self._train_iter
+
+    def close_loaders(self) -> None:
+        """Stop the training loader's worker processes."""
+        self._train_iter, self._train_iter_epoch = None, None
+
+    def _loader(self, frame: pd.DataFrame) -> DataLoader:
+        """An evaluation / prediction loader over ``frame`` (no augmentation, in order)."""
+        cfg = self.cfg
+        ds = LesionDataset(frame, self.task, self.spec, self.preprocess, train=False, cache_dir=self._cache_dir())
+        kw = self._loader_kwargs()
         if self.world > 1:  # contiguous, non-padded shard: every lesion is predicted by exactly one rank
             from ..data.samplers import ShardedEvalSampler
 
-            return DataLoader(ds, batch_size=cfg.train.eval_batch_size,
+            return BatchLoader(ds, batch_size=cfg.train.eval_batch_size,
                               sampler=ShardedEvalSampler(len(ds), self.dist.rank, self.world), **kw)
-        return DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, **kw)
+        return BatchLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, **kw)
 
     def train_preprocess(self, epoch: int) -> dict[str, Preprocess]:
         """The preprocessing of training epoch ``epoch``: the backbone's, at ``train.epoch_sizes[epoch]`` when
@@ -203,19 +230,19 @@ class FoldTrainer:
     # ---- loop ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, progress) -> dict:
         cfg = self.cfg
-        seed_everything(self._seed(epoch) + RANK_SEED_STRIDE * self.dist.rank)
-        loader = self._loader(self.train_df, train=True, epoch=epoch)
+        new_stream = self._train_iter is None or self._train_iter_epoch != epoch
+        batches = self._epoch_batches(epoch)  # first: a new loader iterator draws its base seed from the global RNG
+        seed_everything(self._seed(epoch) + RANK_SEED_STRIDE * self.dist.rank)  # dropout etc.; data has its own seeds
         self.model.train()
         steps = self.steps_per_epoch()
         task = progress.add_task(f"fold {self.fold} epoch {epoch + 1}/{cfg.train.epochs}", total=steps, info="")
         losses, t_data, t_compute, t_startup = [], 0.0, 0.0, 0.0
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
+        for step in range(steps):
+            batch = next(batches)
             t1 = time.perf_counter()
-            if step == 0:  # pipeline start-up: worker processes forked, first batch decoded
+            if step == 0 and new_stream:  # pipeline start-up: loader built, workers forked, first batch decoded
                 t_startup = t1 - t0
             else:  # steady state: the model waited for the input pipeline
                 t_data += t1 - t0
@@ -258,7 +285,7 @@ class FoldTrainer:
         from ..inference.predict_loop import predict_probs
 
         model = model or (self.ema.module if self.ema else self.model)
-        loader = self._loader(frame, train=False)
+        loader = self._loader(frame)
         probs = predict_probs(model, loader, self.device, self.amp, self.channels_last, tta=tta,
                               modalities=self.spec.modalities)
         if self.world > 1:  # every rank predicted its shard: gather, in row order, each lesion once
@@ -334,6 +361,7 @@ class FoldTrainer:
                     if main:
                         console.print(f"fold {self.fold}: early stop after epoch {epoch + 1} (best {best:.4f})")
                     break
+        self.close_loaders()
         final = self.ema.module if self.ema else self.model
         if best_state is not None:
             final.load_state_dict(best_state)
