@@ -66,7 +66,8 @@ def test_peak_memory_sees_an_allocation():
     assert mem.peak_mb > 32
 
 
-def test_bench_model_reports_everything():
+def test_bench_model_reports_everything(monkeypatch):
+    monkeypatch.setattr("dermfusion.bench.runner.native_bf16", lambda device: True)  # run bf16 even where emulated
     model = tiny_trimodal()
     batches = [tiny_batch(model, 2, seed=s) for s in range(3)]
     res = bench_model(model, backends=["bf16", "int8", "no_such_backend"], batch_sizes=[1, 2], eval_batches=batches,
@@ -88,9 +89,48 @@ def test_bench_model_reports_everything():
     assert "| bf16 | 2 |" in md and "failed" in md
 
 
-def test_bench_cli_on_config(tmp_path):
+def test_bench_skips_emulated_bf16_with_a_reason(monkeypatch):
+    monkeypatch.setattr("dermfusion.bench.runner.native_bf16", lambda device: False)
+    model = tiny_trimodal()
+    res = bench_model(model, backends=["bf16", "autocast", "int8"], batch_sizes=[1], repeats=2,
+                      rates={"fp32": 100.0, "bf16": 0.9, "int8": 150.0})
+    for name in ("bf16", "autocast"):
+        rec = res["backends"][name]
+        assert not rec["ok"] and rec["error"].startswith("skipped: this CPU has no bf16 units") and "batches" not in rec
+    assert res["backends"]["int8"]["ok"] and res["backends"]["fp32"]["ok"]
+    assert "| bf16 | — | skipped: this CPU has no bf16 units" in markdown(res)
+
+
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_compile_uses_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, bf16_units):
+    from dermfusion.inference.backends import prepare_backend
+
+    seen = []
+
+    class Eager(torch.nn.Module):  # stand-in for the inductor-compiled module: records the precision it runs under
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, batch):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.module(batch)
+
+    def fake_compile(module, **kw):
+        return Eager(module)
+
+    monkeypatch.setattr("dermfusion.training.runtime.native_bf16", lambda device: bf16_units)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = tiny_trimodal()
+    runner = prepare_backend(model, "compile", sample_batch=tiny_batch(model, 2, seed=0))
+    assert runner.info["precision"] == ("bf16 GEMMs" if bf16_units else "fp32")
+    assert seen == [bf16_units]
+
+
+def test_bench_cli_on_config(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    monkeypatch.setattr("dermfusion.bench.runner.native_bf16", lambda device: True)
     import dermfusion.commands_perf  # noqa: F401
     from dermfusion.cli import app
 

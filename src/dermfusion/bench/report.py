@@ -20,7 +20,9 @@ def rows(result: dict) -> list[list[str]]:
     out = []
     for name, rec in result["backends"].items():
         if not rec.get("ok"):
-            out.append([name, "—", f"failed: {rec.get('error', '?')[:60]}", *["" for _ in COLUMNS[3:]]])
+            err = rec.get("error", "?")
+            out.append([name, "—", err[:110] if err.startswith("skipped") else f"failed: {err[:60]}",
+                        *["" for _ in COLUMNS[3:]]])
             continue
         acc = rec.get("accuracy") or {}
         for bs, st in rec["batches"].items():

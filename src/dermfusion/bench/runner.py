@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..inference.backends import BackendError, compare_probs, prepare_backend
+from ..training.runtime import native_bf16
 from .core import (PartTimer, PeakMemory, count_flops, floor_ms, latency_stats, machine_info, matmul_rates,
                    timed_calls)
 
@@ -106,6 +107,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------ bench
 DEFAULT_BACKENDS = ("fp32", "bf16", "autocast", "int8", "onnx")
+EMULATED_BF16 = {"bf16", "autocast"}  # skipped on a CPU without bf16 units: a ViT-B pair call would take minutes
 
 
 def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS, batch_sizes: Sequence[int] = (1, 8, 32),
@@ -153,6 +155,12 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
     for backend in backends:
         rec: dict = {"ok": False}
         result["backends"][backend] = rec
+        if backend in EMULATED_BF16 and device.type == "cpu" and not native_bf16(device):
+            rec["error"] = ("skipped: this CPU has no bf16 units (AMX / AVX-512 BF16); emulated bf16 ran at "
+                            f"{result['matmul_gflops'].get('bf16') or 0:.1f} GFLOP/s vs fp32 "
+                            f"{result['matmul_gflops'].get('fp32') or 0:.0f}")
+            log(f"{backend}: {rec['error']}")
+            continue
         log(f"{backend}: preparing")
         try:
             t0 = time.perf_counter()
@@ -202,7 +210,8 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
                 if encs:
                     st["encoders_ms"] = float(np.median(encs))
                     st["fusion_ms"] = float(np.median(np.asarray(totals) - np.asarray(encs)))
-                fl = floor_ms(flops, result["matmul_gflops"], backend, bs)
+                fl = floor_ms(flops, result["matmul_gflops"],  # compile runs fp32 where bf16 is emulated
+                              "fp32" if rec["info"].get("precision") == "fp32" else backend, bs)
                 st["floor_ms"] = fl
                 st["x_floor"] = st["p50_ms"] / fl if fl else None
                 rec["batches"][str(bs)] = st

@@ -20,7 +20,7 @@ Backends (``BACKENDS``):
   onnx      ONNX Runtime (float32) on the exported model (``dermfusion.export``).
   onnx-int8 ONNX Runtime with the encoders' MatMul weights int8 (per channel), dynamic activations.
   compile   ``torch.compile`` (inductor, frozen weights) of the float32 model under bf16 autocast: bf16
-            GEMMs, float32 residual stream. The first call per batch shape compiles (~25 s for a ViT-B
+            GEMMs, float32 residual stream (plain float32 on a CPU without bf16 units). The first call per batch shape compiles (~25 s for a ViT-B
             pair on 2 cores), later calls are fast.
 
 Why ``nn.MultiheadAttention`` is replaced (``fast_attention_``): open_clip's ViT and our fusion
@@ -341,7 +341,11 @@ def _compile(model: nn.Module, device="cpu", sample_batch: dict | None = None, *
     except Exception:  # noqa: BLE001
         pass
     compiled = torch.compile(m, dynamic=False)
-    runner = _eager_runner("compile", compiled, device, _bf16_autocast(device))
+    from ..training.runtime import native_bf16
+
+    bf16 = native_bf16(device)  # without bf16 units (AVX2-only CPUs) bf16 is emulated, far slower than fp32
+    runner = _eager_runner("compile", compiled, device, _bf16_autocast(device) if bf16 else contextlib.nullcontext,
+                           info={"precision": "bf16 GEMMs" if bf16 else "fp32"})
     runner.module = m
     if sample_batch is not None:  # compile now, so the cost is visible and not charged to the first request
         t0 = time.perf_counter()
