@@ -98,7 +98,7 @@ class FoldTrainer:
         self.batch_per_rank = cfg.train.batch_size // self.world
         self.on_before_optimizer_step = None
         self.on_step_end = None
-        self._train_iter, self._train_iter_epoch = None, None
+        self._train_iter, self._train_iter_epoch, self._fork_s = None, None, 0.0
         self.device = self.dist.device(cfg.train.device) if self.dist.launched else resolve_device(cfg.train.device)
         self.amp = autocast_dtype(self.device, cfg.train.precision)
         self.channels_last = cfg.train.channels_last and self.device.type in {"cuda", "cpu"}
@@ -139,7 +139,10 @@ class FoldTrainer:
         """The batch iterator positioned at ``epoch``'s first batch (a new one when epochs are not consecutive)."""
         if self._train_iter is None or self._train_iter_epoch != epoch:
             self.close_loaders()
-            self._train_iter = iter(self.train_loader(range(epoch, max(epoch + 1, self.cfg.train.epochs))))
+            loader = self.train_loader(range(epoch, max(epoch + 1, self.cfg.train.epochs)))
+            t0 = time.perf_counter()
+            self._train_iter = iter(loader)  # forks the worker processes
+            self._fork_s = time.perf_counter() - t0
         self._train_iter_epoch = epoch + 1
         return self._train_iter
 
@@ -242,8 +245,8 @@ class FoldTrainer:
         for step in range(steps):
             batch = next(batches)
             t1 = time.perf_counter()
-            if step == 0 and new_stream:  # pipeline start-up: loader built, workers forked, first batch decoded
-                t_startup = t1 - t0
+            if step == 0 and new_stream:  # pipeline start-up: workers forked, first batch decoded
+                t_startup = t1 - t0 + self._fork_s
             else:  # steady state: the model waited for the input pipeline
                 t_data += t1 - t0
             batch = move_batch(batch, self.device, self.channels_last)
