@@ -81,7 +81,7 @@ class LesionDataset(Dataset):
 
     def size_of_epoch(self, epoch: int) -> int | None:
         """The schedule's input size for ``epoch`` (None: the preprocessing's own)."""
-        return self.epoch_sizes[min(epoch, len(self.epoch_sizes) - 1)] if self.epoch_sizes else None
+        return scheduled_size(self.epoch_sizes, epoch)
 
     def __len__(self) -> int:
         return len(self.df)
@@ -105,7 +105,7 @@ class LesionDataset(Dataset):
         if epoch is not None and self.seed is not None:
             # the augmentation's own random stream; the caller's (dropout, the sampler) is left untouched
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(item_seed(self.seed, epoch, i))
+                torch.manual_seed(hash((self.seed, epoch, i)))  # ints hash the same in every process
                 images, present = self._images(i, pre, transforms, caches)
         else:
             images, present = self._images(i, pre, transforms, caches)
@@ -136,12 +136,10 @@ class LesionDataset(Dataset):
         return images, present
 
 
-def item_seed(seed: int, epoch: int, i: int) -> int:
-    """A 63-bit seed for lesion ``i`` in ``epoch`` (splitmix-style mixing: neighbouring keys get unrelated seeds)."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(i) * 0x94D049BB133111EB) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) >> 1
+def scheduled_size(epoch_sizes, epoch: int) -> int | None:
+    """Input size of training ``epoch`` under a progressive-resizing schedule (the last size repeats); None
+    without a schedule."""
+    return int(epoch_sizes[min(epoch, len(epoch_sizes) - 1)]) if epoch_sizes else None
 
 
 def collate(items: list[dict]) -> dict:

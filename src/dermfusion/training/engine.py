@@ -12,7 +12,6 @@ rank 0 writes logs, checkpoints and the bundle. A single process takes exactly t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import time
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, ExperimentConfig
 from ..console import console, make_progress
-from ..data.dataset import LesionDataset, class_balanced_sampler, collate
+from ..data.dataset import LesionDataset, class_balanced_sampler, collate, scheduled_size
 from ..data.features import FeatureSpec
 from ..data.loading import BatchLoader
 from ..data.manifest import present_modalities, targets
@@ -98,7 +97,7 @@ class FoldTrainer:
         self.batch_per_rank = cfg.train.batch_size // self.world
         self.on_before_optimizer_step = None
         self.on_step_end = None
-        self._train_iter, self._train_iter_epoch, self._fork_s = None, None, 0.0
+        self._train_iter, self._train_iter_epoch = None, None
         self.device = self.dist.device(cfg.train.device) if self.dist.launched else resolve_device(cfg.train.device)
         self.amp = autocast_dtype(self.device, cfg.train.precision)
         self.channels_last = cfg.train.channels_last and self.device.type in {"cuda", "cpu"}
@@ -136,15 +135,17 @@ class FoldTrainer:
         return BatchLoader(ds, batch_sampler=batches, **self._loader_kwargs())
 
     def _epoch_batches(self, epoch: int):
-        """The batch iterator positioned at ``epoch``'s first batch (a new one when epochs are not consecutive)."""
-        if self._train_iter is None or self._train_iter_epoch != epoch:
+        """(batch iterator positioned at ``epoch``'s first batch, seconds spent starting it — forking the
+        workers — or None when the fold's stream simply continues)."""
+        fork_s = None
+        if self._train_iter is None or self._train_iter_epoch != epoch:  # first epoch, resume, or out of order
             self.close_loaders()
             loader = self.train_loader(range(epoch, max(epoch + 1, self.cfg.train.epochs)))
             t0 = time.perf_counter()
             self._train_iter = iter(loader)  # forks the worker processes
-            self._fork_s = time.perf_counter() - t0
+            fork_s = time.perf_counter() - t0
         self._train_iter_epoch = epoch + 1
-        return self._train_iter
+        return self._train_iter, fork_s
 
     def close_loaders(self) -> None:
         """Stop the training loader's worker processes."""
@@ -161,15 +162,6 @@ class FoldTrainer:
             return BatchLoader(ds, batch_size=cfg.train.eval_batch_size,
                               sampler=ShardedEvalSampler(len(ds), self.dist.rank, self.world), **kw)
         return BatchLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False, **kw)
-
-    def train_preprocess(self, epoch: int) -> dict[str, Preprocess]:
-        """The preprocessing of training epoch ``epoch``: the backbone's, at ``train.epoch_sizes[epoch]`` when
-        a progressive-resizing schedule is set (the last size repeats)."""
-        sizes = self.cfg.train.epoch_sizes
-        if not sizes:
-            return self.preprocess
-        size = int(sizes[min(epoch, len(sizes) - 1)])
-        return {m: dataclasses.replace(p, size=size) for m, p in self.preprocess.items()}
 
     def _seed(self, epoch: int) -> int:
         return self.cfg.train.seed * 1_000_003 + (self.fold + 1) * 10_007 + epoch
@@ -233,8 +225,7 @@ class FoldTrainer:
     # ---- loop ---------------------------------------------------------------------------------
     def train_epoch(self, epoch: int, progress) -> dict:
         cfg = self.cfg
-        new_stream = self._train_iter is None or self._train_iter_epoch != epoch
-        batches = self._epoch_batches(epoch)  # first: a new loader iterator draws its base seed from the global RNG
+        batches, fork_s = self._epoch_batches(epoch)  # first: a new loader iterator draws its base seed from the global RNG
         seed_everything(self._seed(epoch) + RANK_SEED_STRIDE * self.dist.rank)  # dropout etc.; data has its own seeds
         self.model.train()
         steps = self.steps_per_epoch()
@@ -245,8 +236,8 @@ class FoldTrainer:
         for step in range(steps):
             batch = next(batches)
             t1 = time.perf_counter()
-            if step == 0 and new_stream:  # pipeline start-up: workers forked, first batch decoded
-                t_startup = t1 - t0 + self._fork_s
+            if step == 0 and fork_s is not None:  # pipeline start-up: workers forked, first batch decoded
+                t_startup = t1 - t0 + fork_s
             else:  # steady state: the model waited for the input pipeline
                 t_data += t1 - t0
             batch = move_batch(batch, self.device, self.channels_last)
@@ -335,7 +326,7 @@ class FoldTrainer:
                 stats = self.train_epoch(epoch, progress)
                 rec = {"fold": self.fold, "epoch": epoch + 1, **stats, "lr": self.scheduler.get_last_lr()[-1]}
                 if cfg.train.epoch_sizes:
-                    rec["train_size"] = next(iter(self.train_preprocess(epoch).values())).size
+                    rec["train_size"] = scheduled_size(cfg.train.epoch_sizes, epoch)
                 if len(self.val_df) and self._validate_now(epoch):
                     rec.update({f"val_{k}": v for k, v in self.evaluate(self.predict(self.val_df)).items()})
                     score = rec["val_official"]
