@@ -128,12 +128,22 @@ def test_precision_settings(monkeypatch):
         runtime.autocast_dtype(cpu, "fp8")
 
 
+def test_train_threads_must_not_be_negative():
+    from dermfusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match="threads"):
+        load_config("tiny_cpu", ["train.threads=-1"])
+
+
 def test_profile_separates_pipeline_start_up_from_steady_state_input_wait(ham_sample, tmp_path):
     from dermfusion.training.cv import train_cv
 
-    cfg = load_config("tiny_cpu", ["train.epochs=2", "train.max_steps_per_epoch=3", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config("tiny_cpu", ["train.epochs=2", "train.max_steps_per_epoch=3", f"data.cache_dir={tmp_path / 'cache'}",
+                                   "train.threads=2"])
     summary = train_cv(cfg, ham_sample, tmp_path / "run", folds="0", profile=True)
     prof = summary["profile"][0]
+    assert (prof["compute_threads"], prof["loader_workers"]) == (2, 0)  # train.threads applied during the run …
+    assert torch.get_num_threads() == 1  # … and the caller's setting restored afterwards
     assert prof["startup_s"] > 0 and prof["compute_s"] > 0 and prof["data_wait_s"] >= 0
     assert prof["data_wait_frac"] == pytest.approx(prof["data_wait_s"] / (prof["data_wait_s"] + prof["compute_s"]))
     log = pd.read_json(tmp_path / "run" / "fold_0" / "log.jsonl", lines=True)

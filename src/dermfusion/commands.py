@@ -52,13 +52,15 @@ def train_cmd(
                 from rich.table import Table
                 t = Table(title="training-step breakdown",
                           caption="start-up: the fold's first batch (loader built, workers forked, first images "
-                                  "decoded; later epochs' batches are prefetched); input-bound share: data wait / "
+                                  "decoded; later epochs' batches are prefetched); workers: loader processes (data.num_workers); "
+                                  "threads: torch compute threads (train.threads); input-bound share: data wait / "
                                   "(data wait + compute), without and with the start-up")
-                for c in ("fold", "start-up (s)", "data wait (s)", "compute (s)", "input-bound share",
+                for c in ("fold", "workers", "threads", "start-up (s)", "data wait (s)", "compute (s)", "input-bound share",
                           "incl. start-up"):
                     t.add_column(c, justify="right")
                 for f, p in summary["profile"].items():
-                    t.add_row(str(f), f"{p.get('startup_s', 0.0):.2f}", f"{p['data_wait_s']:.2f}",
+                    t.add_row(str(f), str(p.get("loader_workers", "?")), str(p.get("compute_threads", "?")),
+                              f"{p.get('startup_s', 0.0):.2f}", f"{p['data_wait_s']:.2f}",
                               f"{p['compute_s']:.2f}", f"{p['data_wait_frac']:.1%}", f"{p['input_bound_frac']:.1%}")
                 console.print(t)
             console.print(f"[green]done[/]: bundles and out-of-fold predictions in {out}")

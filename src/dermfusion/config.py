@@ -52,6 +52,7 @@ class TrainConfig(_Strict):
     eval_batch_size: int = 64
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
+    threads: int = Field(0, ge=0)  # torch compute threads for the run; 0 = torch's default (one per core)
     precision: Literal["auto", "fast", "fp32", "bf16"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fast (bf16 where native) | fp32 | bf16
     channels_last: bool = True     # NHWC images + conv weights (CUDA; CPU too: +19% for ResNet-18 here)
     compile: bool = False

@@ -54,9 +54,15 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
 
         parse_folds(folds, df, cfg)  # validates the manifest's folds; the tabular stage trains all of them
         return train_tabular_cv(cfg.model_dump(), df, task, out)
+    from .runtime import compute_threads
+
+    with compute_threads(cfg.train.threads):
+        return _train_network_cv(cfg, task, df, out, parse_folds(folds, df, cfg), profile, fold_parallel, ctx)
+
+
+def _train_network_cv(cfg, task, df, out: Path, fold_ids: list[int], profile: bool, fold_parallel: bool, ctx) -> dict:
     from .engine import FoldTrainer
 
-    fold_ids = parse_folds(folds, df, cfg)
     if fold_parallel and ctx.distributed:
         results = _train_fold_parallel(cfg, task, df, fold_ids, out, profile, ctx)
     else:
@@ -117,7 +123,9 @@ def _profile(history: list[dict]) -> dict:
     data = sum(h["data_wait_s"] for h in history)
     comp = sum(h["compute_s"] for h in history)
     start = sum(h.get("startup_s", 0.0) for h in history)
+    last = history[-1] if history else {}
     return {"startup_s": start, "data_wait_s": data, "compute_s": comp,
+            "loader_workers": last.get("loader_workers"), "compute_threads": last.get("compute_threads"),
             "data_wait_frac": data / max(data + comp, 1e-9),
             "input_bound_frac": (start + data) / max(start + data + comp, 1e-9)}
 

@@ -271,6 +271,7 @@ class FoldTrainer:
         wall = total + t_startup
         return {"loss": float(np.mean(losses)) if losses else float("nan"), "data_wait_s": t_data,
                 "compute_s": t_compute, "startup_s": t_startup,
+                "loader_workers": self._loader_kwargs()["num_workers"], "compute_threads": torch.get_num_threads(),
                 "data_wait_frac": t_data / total if total else 0.0,
                 "steps": len(losses), "lesions_per_s": len(losses) * cfg.train.batch_size / wall if wall else 0.0}
 

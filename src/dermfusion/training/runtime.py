@@ -82,6 +82,25 @@ def default_num_workers(device: torch.device) -> int:
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
+@contextlib.contextmanager
+def compute_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads (``n`` <= 0: leave torch's setting), then restore it.
+
+    On a small CPU machine a data-loader worker and the training threads share the cores; fewer compute
+    threads can be faster (docs/PERFORMANCE.md)."""
+    if n < 0:
+        raise ValueError(f"train.threads must be >= 0 (0 = torch's default), not {n}")
+    if n == 0:
+        yield torch.get_num_threads()
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
