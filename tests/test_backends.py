@@ -109,6 +109,10 @@ def test_onnx_backends_leave_no_export_behind(name, tmp_path, monkeypatch):
     got = runner.predict_proba(batch)  # the session still runs from memory
     cmp = compare_probs(prepare_backend(model, "fp32").predict_proba(batch), got)
     assert cmp["max_prob_diff"] < (1e-4 if name == "onnx" else 0.05), cmp
+    if name == "onnx-int8":  # 7-bit weights where u8×s8 sums would saturate (no VNNI / AMX)
+        from dermfusion.training.runtime import cpu_int8_dot_product
+
+        assert runner.info["weight_bits"] == (8 if cpu_int8_dot_product() else 7)
 
 
 def test_bf16_backend_keeps_masking():

@@ -56,6 +56,42 @@ def test_count_flops_sees_into_multihead_attention():
     assert f["total"] == pytest.approx(projections + attention, rel=0.02)
 
 
+@pytest.mark.parametrize("dtype, tol", [("fp32", 1e-5), ("int8", 0.03)])
+def test_onnx_runtime_matmul_probe_computes_the_product_it_times(dtype, tol):
+    # the machine's int8 / fp32 rate (the floor's denominator) includes this kernel: it must be a real x @ w
+    import numpy as np
+
+    from dermfusion.bench.core import matmul_rate, ort_matmul_session
+
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((96, 64), dtype=np.float32), rng.standard_normal((5, 96), dtype=np.float32)
+    y = ort_matmul_session(w, dtype).run(None, {"x": x})[0]
+    assert y.shape == (5, 64)
+    assert np.abs(y - x @ w).max() <= tol * np.abs(x @ w).max()
+    assert matmul_rate(dtype, n=128, repeats=1) > 0
+
+
+def test_onnx_int8_weights_are_7_bit_where_the_cpu_has_no_int8_dot_product(monkeypatch):
+    # without VNNI / AMX, MLAS sums u8×s8 products in saturating 16-bit pairs: full-range int8 weights
+    # lost ~20 % of this product on an AVX2-only EPYC, 7-bit weights ~1.5 %
+    import numpy as np
+
+    from dermfusion.bench.core import ort_matmul_session
+    from dermfusion.training import runtime
+
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((96, 64), dtype=np.float32), rng.standard_normal((5, 96), dtype=np.float32)
+    err = {bits: np.abs(ort_matmul_session(w, "int8", reduce_range=bits == 7).run(None, {"x": x})[0] - x @ w).max()
+           / np.abs(x @ w).max() for bits in (7, 8)}
+    assert err[7] < 0.03
+    if not runtime.cpu_int8_dot_product():
+        assert err[8] > 2 * err[7]  # the saturation the default avoids
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
+    assert not runtime.cpu_int8_dot_product()
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    assert runtime.cpu_int8_dot_product()
+
+
 def test_peak_memory_sees_an_allocation():
     with PeakMemory() as mem:
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB

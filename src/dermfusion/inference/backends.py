@@ -407,12 +407,19 @@ def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx
 
 @register_backend("onnx-int8")
 def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None, threads: int | None = None,
-               exporter: str = "torchscript", quantize_fusion: bool = False, **_) -> BackendRunner:
+               exporter: str = "torchscript", quantize_fusion: bool = False, reduce_range: bool | None = None,
+               **_) -> BackendRunner:
     """ONNX Runtime with the encoders' MatMul weights quantised to int8 (per channel, dynamic activations).
 
     Fusion and head MatMuls stay float32 (excluded by module scope); 2-D linears export as Gemm and
-    are not quantised at all.
+    are not quantised at all. ``reduce_range`` (default: on CPUs without an int8 dot-product instruction)
+    quantises weights to 7 bits: there MLAS sums u8×s8 products in saturating 16-bit pairs, and full-range
+    weights lose up to ~20 % of a product (tests/test_bench.py).
     """
+    from ..training.runtime import cpu_int8_dot_product
+
+    if reduce_range is None:
+        reduce_range = not cpu_int8_dot_product()
     import logging
     import shutil
     import tempfile
@@ -447,13 +454,15 @@ def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None,
         logging.getLogger().setLevel(logging.ERROR)  # the quantiser logs every skipped node
         try:
             quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, per_channel=True)
+                             op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude, per_channel=True,
+                             reduce_range=reduce_range)
         finally:
             logging.getLogger().setLevel(level)
         runner = _onnx(model, device, onnx_path=tmp / "model.onnx", threads=threads)
         runner.name = "onnx-int8"
         runner.info.pop("onnx_path", None)  # deleted below, once the session is built
-        runner.info.update({"export_quantize_s": round(time.perf_counter() - t0, 2), "float_nodes": len(exclude)})
+        runner.info.update({"export_quantize_s": round(time.perf_counter() - t0, 2), "float_nodes": len(exclude),
+                            "weight_bits": 7 if reduce_range else 8})
         return runner
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

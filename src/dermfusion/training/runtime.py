@@ -40,6 +40,13 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def cpu_int8_dot_product() -> bool:
+    """Whether the CPU multiplies int8 with 32-bit accumulation in one instruction (AVX-512 VNNI, AVX-VNNI or
+    AMX). Without it, u8×s8 GEMMs (ONNX Runtime's MLAS) go through 16-bit intermediate sums that saturate with
+    full-range int8 weights; 7-bit weights (``reduce_range``) avoid that."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 PRECISIONS = ("auto", "fast", "fp32", "bf16")
 
 
