@@ -136,7 +136,8 @@ def main() -> None:
     for name, path in variants.items():
         r = measure(path, x, ref, args.threads)
         base = base or r["ms"]
-        print(f"| {name} | {r['ms']:.0f} | {base / r['ms']:.2f}× | {r['rel_err']:.4f} | {r['min_cos']:.4f} |", flush=True)
+        print(f"| {name} | {r['ms']:.0f} | {base / r['ms']:.2f}× | {r['rel_err']:.4f} | {r['min_cos']:.4f} |",
+              flush=True)
     for p in tmp.iterdir():
         p.unlink()
     tmp.rmdir()

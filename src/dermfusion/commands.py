@@ -52,11 +52,11 @@ def train_cmd(
                 from rich.table import Table
                 t = Table(title="training-step breakdown",
                           caption="start-up: the fold's first batch (loader built, workers forked, first images "
-                                  "decoded; later epochs' batches are prefetched); workers: loader processes (data.num_workers); "
-                                  "threads: torch compute threads (train.threads); input-bound share: data wait / "
-                                  "(data wait + compute), without and with the start-up")
-                for c in ("fold", "workers", "threads", "start-up (s)", "data wait (s)", "compute (s)", "input-bound share",
-                          "incl. start-up"):
+                                  "decoded; later epochs' batches are prefetched); workers: loader processes "
+                                  "(data.num_workers); threads: torch compute threads (train.threads); input-bound "
+                                  "share: data wait / (data wait + compute), without and with the start-up")
+                for c in ("fold", "workers", "threads", "start-up (s)", "data wait (s)", "compute (s)",
+                          "input-bound share", "incl. start-up"):
                     t.add_column(c, justify="right")
                 for f, p in summary["profile"].items():
                     t.add_row(str(f), str(p.get("loader_workers", "?")), str(p.get("compute_threads", "?")),

@@ -416,14 +416,15 @@ def _onnx_int8(model: nn.Module, device="cpu", sample_batch: dict | None = None,
     quantises weights to 7 bits: there MLAS sums u8×s8 products in saturating 16-bit pairs, and full-range
     weights lose up to ~20 % of a product (tests/test_bench.py).
     """
-    from ..training.runtime import cpu_int8_dot_product
-
-    if reduce_range is None:
-        reduce_range = not cpu_int8_dot_product()
     import logging
     import shutil
     import tempfile
     from pathlib import Path
+
+    from ..training.runtime import cpu_int8_dot_product
+
+    if reduce_range is None:
+        reduce_range = not cpu_int8_dot_product()
 
     try:
         import onnx

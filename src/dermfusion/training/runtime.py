@@ -91,7 +91,7 @@ def default_num_workers(device: torch.device) -> int:
 
 @contextlib.contextmanager
 def compute_threads(n: int):
-    """Run the block with ``n`` torch intra-op threads (``n`` <= 0: leave torch's setting), then restore it.
+    """Run the block with ``n`` torch intra-op threads (0: leave torch's setting), then restore it.
 
     On a small CPU machine a data-loader worker and the training threads share the cores; fewer compute
     threads can be faster (docs/PERFORMANCE.md)."""
