@@ -106,7 +106,7 @@ class LesionDataset(Dataset):
             # the augmentation's own random stream; the caller's (dropout, the sampler) is left untouched
             with torch.random.fork_rng(devices=[]):
                 # ints hash the same in every process; the CPU generator only — torch.manual_seed also queues
-                # a lazy CUDA seeding with a formatted stack trace, ~0.3–2 ms per item
+                # a lazy CUDA seeding with a formatted stack trace, 0.3–0.9 ms per item (benchmarks/item_seeding.py)
                 torch.default_generator.manual_seed(hash((self.seed, epoch, i)))
                 images, present = self._images(i, pre, transforms, caches)
         else:
