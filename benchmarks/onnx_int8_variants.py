@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dermfusion.export.onnx import cpu_session
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,16 +48,8 @@ def images(ham: Path | None, n: int, offset: int, size: int = 224) -> np.ndarray
     return np.stack(arr).transpose(0, 3, 1, 2).astype(np.float32)
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def measure(path: Path, x: np.ndarray, ref: np.ndarray | None, threads: int, repeats: int = 5) -> dict:
-    s = session(path, threads)
+    s = cpu_session(path, threads)
     out = s.run(None, {"x": x})[0]
     times = []
     for _ in range(repeats):
@@ -126,7 +120,7 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 — an exporter without opset 23
         print(f"opset-23 export failed: {type(e).__name__}: {e}")
 
-    ref = session(fp32, args.threads).run(None, {"x": x})[0]
+    ref = cpu_session(fp32, args.threads).run(None, {"x": x})[0]
     info = machine_info()
     print(f"{args.model}, batch {args.batch}, {args.threads} threads, onnxruntime {ort.__version__}, "
           f"{info.get('cpu', '?')}, images: {'HAM10000' if ham else 'random'}\n")

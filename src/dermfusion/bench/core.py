@@ -135,9 +135,9 @@ def ort_matmul_session(w, dtype: str = "fp32", reduce_range: bool | None = None)
     where the backend uses it — and ``x`` quantised per call). Input ``x``, output ``y``; ``w`` is a float32
     numpy K×N array."""
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    from ..export.onnx import cpu_session
     from ..training.runtime import cpu_int8_dot_product
 
     k, n = w.shape
@@ -154,9 +154,7 @@ def ort_matmul_session(w, dtype: str = "fp32", reduce_range: bool | None = None)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 9
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(model.SerializeToString())
 
 
 def _ort_matmul_rate(dtype: str, n: int, repeats: int) -> float | None:
@@ -187,15 +185,17 @@ def _cpu_int8_rate(n: int, repeats: int) -> float | None:
         x = torch.randn(k, k)
         return [lambda: torch._int_mm(a, b), lambda: lin(x)]
 
-    rates = [r for r in (_ort_matmul_rate("int8", n, repeats),) if r is not None]
+    rates, full = [_ort_matmul_rate("int8", n, repeats)], None
     for i, probe in enumerate(paths(512)):
         try:
             r = _best_rate(probe, 512, 2)
             if r > 20:  # a real kernel: measure it at full size
-                r = _best_rate(paths(n)[i], n, repeats)
+                full = full or paths(n)
+                r = _best_rate(full[i], n, repeats)
             rates.append(r)
         except Exception:  # noqa: BLE001 — a path this build lacks
             continue
+    rates = [r for r in rates if r is not None]
     return max(rates) if rates else None
 
 

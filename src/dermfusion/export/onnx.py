@@ -251,14 +251,23 @@ class ExportResult:
                 "max_abs_prob_diff": self.max_abs_prob_diff, "parity": self.parity}
 
 
-def check_parity(model: nn.Module, path: str | Path, batch_sizes: Sequence[int] = (1, 3), seed: int = 1,
-                 batches: Sequence[dict] | None = None, threads: int | None = None) -> dict[int, float]:
-    """Max |p_onnx − p_torch| per batch size on random batches with one missing image."""
+def cpu_session(model: str | Path | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session on a model file or serialised bytes: ``threads`` intra-op threads (torch's
+    count by default), one inter-op thread, every graph optimisation."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: nn.Module, path: str | Path, batch_sizes: Sequence[int] = (1, 3), seed: int = 1,
+                 batches: Sequence[dict] | None = None, threads: int | None = None) -> dict[int, float]:
+    """Max |p_onnx − p_torch| per batch size on random batches with one missing image."""
+    sess = cpu_session(path, threads)
     specs = input_specs(model)
     batches = list(batches) if batches is not None else [synthetic_batch(model, b, seed=seed + b) for b in batch_sizes]
     model.eval()

@@ -363,14 +363,14 @@ def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx
     if device.type != "cpu":
         raise BackendError("the onnx backend runs ONNX Runtime on CPU here")
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 — a clear error before the export
     except ImportError as e:  # pragma: no cover
         raise BackendError(f"onnxruntime is not installed: {e}") from e
     import shutil
     import tempfile
     from pathlib import Path
 
-    from ..export.onnx import batch_to_onnx_inputs, export_onnx
+    from ..export.onnx import batch_to_onnx_inputs, cpu_session, export_onnx
 
     info, cleanup_dir = {}, None
     if onnx_path is None:
@@ -383,12 +383,8 @@ def _onnx(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx
             shutil.rmtree(cleanup_dir, ignore_errors=True)
             raise
         info["export_s"] = round(time.perf_counter() - t0, 2)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        sess = cpu_session(onnx_path, threads)
     finally:  # a ViT-B pair's export is ~0.7 GB: never leave it behind in the temp folder
         if cleanup_dir is not None:
             shutil.rmtree(cleanup_dir, ignore_errors=True)

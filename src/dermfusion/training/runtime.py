@@ -97,13 +97,11 @@ def compute_threads(n: int):
     threads can be faster (docs/PERFORMANCE.md)."""
     if n < 0:
         raise ValueError(f"train.threads must be >= 0 (0 = torch's default), not {n}")
-    if n == 0:
-        yield torch.get_num_threads()
-        return
     old = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if n:
+        torch.set_num_threads(n)
     try:
-        yield n
+        yield
     finally:
         torch.set_num_threads(old)
 
