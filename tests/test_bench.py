@@ -8,6 +8,7 @@ import torch
 
 from dermfusion.bench import bench_model, count_flops, floor_ms, markdown, save_json
 from dermfusion.bench.core import PeakMemory
+from dermfusion.bench.report import COLUMNS
 from dermfusion.export.onnx import synthetic_batch
 from perf_helpers import tiny_batch, tiny_trimodal
 
@@ -121,8 +122,12 @@ def test_bench_model_reports_everything(monkeypatch):
                 assert key in st, (name, bs, key)
             assert st["encoders_ms"] <= st["p50_ms"] * 1.5
     assert res["backends"]["fp32"]["batches"]["1"]["speedup"] == pytest.approx(1.0)
+    for bs in ("1", "2"):  # fp32, bf16 and int8 ran: the lowest of their floors bounds every backend's speed-up
+        ceiling, floors = res["ceiling"][bs], [res["backends"][b]["batches"][bs]["floor_ms"] for b in ("fp32", "bf16", "int8")]
+        assert ceiling["floor_ms"] == pytest.approx(min(floors)) and ceiling["floor_ms"] < floors[0]
+        assert ceiling["max_speedup"] == pytest.approx(res["backends"]["fp32"]["batches"][bs]["p50_ms"] / min(floors))
     md = markdown(res)
-    assert "| bf16 | 2 |" in md and "failed" in md
+    assert "| bf16 | 2 |" in md and "failed" in md and "speed-up ceiling over fp32 eager" in md
 
 
 def test_bench_skips_emulated_bf16_with_a_reason(monkeypatch):
@@ -179,4 +184,6 @@ def test_bench_cli_on_config(tmp_path, monkeypatch):
     assert data["backends"]["bf16"]["ok"] and data["accuracy_lesions"] == 4
     assert data["matmul_gflops"]["fp32"] > 0 and data["preprocess"]["per_lesion_ms"] > 0
     assert "| backend | batch |" in res.output
+    rows = [ln for ln in res.output.splitlines() if ln.startswith("| fp32 |")]  # unwrapped: one line per row
+    assert len(rows) == 2 and all(ln.count("|") == len(COLUMNS) + 1 for ln in rows), rows
     save_json(data, tmp_path / "again.json")

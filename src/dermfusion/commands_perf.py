@@ -71,8 +71,9 @@ def bench_cmd(
     target: str = typer.Argument(..., help="a network bundle directory, or a config (path or built-in name)"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="comma-separated batch sizes"),
-    backends: str = typer.Option("fp32,bf16,autocast,int8,onnx", help="comma-separated: fp32, bf16, autocast, "
-                                 "int8, onnx, compile (fp32 eager always runs: it is the reference)"),
+    backends: str = typer.Option("fp32,bf16,autocast,int8,onnx,onnx-int8", help="comma-separated: fp32, bf16, "
+                                 "autocast, int8, onnx, onnx-int8, compile (fp32 eager always runs: it is the "
+                                 "reference)"),
     images: Optional[Path] = typer.Option(None, help="image folder for the accuracy check and preprocessing "
                                           "timing (default: the bundled 33-image HAM10000 sample, cycled)"),
     accuracy_n: int = typer.Option(64, "--accuracy-n", help="lesions for the accuracy check vs fp32 (0 = skip)"),
@@ -113,7 +114,7 @@ def bench_cmd(
                              name=label, log=lambda msg: console.print(f"[dim]{msg}[/]"))
     print_result(result)
     if markdown_out:
-        console.print(markdown(result), markup=False, highlight=False)
+        console.print(markdown(result), markup=False, highlight=False, soft_wrap=True)  # copy-pasteable: no wrapping
     if json_out:
         console.print(f"[green]wrote[/] {save_json(result, json_out)}")
 

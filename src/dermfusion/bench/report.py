@@ -49,6 +49,10 @@ def header_lines(result: dict) -> list[str]:
     if "preprocess" in result:
         p = result["preprocess"]
         lines.append(f"preprocessing (decode+resize+normalise, 1 process): {p['per_lesion_ms']:.1f} ms per lesion")
+    if result.get("ceiling"):
+        lines.append("speed-up ceiling over fp32 eager (its time ÷ the lowest floor of any precision): "
+                     + ", ".join(f"batch {bs} {c['max_speedup']:.2f}× ({c['backend']})"
+                                 for bs, c in result["ceiling"].items()))
     if result.get("accuracy_lesions"):
         line = f"accuracy vs fp32 eager on {result['accuracy_lesions']} lesions"
         gap = result.get("fp32_top1_top2_gap")

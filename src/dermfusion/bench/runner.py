@@ -20,8 +20,8 @@ from torch import nn
 
 from ..inference.backends import BackendError, compare_probs, prepare_backend
 from ..training.runtime import native_bf16
-from .core import (PartTimer, PeakMemory, count_flops, floor_ms, latency_stats, machine_info, matmul_rates,
-                   timed_calls)
+from .core import (BACKEND_PRECISION, PartTimer, PeakMemory, count_flops, floor_ms, latency_stats, machine_info,
+                   matmul_rates, timed_calls)
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -106,7 +106,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ bench
-DEFAULT_BACKENDS = ("fp32", "bf16", "autocast", "int8", "onnx")
+DEFAULT_BACKENDS = ("fp32", "bf16", "autocast", "int8", "onnx", "onnx-int8")  # what predict / the service choose from
 EMULATED_BF16 = {"bf16", "autocast"}  # skipped on a CPU without bf16 units: a ViT-B pair call would take minutes
 
 
@@ -229,7 +229,25 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
                 st["speedup"] = base[bs]["p50_ms"] / st["p50_ms"]
     if eval_batches:
         result["accuracy_lesions"] = len(eval_batches) * eval_size
+    result["ceiling"] = speedup_ceiling(result)
     return result
+
+
+def speedup_ceiling(result: dict) -> dict:
+    """Per batch size, the most any backend could gain over fp32 eager on this machine: fp32 eager's time
+    over the lowest floor among the known backends' precision mixes (``BACKEND_PRECISION``), whether or not
+    they were run. A floor is a lower bound on time (every FLOP at the measured matmul rate), so this is an
+    upper bound on the speed-up: a target above it cannot be met on this machine by any backend."""
+    base = result["backends"].get("fp32", {}).get("batches", {})
+    out = {}
+    for bs, st in base.items():
+        floors = {b: floor_ms(result["flops"], result["matmul_gflops"], b, int(bs)) for b in BACKEND_PRECISION}
+        floors = {b: f for b, f in floors.items() if f}
+        if not floors:
+            continue
+        best = min(floors, key=floors.get)
+        out[bs] = {"max_speedup": st["p50_ms"] / floors[best], "floor_ms": floors[best], "backend": best}
+    return out
 
 
 def best_backend(result: dict, batch_size: int, min_agreement: float = 0.99, max_prob_diff: float | None = None
