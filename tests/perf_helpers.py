@@ -17,12 +17,12 @@ def tiny_spec() -> FeatureSpec:
     return FeatureSpec(modalities=["clinical", "dermoscopic"], concepts=list(CONCEPTS))
 
 
-def tiny_trimodal(seed: int = 0, num_classes: int = 4):
+def tiny_trimodal(seed: int = 0, num_classes: int = 4, spec: FeatureSpec | None = None):
     from dermfusion.models import create_model
 
     torch.manual_seed(seed)
-    return create_model("trimodal_fusion", num_classes=num_classes, feature_spec=tiny_spec(), encoder=TINY_ENCODER,
-                        fusion_dim=32, num_heads=2).eval()
+    return create_model("trimodal_fusion", num_classes=num_classes, feature_spec=spec or tiny_spec(),
+                        encoder=TINY_ENCODER, fusion_dim=32, num_heads=2).eval()
 
 
 def tiny_batch(model, batch_size: int = 3, seed: int = 0) -> dict:

@@ -87,6 +87,27 @@ def test_torchscript_exporter_dynamic_batch(tmp_path):
     assert res.max_abs_prob_diff <= 1e-4
 
 
+@pytest.mark.parametrize("use_metadata", [True, False])
+def test_torchscript_export_without_concepts(tmp_path, use_metadata):
+    """HAM10000-style models have no MONET concept scores: the empty concept part must not reach the graph
+    (as a B×0×D Reshape, which ONNX reads as "copy that dimension" and ONNX Runtime refuses)."""
+    from dermfusion.data.features import FeatureSpec
+
+    torch.set_num_threads(1)
+    spec = FeatureSpec(modalities=["clinical", "dermoscopic"], concepts=[])
+    if not use_metadata:
+        spec.numeric, spec.categorical = [], {}
+    model = tiny_trimodal(seed=2, spec=spec)
+    res = export_onnx(model, tmp_path / "m.onnx", exporter="torchscript", batch_sizes=(1, 3))
+    assert res.max_abs_prob_diff <= 1e-4
+    batch = tiny_batch(model, 3)
+    sess = _session(tmp_path / "m.onnx")
+    (probs,) = sess.run(["probabilities"], batch_to_onnx_inputs(batch, names=[i.name for i in sess.get_inputs()]))
+    with torch.no_grad():
+        ref = torch.softmax(model(batch)["logits"], -1).numpy()
+    assert np.isfinite(probs).all() and np.abs(probs - ref).max() <= 1e-4
+
+
 def test_parity_failure_raises(tmp_path):
     with pytest.raises(ExportParityError):
         export_onnx(tiny_trimodal(), tmp_path / "m.onnx", exporter="torchscript", atol=-1.0)
