@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dermfusion.inference.backends import (BackendRunner, FastMultiheadAttention, compare_probs, fast_attention_,
-                                           prepare_backend, select_backend)
+                                           prepare_backend, select_backend, selection_text)
 from perf_helpers import tiny_batch, tiny_trimodal
 
 
@@ -152,6 +152,9 @@ def test_select_backend_falls_back_to_fp32_when_candidates_fail():
     report = {r["name"]: r for r in sel.candidates}
     assert not report["broken"]["ok"] and "accuracy check failed" in report["broken"]["reason"]
     assert not report["crashing"]["ok"] and "no kernel" in report["crashing"]["reason"]
+    text = selection_text(sel.candidates, sel.name)  # what predict prints and the service logs
+    assert text.startswith("fp32 ") and "fp32 " in text and " ms ✓" in text
+    assert "broken ✗ accuracy check failed" in text and "crashing ✗ RuntimeError: no kernel for this op" in text
     ref = prepare_backend(model, "fp32").predict_proba(batch)
     torch.testing.assert_close(sel.runner.predict_proba(batch), ref)
 

@@ -70,6 +70,7 @@ def test_predict_cli_backend_option(tiny_bundle, ham_sample, tmp_path):  # noqa:
         out[backend] = pd.read_csv(tmp_path / f"{backend}.csv").drop(columns="lesion_id").to_numpy()
         if backend == "auto":
             assert "backend:" in res.output and "matches fp32 eager" in res.output
+            assert "fp32 " in res.output and " ms" in res.output and "✓" in res.output  # each candidate's check
     for backend in ("auto", "int8"):
         assert np.abs(out[backend] - out["fp32"]).max() < 0.05
     bad = runner.invoke(app, ["predict", str(tiny_bundle), "--manifest", str(manifest),

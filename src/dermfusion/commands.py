@@ -144,6 +144,7 @@ def predict_cmd(
                 if ctx.is_main:
                     console.print(f"backend: {_backend_text(chosen)} (fastest that matches fp32 eager on "
                                   f"{min(32, len(df))} lesions)")
+                    _print_backend_checks(pred)
             task = pred.task
             mode = ("submission" if task.metric == "milk10k_dice" else "probabilities") if output == "auto" else output
             fn = pred.predict_submission if mode == "submission" else pred.predict_proba
@@ -155,6 +156,19 @@ def predict_cmd(
             ctx.barrier()
 
     record_errors(run)()
+
+
+def _print_backend_checks(pred) -> None:
+    """Per network, what each candidate backend measured or why it was passed over."""
+    from rich.markup import escape
+
+    from .inference.backends import selection_text
+
+    members = getattr(pred, "members", [pred])
+    for i, p in enumerate(members):
+        if getattr(p, "selection", None):
+            label = f"  network {i + 1}: " if len(members) > 1 else "  "
+            console.print(f"[dim]{label}{escape(selection_text(p.selection, p.backend))}[/]", highlight=False)
 
 
 def _backend_text(chosen) -> str:

@@ -521,6 +521,18 @@ class BackendSelection:
         return self.runner(batch)
 
 
+def selection_text(candidates: Sequence[dict] | None, chosen: str | None = None) -> str:
+    """One line a person can read: each checked backend's latency, or why it was not eligible."""
+    parts = []
+    for rec in candidates or []:
+        if rec.get("ok"):
+            parts.append(f"{rec['name']} {rec['latency_ms']:.1f} ms" + (" ✓" if rec["name"] == chosen else ""))
+        else:
+            reason = str(rec.get("reason", "failed")).splitlines()[0]
+            parts.append(f"{rec['name']} ✗ {reason[:90]}{'…' if len(reason) > 90 else ''}")
+    return " · ".join(parts)
+
+
 def select_backend(model: nn.Module, sample_batch: dict, candidates: Sequence[str] | None = None,
                    max_prob_diff: float = 0.02, min_agreement: float = 0.99, *, device="cpu", repeats: int = 3,
                    backend_options: dict | None = None,

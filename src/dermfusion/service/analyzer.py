@@ -355,6 +355,9 @@ class Analyzer:
             sample = sample_frame(net.spec)
             if name == "auto":
                 net.choose_backend(sample)
+                from ..inference.backends import selection_text
+
+                log.info("backend check: %s", selection_text(net.selection, net.backend))
             elif name != "trained":
                 net.use_backend(name, sample)
             chosen.append(net.backend)
