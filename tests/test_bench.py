@@ -140,6 +140,17 @@ def test_bench_skips_emulated_bf16_with_a_reason(monkeypatch):
         assert not rec["ok"] and rec["error"].startswith("skipped: this CPU has no bf16 units") and "batches" not in rec
     assert res["backends"]["int8"]["ok"] and res["backends"]["fp32"]["ok"]
     assert "| bf16 | — | skipped: this CPU has no bf16 units" in markdown(res)
+    import io
+
+    from rich.console import Console
+
+    from dermfusion.bench import print_result
+
+    buf = io.StringIO()  # not a terminal (a pipe, a log file): the table keeps its columns readable
+    print_result(res, Console(file=buf, width=80))
+    out = buf.getvalue()
+    assert "argmax agree" in out and "lesions/s" in out and "speed-up" in out
+    assert "\nbf16: skipped: this CPU has no bf16 units" in out  # the reason below the table, not in a cell
 
 
 @pytest.mark.parametrize("bf16_units", [True, False])

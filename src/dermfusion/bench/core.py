@@ -13,6 +13,7 @@ import os
 import platform
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Callable
 
@@ -180,8 +181,10 @@ def _cpu_int8_rate(n: int, repeats: int) -> float | None:
     def paths(k: int):
         a = torch.randint(-128, 127, (k, k), dtype=torch.int8)
         b = torch.randint(-128, 127, (k, k), dtype=torch.int8)
-        lin = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(k, k, bias=False)), {nn.Linear},
-                                                     dtype=torch.qint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice, as in the int8 backend
+            lin = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(k, k, bias=False)), {nn.Linear},
+                                                         dtype=torch.qint8)
         x = torch.randn(k, k)
         return [lambda: torch._int_mm(a, b), lambda: lin(x)]
 

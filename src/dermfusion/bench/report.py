@@ -64,17 +64,26 @@ def header_lines(result: dict) -> list[str]:
 
 
 def print_result(result: dict, console=None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
         from ..console import console
     table = Table(title=result["name"], caption="\n".join(header_lines(result)[1:]))
     for c in COLUMNS:
-        table.add_column(c, justify="left" if c == "backend" else "right")
+        table.add_column(c, justify="left" if c == "backend" else "right", no_wrap=c == "backend")
+    not_run = {n: rec.get("error", "?") for n, rec in result["backends"].items() if not rec.get("ok")}
     for r in rows(result):
-        table.add_row(*r)
+        if r[0] not in not_run:
+            table.add_row(*r)
     console.print(header_lines(result)[0])
+    if not console.is_terminal:  # piped or logged (rich then assumes 80 columns): 14 columns would read "1…"
+        from rich.console import Console
+
+        console = Console(file=console.file, width=max(console.width, 180))
     console.print(table)
+    for name, err in not_run.items():  # below the table: a long reason in one cell would stretch every row
+        console.print(f"[yellow]{name}[/]: {escape(err if err.startswith('skipped') else 'failed: ' + err)}")
 
 
 def markdown(result: dict) -> str:
