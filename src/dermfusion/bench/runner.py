@@ -236,8 +236,9 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
 def speedup_ceiling(result: dict) -> dict:
     """Per batch size, the most any backend could gain over fp32 eager on this machine: fp32 eager's time
     over the lowest floor among the known backends' precision mixes (``BACKEND_PRECISION``), whether or not
-    they were run. A floor is a lower bound on time (every FLOP at the measured matmul rate), so this is an
-    upper bound on the speed-up: a target above it cannot be met on this machine by any backend."""
+    they were run. A floor puts every FLOP at the measured matmul rate of its precision, a lower bound on time
+    as far as the probe finds the machine's fastest kernels; so this bounds the speed-up from above, and a
+    target above it is out of reach for every backend on this machine."""
     base = result["backends"].get("fp32", {}).get("batches", {})
     out = {}
     for bs, st in base.items():
