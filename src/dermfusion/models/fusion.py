@@ -68,14 +68,12 @@ class TriModalFusion(MultiModalNet):
 
     # ------------------------------------------------------------------------------------------ helpers
     def _semantic_tokens(self, batch: dict, b: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        d = self.fusion_dim
         k = len(self.concept_names)
-        if k:
-            cs = batch.get("concepts", torch.zeros(b, k, device=device))
-            cp = batch.get("concepts_present", torch.zeros(b, k, dtype=torch.bool, device=device)).bool()
-            if self.training:
-                cp = drop_present(cp, self.concept_dropout, keep_one=False)
-            ct, cm = self.concepts(cs.float(), cp)
+        cs = batch.get("concepts", torch.zeros(b, k, device=device))
+        cp = batch.get("concepts_present", torch.zeros(b, k, dtype=torch.bool, device=device)).bool()
+        if self.training:
+            cp = drop_present(cp, self.concept_dropout, keep_one=False)
+        ct, cm = self.concepts(cs.float(), cp)
         n = len(self.metadata.numeric_names)
         num = batch.get("numeric", torch.zeros(b, n, device=device)).float()
         nump = batch.get("numeric_present", torch.zeros(b, n, dtype=torch.bool, device=device)).bool()
@@ -84,9 +82,9 @@ class TriModalFusion(MultiModalNet):
         if self.training:
             nump, cat = drop_metadata(nump, cat, self.metadata_dropout)
         mt, mm = self.metadata(num, nump, cat.long())
-        if not k:  # no concept tokens at all: an empty B×0×D part would export to ONNX as Reshape(B, 0, D), which
-            return mt, mm, 0  # ONNX reads as "copy that dimension" (ONNX Runtime then refuses the graph)
-        return torch.cat([ct.reshape(b, k, d), mt], 1), torch.cat([cm.reshape(b, k), mm], 1), k
+        # no reshape of the concept part: with no concepts (HAM10000-style) it is B×0×D already, and an
+        # explicit Reshape(B, 0, D) exports to ONNX as "copy that dimension", which ONNX Runtime refuses
+        return torch.cat([ct, mt], 1), torch.cat([cm, mm], 1), k
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, return_attention: bool = False) -> dict:
