@@ -89,7 +89,7 @@ def bench_cmd(
     import torch
 
     from .bench import bench_model, lesion_frame, markdown, print_result, real_batches, save_json
-    from .bench.core import threads as use_threads
+    from .training.runtime import compute_threads
 
     sizes = _csv_ints(batch_sizes, "batch-sizes")
     names = [b.strip() for b in backends.split(",") if b.strip()]
@@ -100,7 +100,7 @@ def bench_cmd(
         fail(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda: no CUDA GPU is visible")
-    with use_threads(threads):
+    with compute_threads(threads or 0):
         model, pre, label = _model_from_target(target, set_)
         console.print(f"[bold]bench[/] {label} on {device}, batch sizes {sizes}, backends {names}")
         eval_batches = None

@@ -14,7 +14,6 @@ import platform
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -400,14 +399,3 @@ def timed_calls(fn: Callable[[], object], repeats: int, device: torch.device | s
             break
     return totals, encs
 
-
-@contextmanager
-def threads(n: int | None):
-    """Temporarily set torch's intra-op thread count."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

@@ -96,7 +96,7 @@ def compute_threads(n: int):
     On a small CPU machine a data-loader worker and the training threads share the cores; fewer compute
     threads can be faster (docs/PERFORMANCE.md)."""
     if n < 0:
-        raise ValueError(f"train.threads must be >= 0 (0 = torch's default), not {n}")
+        raise ValueError(f"threads must be >= 0 (0 = torch's default), not {n}")
     old = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
