@@ -12,6 +12,9 @@ The cache is filled by a first, unreported run. Thread settings are interleaved 
 slows them alike. Prints, per setting, the range and median of the fold's start-up (loader built, workers
 forked, first batch ready), steady-state data wait and compute, and the input-bound share without and with
 the start-up — the figures of `dermfusion train --profile`, read from each run's summary.json.
+
+``--breakdown N`` instead splits the fold's start-up, N times, each in a fresh process: building the
+loader, starting its worker (``iter()``: the fork) and waiting for the worker's first batch.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -33,11 +37,41 @@ def run_once(work: Path, threads: int, epochs: int) -> dict:
     return json.loads((out / "summary.json").read_text())["profile"]["0"]
 
 
+BREAKDOWN = """
+import json, sys, time
+from pathlib import Path
+import pandas as pd
+from dermfusion.config import load_config
+from dermfusion.tasks import get_task
+from dermfusion.training.engine import FoldTrainer
+work = Path(sys.argv[1])
+cfg = load_config("tiny_cpu", [f"data.cache_dir={work / 'cache'}", "data.num_workers=1", "train.epochs=10"])
+trainer = FoldTrainer(cfg, get_task(cfg.task), pd.read_parquet(work / "m.parquet"), 0, work / "breakdown")
+trainer.setup()
+t0 = time.perf_counter(); loader = trainer.train_loader(range(10))
+t1 = time.perf_counter(); it = iter(loader)
+t2 = time.perf_counter(); next(it)
+t3 = time.perf_counter()
+print(json.dumps({"loader_ms": 1000 * (t1 - t0), "start_worker_ms": 1000 * (t2 - t1), "first_batch_ms": 1000 * (t3 - t2)}))
+"""
+
+
+def breakdown(work: Path, n: int) -> None:
+    rows = []
+    for _ in range(n):
+        out = subprocess.run([sys.executable, "-c", BREAKDOWN, str(work)], check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        print(f"{key}: {min(vals):.1f}–{max(vals):.1f} (median {statistics.median(vals):.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", default="2,1", help="train.threads settings to compare")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--breakdown", type=int, default=0, metavar="N", help="split the start-up instead, N times")
     args = ap.parse_args()
     from dermfusion.demo import sample_dir
 
@@ -47,6 +81,8 @@ def main() -> None:
         subprocess.run(["dermfusion", "import", "isic", str(sample_dir() / "train.csv"), "--dataset", "ham10000",
                         "--k", "2", "--out", str(work / "m.parquet")], check=True, capture_output=True)
         run_once(work, settings[0], 1)  # fills the decode cache
+        if args.breakdown:
+            return breakdown(work, args.breakdown)
         results = {t: [] for t in settings}
         for i in range(args.runs):
             for t in settings:
