@@ -140,3 +140,23 @@ def test_calibrate_oof_report_keys_and_improvement():
     # no usable folds: random 5-fold, and the report says so
     _, rep2 = K.calibrate_oof(MILK10K, y, over, None, temperature=False)
     assert rep2["temperature"] == 1.0 and rep2["cuts"]["folds"].startswith("random")
+
+
+def test_training_prior_follows_the_sampler_power():
+    from dermfusion.evaluation.calibration import training_prior
+
+    counts = [400, 100, 25]
+    assert np.allclose(training_prior(counts, 0.0), np.array(counts) / 525)  # natural frequencies
+    assert np.allclose(training_prior(counts, 1.0), 1 / 3)  # fully balanced
+    sqrt = training_prior(counts, 0.5)
+    assert np.allclose(sqrt, np.array([20, 10, 5]) / 35)
+
+
+def test_training_prior_adjustment_undoes_the_sampling_prior():
+    """A model whose output is exactly the (square-root) sampling prior says nothing about the lesion:
+    after dividing that prior out, every class is equally likely."""
+    from dermfusion.evaluation.calibration import fit_prior_adjustment, training_prior
+
+    prior = training_prior([400, 100, 25], 0.5)
+    calib = K.Calibration(prior_adjustment=fit_prior_adjustment(prior))
+    assert np.allclose(calib.apply(prior[None]), 1 / 3)

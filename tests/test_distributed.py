@@ -323,9 +323,9 @@ def test_distributed_predict_matches_single_process(ddp_run, manifest, tmp_path)
     one = CliRunner().invoke(app, ["predict", str(ddp_run), "--manifest", str(manifest),
                                    "--out", str(tmp_path / "p1.csv"), "--backend", "fp32"])
     assert one.exit_code == 0, one.output
-    p1 = pd.read_csv(tmp_path / "p1.csv", dtype={"lesion_id": str})
-    p2 = pd.read_csv(tmp_path / "p2.csv", dtype={"lesion_id": str})
-    assert p2["lesion_id"].tolist() == p1["lesion_id"].tolist()  # one merged file, manifest order
+    p1 = pd.read_csv(tmp_path / "p1.csv", dtype={"image": str})  # ISIC 2018 files are headed `image`
+    p2 = pd.read_csv(tmp_path / "p2.csv", dtype={"image": str})
+    assert p2["image"].tolist() == p1["image"].tolist()  # one merged file, manifest order
     np.testing.assert_allclose(p2[list(ISIC2018.classes)].to_numpy(), p1[list(ISIC2018.classes)].to_numpy(),
                                atol=2e-6)
 

@@ -10,6 +10,7 @@ from dermfusion.data.features import FeatureSpec
 from dermfusion.models import (CheckpointMismatchError, HubUnavailableError, create_backbone, create_model,
                                list_models, tiny_backbone_spec)
 from dermfusion.models.base import drop_present
+from dermfusion.models.registry import ModelSettingsError
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 CONCEPTS = ["concept_clinical_hair", "concept_dermoscopic_hair", "concept_dermoscopic_vessels"]
@@ -183,8 +184,10 @@ def test_hub_download_failure_is_wrapped(monkeypatch):
 # ------------------------------------------------------------------------------------ registry + masking
 def test_registry_names_and_unknown_model():
     assert {"trimodal_fusion", "single_image", "late_fusion", "early_fusion"} <= set(list_models())
-    with pytest.raises(KeyError, match="trimodal_fusion"):
+    with pytest.raises(ModelSettingsError, match="no_such_model"):
         create_model("no_such_model", num_classes=2, feature_spec=make_spec())
+    with pytest.raises(ModelSettingsError, match="did you mean 'fusion_dim'"):
+        create_model("trimodal_fusion", num_classes=2, feature_spec=make_spec(), fusoin_dim=64)
 
 
 @pytest.mark.parametrize("name", ["trimodal_fusion", "late_fusion", "single_image", "early_fusion"])

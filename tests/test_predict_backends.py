@@ -67,7 +67,7 @@ def test_predict_cli_backend_option(tiny_bundle, ham_sample, tmp_path):  # noqa:
         res = runner.invoke(app, ["predict", str(tiny_bundle), "--manifest", str(manifest),
                                   "--out", str(tmp_path / f"{backend}.csv"), "--backend", backend])
         assert res.exit_code == 0, res.output
-        out[backend] = pd.read_csv(tmp_path / f"{backend}.csv").drop(columns="lesion_id").to_numpy()
+        out[backend] = pd.read_csv(tmp_path / f"{backend}.csv").drop(columns="image").to_numpy()  # ISIC 2018 header
         if backend == "auto":
             assert "backend:" in res.output and "matches fp32 eager" in res.output
             assert "fp32 " in res.output and " ms" in res.output and "✓" in res.output  # each candidate's check

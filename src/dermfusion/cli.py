@@ -1,5 +1,5 @@
 """The `dermfusion` command: import · folds · data check · train · predict · evaluate · stack · ensemble ·
-explain · export · bench · serve · drift · demo."""
+explain · export · bench · serve · drift · card · shift · demo."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -172,7 +172,7 @@ def data_check_cmd(
     console.print("[green]no errors[/]")
 
 
-COMMAND_MODULES = ("commands", "commands_combine", "commands_service", "commands_perf")
+COMMAND_MODULES = ("commands", "commands_combine", "commands_service", "commands_perf", "commands_card", "commands_shift")
 
 
 def main() -> None:

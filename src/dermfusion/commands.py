@@ -99,7 +99,8 @@ def load_any(paths: list[Path], **kw):
 def predict_cmd(
     bundles: List[Path] = typer.Argument(..., help="one bundle, several fold bundles, or a run directory (averaged)"),
     manifest: Path = typer.Option(...),
-    out: Path = typer.Option(..., help="predictions CSV: lesion_id,<class …> (MILK10k submission format)"),
+    out: Path = typer.Option(..., help="predictions CSV: lesion_id,<class …> (MILK10k submission format; "
+                                       "headed image for ISIC 2018 / 2019, as their official format)"),
     tta: int = typer.Option(0, help="test-time augmentation views (dermoscopy: dihedral 8)"),
     output: str = typer.Option("auto", help="auto | probabilities | submission (cuts rescaled to 0.5; "
                                             "auto = submission for milk10k)"),
@@ -188,21 +189,42 @@ def _is_network(paths: list[Path]) -> bool:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    predictions: Path = typer.Option(..., help="predictions CSV (lesion_id,<class …>)"),
+    predictions: Path = typer.Option(..., help="predictions CSV (lesion_id or image,<class …>)"),
     manifest: Path = typer.Option(..., help="labelled manifest"),
     out: Path = typer.Option(..., help="folder for report.html and metrics.json"),
     task: Optional[str] = typer.Option(None, help="task name (default: from the manifest's label columns)"),
     bootstrap: int = typer.Option(200, help="bootstrap resamples for 95% confidence intervals"),
+    shift_reference: Optional[Path] = typer.Option(None, help="manifest to compare the evaluated images with "
+                                                   "(e.g. the training set): adds a covariate-shift section"),
+    bundle: Optional[Path] = typer.Option(None, help="with --shift-reference: also compare the model's embeddings"),
+    shift_max_images: int = typer.Option(1500, help="with --shift-reference: at most this many images per side"),
+    provenance_margin: float = typer.Option(0.25, help="warn when a class's recall differs by more than this "
+                                            "between label-provenance groups"),
 ):
-    """Metrics with bootstrap CIs, fairness slices and a self-contained HTML report."""
-    import pandas as pd
-
+    """Metrics with bootstrap CIs, fairness slices, recall by label provenance and a self-contained HTML report."""
     from .evaluation.report import evaluate_predictions, print_summary
+    from .inference.submission import read_predictions_csv
     from .tasks import TASKS, get_task
 
     df = _manifest(manifest)
     t = get_task(task) if task else _guess_task(df, TASKS)
-    metrics = evaluate_predictions(pd.read_csv(predictions, dtype={"lesion_id": str}), df, t, out, n_bootstrap=bootstrap)
+    shift = {}
+    if shift_reference is not None:
+        from .commands_shift import shift_config
+
+        shift = {"shift_reference": _manifest(shift_reference),
+                 "shift_config": shift_config((shift_reference.name, manifest.name) if shift_reference.name != manifest.name
+                                              else (str(shift_reference), str(manifest)), bundle=bundle,
+                                              max_images=shift_max_images, modality="dermoscopic", color_constancy="none")}
+    elif bundle is not None:
+        fail("--bundle is used for the shift check's embeddings; pass --shift-reference MANIFEST too")
+    from .evaluation.shift import ShiftError
+
+    try:
+        metrics = evaluate_predictions(read_predictions_csv(predictions), df, t, out, n_bootstrap=bootstrap,
+                                       provenance_margin=provenance_margin, **shift)
+    except ShiftError as e:
+        fail(f"shift check: {e}")
     print_summary(metrics)
     console.print(f"[green]report[/]: {out / 'report.html'}")
 
@@ -218,9 +240,10 @@ def _guess_task(df, tasks):
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("dermfusion_demo"), help="where to write the demo's outputs"),
-    epochs: int = typer.Option(4, help="training epochs per fold"),
+    epochs: Optional[int] = typer.Option(None, help="training epochs per fold (default: the demo config's, 10)"),
 ):
-    """Run the whole pipeline on the bundled sample: import → check → train (2 folds) → predict → evaluate."""
+    """Run the whole pipeline on the bundled sample: import → check → fine-tune the ImageNet EfficientNet-Lite0
+    (2 folds) → predict → evaluate, printing the out-of-fold balanced accuracy beside chance."""
     from .demo import run_demo
 
     run_demo(out, epochs=epochs)

@@ -50,9 +50,12 @@ def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv +
     df = load_manifest(manifest).set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     bundles = [run / b for b in summary.get("bundles", [])] or sorted(run.glob("fold_*/bundle"))
-    res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles)
+    res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles, cfg.train.sampler_power)
     summary["calibration"] = res
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    from .evaluation.model_card import write_run_cards
+
+    write_run_cards(run, manifest=manifest, strict=False)  # the cards' calibration section follows the refit
 
 
 def _members(runs: list[Path], task_name: Optional[str]):

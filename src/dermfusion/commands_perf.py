@@ -53,7 +53,7 @@ def _model_from_target(target: str, overrides: list[str]):
     if not cfg.data.use_metadata:
         spec.numeric, spec.categorical = [], {}
     model = build_model(cfg, task, spec, for_inference=True).eval()
-    return model, preprocess_of(model, spec), f"config {cfg.name} (random init: speed only; accuracy = numeric agreement)"
+    return model, preprocess_of(model, spec, cfg.data.color_constancy), f"config {cfg.name} (random init: speed only; accuracy = numeric agreement)"
 
 
 def _image_paths(images: Optional[Path], n: int) -> list[Path]:

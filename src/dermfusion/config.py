@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -22,6 +22,7 @@ class DataConfig(_Strict):
     cache_dir: Optional[str] = "~/.cache/dermfusion/decode"
     num_workers: int = -1          # -1: sized to the machine
     aug_strength: float = 1.0
+    color_constancy: Literal["none", "shades_of_gray"] = "none"   # at training and prediction (in the bundle)
     use_metadata: bool = True
     use_concepts: bool = True
     modalities: Optional[list[str]] = None   # default: the task's modalities present in the manifest
@@ -75,22 +76,63 @@ class CVConfig(_Strict):
     folds: Optional[list[int]] = None
 
 
-class ModelConfig(_Strict):
+class CalibrationConfig(_Strict):
+    """Post-hoc calibration fitted on out-of-fold predictions and written into every bundle of a run."""
+    temperature: bool = True
+    cuts: Union[Literal["auto"], bool] = "auto"   # per-class cuts for the MILK10k score (auto: nested estimate decides)
+    # balanced_accuracy: −τ·log(prior) with τ tuned on OOF; training_prior: divide by the class prior the model
+    # was trained under (set by train.sampler_power; no tuning, also for --folds full runs without OOF)
+    prior_adjustment: Literal["none", "balanced_accuracy", "training_prior"] = "none"
+    eval_size: Optional[int] = None     # lesions in the set to be scored (MILK10k cuts)
+
+
+class NetworkModelConfig(BaseModel):
+    """A network from the model registry. Its other keys are the registered model's constructor settings
+    (``fusion_dim``, ``encoder`` …): which ones exist depends on ``name``, so they are checked against the
+    model itself before training (``models.check_model_settings``), with the nearest valid name on a typo."""
     model_config = ConfigDict(extra="allow", protected_namespaces=())
-    kind: str = "network"          # network | tabular
+    kind: Literal["network"] = "network"
     name: str = "trimodal_fusion"
+
+
+class TabularFeaturesConfig(_Strict):
+    derived: bool = True           # clinical-dermoscopic differences, means, log-ratios, shares, missing count, age band
+    use_metadata: bool = True
+
+
+class TabularModelConfig(_Strict):
+    """The gradient-boosted (or logistic) expert on concepts + metadata (``tabular.train``)."""
+    kind: Literal["tabular"] = "tabular"
+    name: Optional[str] = None
+    backend: Literal["lightgbm", "xgboost", "logreg"] = "lightgbm"
+    params: dict[str, Any] = Field(default_factory=dict)   # passed to the backend (its own names)
+    class_weight: Optional[Literal["sqrt", "balanced"]] = None
+    early_stopping_rounds: int = 100
+    validation_fraction: float = 0.15
+    seed: int = 0
+    refit_full: bool = True
+    features: TabularFeaturesConfig = Field(default_factory=TabularFeaturesConfig)
+    n_jobs: int = 1
+
+
+ModelConfig = Annotated[Union[NetworkModelConfig, TabularModelConfig], Field(discriminator="kind")]
 
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     task: str = "milk10k"
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=NetworkModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
-    calibration: dict[str, Any] = Field(default_factory=lambda: {"temperature": True, "cuts": "auto"})
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _default_kind(cls, v):
+        return {"kind": "network", **v} if isinstance(v, dict) and "kind" not in v else v
 
     def model_kwargs(self) -> dict:
         d = self.model.model_dump()
@@ -134,8 +176,51 @@ def load_raw(name: str | Path, overrides: list[str] | None = None) -> dict:
 
 
 def load_config(name: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = load_raw(name, overrides)
+    return validate_config(load_raw(name, overrides), str(name))
+
+
+def validate_config(raw: dict, source: str = "config") -> ExperimentConfig:
+    """The typed config, or a ConfigError whose message names each bad key (and the nearest valid one)."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid config {name}:\n{e}") from None
+        raise ConfigError(f"invalid config {source}: " + "; ".join(_explain(err) for err in e.errors())) from None
+
+
+def _explain(err: dict) -> str:
+    """One line per pydantic error: the key's dotted path, what is wrong, and the nearest valid key."""
+    loc = [str(p) for p in err["loc"] if str(p) not in {"network", "tabular"}]  # drop the union's tags
+    where = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(err["loc"][:-1])
+        return f"unknown key {where}" + nearest_hint(loc[-1], valid)
+    if err["type"] == "union_tag_invalid":
+        return f"{where}.kind must be 'network' or 'tabular'"
+    return f"{where}: {err['msg']}"
+
+
+def nearest_hint(key: str, valid) -> str:
+    """'; did you mean X?' for the closest valid name (difflib), else the list of valid names."""
+    import difflib
+
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if close:
+        return f" — did you mean {close[0]!r}?"
+    return f" (valid: {', '.join(valid)})" if valid else ""
+
+
+def _fields_at(loc) -> list[str]:
+    """Field names of the config section at ``loc`` (e.g. ('model', 'tabular', 'features'))."""
+    tags = {"network": NetworkModelConfig, "tabular": TabularModelConfig}
+    cls: Any = ExperimentConfig
+    for part in loc:
+        if part in tags:
+            cls = tags[part]
+            continue
+        field = getattr(cls, "model_fields", {}).get(part) if cls is not None else None
+        if field is None:
+            return []
+        ann = field.annotation  # a section (a model class), or the model union resolved by the next tag
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(getattr(cls, "model_fields", {})) if cls is not None else []

@@ -17,6 +17,9 @@ class TaskSpec:
     metric: str  # "milk10k_dice" or "balanced_accuracy"
     modalities: tuple[str, ...] = MODALITIES
     description: str = ""
+    # header of the id column of a predictions file: "lesion_id" (MILK10k format), or "image" for the
+    # single-image ISIC challenges, whose official submissions are headed `image`
+    id_column: str = "lesion_id"
     class_descriptions: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -69,6 +72,7 @@ ISIC2018 = TaskSpec(
     metric="balanced_accuracy",
     modalities=("dermoscopic",),
     description="HAM10000 / ISIC 2018 Task 3: 7 classes, one dermoscopic image per lesion",
+    id_column="image",
 )
 HAM10000 = ISIC2018
 
@@ -79,6 +83,7 @@ ISIC2019 = TaskSpec(
     metric="balanced_accuracy",
     modalities=("dermoscopic",),
     description="ISIC 2019: 8 classes, one dermoscopic image per lesion",
+    id_column="image",
 )
 
 DERM7PT = TaskSpec(

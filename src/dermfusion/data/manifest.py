@@ -7,6 +7,8 @@ Columns
   concept_<modality>_<name>           MONET-style concept scores in [0, 1], NaN = not available
   label_<CLASS>                       one column per class of the task (absent for unlabelled data)
   aux_<name>                          optional auxiliary targets (e.g. Derm7pt criteria)
+  dx_confirmation                     optional: how the label was established (HAM10000 dx_type, MILK10k
+                                      diagnosis_confirm_type) — for evaluation by provenance, never a model input
 Relative image paths are resolved against the manifest file's folder.
 """
 from __future__ import annotations

@@ -23,16 +23,49 @@ class Preprocess:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
+    color_constancy: str = "none"   # none | shades_of_gray (see ShadesOfGray)
 
     @classmethod
-    def from_data_config(cls, cfg: dict) -> "Preprocess":
+    def from_data_config(cls, cfg: dict, color_constancy: str = "none") -> "Preprocess":
         size = cfg.get("input_size", (3, 224, 224))
         return cls(size=int(size[-1]), mean=tuple(float(x) for x in cfg.get("mean", cls.mean)),
                    std=tuple(float(x) for x in cfg.get("std", cls.std)),
-                   interpolation=str(cfg.get("interpolation", "bicubic")))
+                   interpolation=str(cfg.get("interpolation", "bicubic")), color_constancy=color_constancy)
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+                "color_constancy": self.color_constancy}
+
+
+class ShadesOfGray(torch.nn.Module):
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004; Barata et al. 2015 for dermoscopy).
+
+    Estimates the illuminant as the Minkowski p-norm mean of each channel and rescales the channels so
+    the estimate becomes grey. Dermoscopes, cameras and clinics differ in white balance (the ISIC 2018
+    test images differ in colour from HAM10000's training images); normalising it at train *and*
+    prediction time removes part of that shift. Works on uint8 C×H×W tensors (and batches of them).
+    """
+
+    def __init__(self, power: float = 6.0):
+        super().__init__()
+        self.power = float(power)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = img.float()
+        illum = x.pow(self.power).mean(dim=(-2, -1), keepdim=True).pow(1.0 / self.power)  # per channel
+        gain = illum.mean(dim=-3, keepdim=True) / illum.clamp_min(1e-3)
+        out = x * gain
+        return out.round().clamp(0, 255).to(torch.uint8) if img.dtype == torch.uint8 else out
+
+
+COLOR_CONSTANCY = {"none": None, "shades_of_gray": ShadesOfGray}
+
+
+def _constancy(pre: Preprocess) -> list:
+    if pre.color_constancy not in COLOR_CONSTANCY:
+        raise ValueError(f"unknown color_constancy {pre.color_constancy!r}; use one of {', '.join(COLOR_CONSTANCY)}")
+    cls = COLOR_CONSTANCY[pre.color_constancy]
+    return [cls()] if cls is not None else []
 
 
 def _interp(pre: Preprocess):
@@ -44,12 +77,12 @@ def train_transform(modality: str, pre: Preprocess, strength: float = 1.0) -> v2
     crop = v2.RandomResizedCrop(pre.size, scale=(max(0.35, 1 - 0.6 * s), 1.0), ratio=(0.8, 1.25),
                                 interpolation=_interp(pre), antialias=True)
     if modality == "dermoscopic":
-        ops = [crop, v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+        ops = [*_constancy(pre), crop, v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
                v2.RandomApply([v2.RandomRotation(180, interpolation=v2.InterpolationMode.BILINEAR)], p=0.5 * s),
                # no hue jitter: it costs 2.5 ms per image on a CPU worker, 5x the rest of the pipeline together
                v2.ColorJitter(0.15 * s, 0.15 * s, 0.1 * s)]
     else:
-        ops = [crop, v2.RandomHorizontalFlip(),
+        ops = [*_constancy(pre), crop, v2.RandomHorizontalFlip(),
                v2.ColorJitter(0.3 * s, 0.3 * s, 0.2 * s, 0.03 * s),
                v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2 * s)]
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)]
@@ -59,7 +92,7 @@ def train_transform(modality: str, pre: Preprocess, strength: float = 1.0) -> v2
 
 
 def eval_transform(pre: Preprocess) -> v2.Compose:
-    return v2.Compose([v2.Resize(pre.size, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
+    return v2.Compose([*_constancy(pre), v2.Resize(pre.size, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 

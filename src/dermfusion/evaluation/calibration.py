@@ -119,6 +119,14 @@ def fit_prior_adjustment(class_priors, tau: float = 1.0) -> list[float]:
     return (-float(tau) * np.log(np.clip(np.asarray(class_priors, float), 1e-12, None))).tolist()
 
 
+def training_prior(class_counts, sampler_power: float) -> np.ndarray:
+    """The class prior a model sees when lesions are drawn with weight count(class)^-power:
+    ∝ count^(1 − power) (0 = natural frequencies, 0.5 = square root, 1 = uniform)."""
+    counts = np.clip(np.asarray(class_counts, float), 1e-12, None)
+    prior = counts ** (1.0 - float(sampler_power))
+    return prior / prior.sum()
+
+
 def score_with_cuts(y_true, probs, cuts) -> tuple[float, np.ndarray]:
     """(MILK10k score, per-class Dice) when class c is predicted iff p_c > cuts[c]."""
     per = dice_per_class(y_true, np.asarray(probs) > np.asarray(cuts)[None, :])

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..tasks import TaskSpec
-from .metrics import (_as_arrays, auroc_per_class, balanced_accuracy, macro_f1, malignant_operating_point,
+from .metrics import (_as_arrays, accuracy, auroc_per_class, balanced_accuracy, macro_f1, malignant_operating_point,
                       melanoma_operating_point)
 
 ATTRIBUTES = ("skin_tone", "sex", "age", "site")
@@ -61,7 +61,7 @@ def slice_metrics(task: TaskSpec, y_true: np.ndarray, y_prob: np.ndarray) -> dic
     t = y_true.argmax(1)
     m = {"n": int(len(t)), "n_malignant": int(np.isin(t, task.malignant_indices).sum()),
          "n_melanoma": int((t == task.index(task.melanoma_class)).sum()) if task.melanoma_class else 0,
-         "accuracy": float((y_prob.argmax(1) == t).mean()) if len(t) else np.nan,
+         "accuracy": accuracy(y_true, y_prob) if len(t) else np.nan,  # a tied maximum is wrong, as in the headline
          "balanced_accuracy": balanced_accuracy(y_true, y_prob) if len(t) else np.nan,
          "macro_f1": macro_f1(y_true, y_prob) if len(t) else np.nan}
     m.update(malignant_operating_point(task, y_true, y_prob))

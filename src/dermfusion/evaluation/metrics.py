@@ -5,6 +5,13 @@ The MILK10k score is ISIC's: per class, truth = value > 0.5 and prediction = pro
 over the classes. It is multi-label (no argmax). Everything else here is argmax-based unless it says
 otherwise, because that is how a single diagnosis is read off a differential.
 
+The argmax follows the official ISIC 2018 / 2019 scorer (``isic-challenge-scoring``): a row whose
+maximum is *not unique* names no class (the scorer's "undecided") and counts as wrong — an all-equal
+row, e.g. all zeros, is never right (see ``predicted_class``). Balanced accuracy, accuracy, the
+confusion matrix, per-class precision / recall / F1, macro-F1 and the melanoma / malignant operating
+points all read the prediction this way, so the headline balanced accuracy is exactly the mean of the
+per-class recalls. Top-k accuracy (a ranking) and the top-label calibration bins keep the plain argmax.
+
 Conventions: ``y_true`` is N×C (one-hot or soft; argmax-based metrics use its argmax) or N class
 indices; ``y_prob`` is N×C. A per-class value that is undefined on the data (no positives, no
 predictions) is NaN rather than a made-up 0 or 1 — except in the MILK10k Dice, whose 1.0 is the rule.
@@ -43,6 +50,18 @@ def _idx(y) -> np.ndarray:
     return y.argmax(1) if y.ndim == 2 else y.astype(int)
 
 
+UNDECIDED = -1
+
+
+def predicted_class(y_prob) -> np.ndarray:
+    """The predicted class index per row: the argmax, or ``UNDECIDED`` (-1) where the row's maximum is
+    not unique — the official ISIC scorer's rule, under which such a row counts as wrong whatever its
+    true class (an all-equal row, e.g. all zeros, is never right). Values are compared exactly."""
+    y_prob = np.asarray(y_prob, dtype=float)
+    tied = (y_prob == y_prob.max(1, keepdims=True)).sum(1) > 1
+    return np.where(tied, UNDECIDED, y_prob.argmax(1))
+
+
 # ---------------------------------------------------------------------------- official scores
 def dice_per_class(y_true, pred) -> np.ndarray:
     """Per-class Dice of binary predictions (bool N×C) against labels (> 0.5 is positive); 1.0 when
@@ -66,8 +85,10 @@ def milk10k_score(y_true, y_prob) -> float:
 
 
 def balanced_accuracy(y_true, y_prob) -> float:
-    """Mean recall over the classes present in the truth (the ISIC 2018 / 2019 metric; sklearn's)."""
-    t, p = _idx(y_true), np.asarray(y_prob).argmax(1)
+    """Mean recall over the classes present in the truth — the ISIC 2018 / 2019 metric exactly as the
+    official scorer computes it: a row whose maximum is not unique counts as wrong (``predicted_class``).
+    Without ties it equals sklearn's ``balanced_accuracy_score`` of the argmax."""
+    t, p = _idx(y_true), predicted_class(y_prob)
     return float(np.mean([(p[t == c] == c).mean() for c in np.unique(t)]))
 
 
@@ -82,22 +103,32 @@ def official_score(task: TaskSpec, y_true, y_prob) -> float:
 
 # ---------------------------------------------------------------------------- argmax metrics
 def confusion_matrix(y_true, y_prob) -> np.ndarray:
-    """C×C counts, rows = true class, columns = argmax prediction."""
+    """C×C counts, rows = true class, columns = argmax prediction. A row whose maximum is not unique
+    predicts no class and is left out (as in the official scorer), so a row of the matrix can sum to less
+    than the class's support; recall and balanced accuracy still count such rows as misses."""
     C = np.asarray(y_prob).shape[1]
-    t, p = _idx(y_true), np.asarray(y_prob).argmax(1)
-    return np.bincount(t * C + p, minlength=C * C).reshape(C, C)
+    t, p = _idx(y_true), predicted_class(y_prob)
+    keep = p != UNDECIDED
+    return np.bincount(t[keep] * C + p[keep], minlength=C * C).reshape(C, C)
+
+
+def _support(y_true, C: int) -> np.ndarray:
+    """Lesions per true class (including those whose prediction is undecided)."""
+    return np.bincount(_idx(y_true), minlength=C)
 
 
 def accuracy(y_true, y_prob) -> float:
-    return float((np.asarray(y_prob).argmax(1) == _idx(y_true)).mean())
+    """Share of rows whose unique argmax is the true class (a tied maximum is wrong)."""
+    return float((predicted_class(y_prob) == _idx(y_true)).mean())
 
 
 def macro_f1(y_true, y_prob) -> float:
-    """Argmax macro-F1 over the classes seen in the truth or the predictions (sklearn's convention)."""
+    """Argmax macro-F1 over the classes seen in the truth or the predictions (sklearn's convention);
+    a row with a tied maximum is a false negative of its true class and a false positive of none."""
     cm = confusion_matrix(y_true, y_prob)
-    tp, fp, fn = np.diag(cm), cm.sum(0) - np.diag(cm), cm.sum(1) - np.diag(cm)
-    used = (cm.sum(0) + cm.sum(1)) > 0
-    return float((2 * tp / np.maximum(2 * tp + fp + fn, 1))[used].mean())
+    tp, pred_n, true_n = np.diag(cm), cm.sum(0), _support(y_true, cm.shape[0])
+    used = (pred_n + true_n) > 0  # pred_n + true_n = 2TP + FP + FN
+    return float((2 * tp / np.maximum(pred_n + true_n, 1))[used].mean())
 
 
 def top_k_accuracy(y_true, y_prob, k: int = 2) -> float:
@@ -114,9 +145,12 @@ def log_loss(y_true, y_prob) -> float:
 
 
 def per_class_prf(y_true, y_prob) -> dict[str, np.ndarray]:
-    """Argmax precision, recall, F1 and support per class; NaN where the ratio is 0/0."""
+    """Argmax precision, recall, F1 and support per class; NaN where the ratio is 0/0. Support counts
+    every lesion of the class, so a tied (undecided) row lowers its class's recall — the mean recall over
+    the classes present is ``balanced_accuracy``."""
     cm = confusion_matrix(y_true, y_prob)
-    tp, pred_n, true_n = np.diag(cm).astype(float), cm.sum(0).astype(float), cm.sum(1).astype(float)
+    tp, pred_n = np.diag(cm).astype(float), cm.sum(0).astype(float)
+    true_n = _support(y_true, cm.shape[0]).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(pred_n > 0, tp / pred_n, NAN)
         recall = np.where(true_n > 0, tp / true_n, NAN)
@@ -170,30 +204,33 @@ def sensitivity_specificity(truth, pred) -> tuple[float, float]:
 
 def melanoma_operating_point(task: TaskSpec, y_true, y_prob, cut: float | None = None) -> dict:
     """Melanoma sensitivity/specificity at argmax == MEL, or at P(MEL) > cut when a cut is given
-    (the cut a triage rule would use). NaN for tasks without a MEL class."""
+    (the cut a triage rule would use). NaN for tasks without a MEL class. A row with a tied maximum is
+    no melanoma call (``predicted_class``), so the sensitivity equals MEL's per-class recall."""
     if task.melanoma_class is None:
         return {"melanoma_sensitivity": NAN, "melanoma_specificity": NAN}
     j = task.index(task.melanoma_class)
     y_prob = np.asarray(y_prob)
     truth = _idx(y_true) == j
-    pred = (y_prob[:, j] > cut) if cut is not None else (y_prob.argmax(1) == j)
+    pred = (y_prob[:, j] > cut) if cut is not None else (predicted_class(y_prob) == j)
     sens, spec = sensitivity_specificity(truth, pred)
     return {"melanoma_sensitivity": sens, "melanoma_specificity": spec}
 
 
 def malignant_operating_point(task: TaskSpec, y_true, y_prob) -> dict:
     """Any malignant class (the task's malignant set) vs benign, prediction by argmax: the miss rate
-    that matters most clinically is 1 − this sensitivity."""
+    that matters most clinically is 1 − this sensitivity. A row with a tied maximum names no class and
+    so is no malignant call."""
     mal = np.array(task.malignant_indices, dtype=int)
     truth = np.isin(_idx(y_true), mal)
-    pred = np.isin(np.asarray(y_prob).argmax(1), mal)
+    pred = np.isin(predicted_class(y_prob), mal)
     sens, spec = sensitivity_specificity(truth, pred)
     return {"malignant_sensitivity": sens, "malignant_specificity": spec}
 
 
 # ---------------------------------------------------------------------------- calibration quality
 def reliability_bins(y_true, y_prob, n_bins: int = 15) -> dict:
-    """Top-label reliability: per equal-width confidence bin (lo, hi], mean confidence, accuracy, count."""
+    """Top-label reliability: per equal-width confidence bin (lo, hi], mean confidence, accuracy, count.
+    The top label here is the plain argmax (the first of tied maxima), as in Guo et al."""
     y_prob = np.asarray(y_prob, float)
     conf = y_prob.max(1)
     correct = (y_prob.argmax(1) == _idx(y_true)).astype(float)

@@ -18,10 +18,13 @@ import pandas as pd
 
 from .. import __version__
 from ..data.manifest import IMAGE_COLUMNS, ManifestError, targets
+from ..inference.submission import read_predictions_csv, with_lesion_id
 from ..tasks import TASKS, TaskSpec
 from .fairness import fairness_table
 from .figures import RenderedFigure, all_figures
 from .metrics import HEADLINE, bootstrap_metrics, compute_metrics, reliability_bins
+from .model_card import report_link_html
+from .provenance import DEFAULT_MARGIN, MIN_CLASS_LESIONS, provenance_figure, provenance_recall, provenance_section_html
 
 MAX_ERRORS = 12
 THUMB_PX = 96
@@ -45,12 +48,14 @@ def align(predictions, manifest_df: pd.DataFrame, task: TaskSpec):
     """(predictions frame, aligned manifest rows, y_true N×C, y_prob N×C), in the predictions' row order.
 
     Predictions may cover a subset of the manifest (e.g. the test split); every predicted lesion must be
-    in the manifest with labels, and the class columns must be exactly the task's.
+    in the manifest with labels, and the class columns must be exactly the task's. The id column may be
+    headed `lesion_id` or `image` (the ISIC single-image format); the returned frame names it `lesion_id`.
     """
-    pred = pd.read_csv(predictions, dtype={"lesion_id": str}) if isinstance(predictions, (str, Path)) else predictions.copy()
+    pred = (read_predictions_csv(predictions) if isinstance(predictions, (str, Path))
+            else with_lesion_id(predictions.copy()))
     if "lesion_id" not in pred.columns:
-        raise EvaluationError("predictions have no lesion_id column; expected the submission format "
-                              f"lesion_id,{','.join(task.classes)}")
+        raise EvaluationError("predictions have no lesion_id (or image) column; expected the submission format "
+                              f"{task.id_column},{','.join(task.classes)}")
     missing = [c for c in task.classes if c not in pred.columns]
     foreign = [c for c in pred.columns if c in ALL_CLASS_NAMES and c not in task.classes]
     if missing or foreign:
@@ -94,9 +99,15 @@ def align(predictions, manifest_df: pd.DataFrame, task: TaskSpec):
 
 # ---------------------------------------------------------------------------- main entry
 def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec, out_dir, n_bootstrap: int = 200,
-                         seed: int = 0) -> dict:
-    """Metrics with bootstrap 95% CIs, fairness slices and worst errors → out_dir/metrics.json and
-    out_dir/report.html. Returns the metrics dict (as written to metrics.json)."""
+                         seed: int = 0, *, provenance_margin: float = DEFAULT_MARGIN,
+                         provenance_min_class: int = MIN_CLASS_LESIONS, shift_reference: pd.DataFrame | None = None,
+                         shift_config=None) -> dict:
+    """Metrics with bootstrap 95% CIs, fairness slices, recall by label provenance and worst errors →
+    out_dir/metrics.json and out_dir/report.html. Returns the metrics dict (as written to metrics.json).
+
+    With `shift_reference` (e.g. the training manifest), a covariate-shift check between it and the evaluated
+    lesions is added (`evaluation.shift.check_shift`, configured by `shift_config`): evidence of whether the
+    evaluated images look like the ones a model learnt from."""
     pred, rows, y_true, y_prob = align(predictions, manifest_df, task)
     n_labelled_manifest = int(np.isfinite(targets(manifest_df, task).astype(float)).all(1).sum())
     out = Path(out_dir)
@@ -108,6 +119,16 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
     fair = fairness_table(task, y_true, y_prob, rows)
     errors = worst_errors(task, rows, y_true, y_prob)
     figures = all_figures(task, y_true, y_prob, m, ci)
+    prov = provenance_recall(task, y_true, y_prob, rows, margin=provenance_margin, min_class_lesions=provenance_min_class)
+    prov_fig = provenance_figure(task, prov) if prov["available"] else None
+    sections = [provenance_section_html(task, prov, prov_fig)]
+    shift = None
+    if shift_reference is not None:
+        from .shift import ShiftConfig, check_shift
+        from .shift_report import shift_section_html
+
+        shift = check_shift(shift_reference, rows, shift_config or ShiftConfig(names=("reference", "evaluated")))
+        sections.append(shift_section_html(shift))
     result = {
         "task": task.name, "official_metric": task.metric, "n": int(len(y_true)),
         "n_manifest_without_prediction": n_labelled_manifest - int(len(y_true)),
@@ -118,11 +139,13 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
         "confusion_matrix": m["confusion_matrix"], "reliability": m["reliability"],
         "fairness": fair.to_dict(orient="records"),
         "worst_errors": [{k: v for k, v in e.items() if k != "thumbnail"} for e in errors],
-        "figures": [f.describe() for f in figures],
+        "figures": [f.describe() for f in figures] + ([prov_fig.describe()] if prov_fig else []),
+        "provenance": prov,
+        **({"shift": {k: v for k, v in shift.summary.items() if k != "all_differences"}} if shift else {}),
     }
     result = _jsonable(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "report.html").write_text(render_html(task, result, figures, errors), encoding="utf-8")
+    (out / "report.html").write_text(render_html(task, result, figures, errors, "".join(sections), out_dir=out), encoding="utf-8")
     return result
 
 
@@ -274,7 +297,9 @@ def _errors_table(errors: list[dict]) -> str:
     return "<div class='scroll'><table>" + head + "".join(rows) + "</table></div>"
 
 
-def render_html(task: TaskSpec, result: dict, figures: list[RenderedFigure], errors: list[dict]) -> str:
+def render_html(task: TaskSpec, result: dict, figures: list[RenderedFigure], errors: list[dict],
+                extra_sections: str = "", out_dir=None) -> str:
+    """The whole page; `extra_sections` (ready HTML <section>s: provenance, shift) follow the subgroups."""
     figs = "".join(f"<figure><img alt='{html.escape(f.title)}' src='data:image/png;base64,{f.png_base64}'>"
                    f"<figcaption>{html.escape(f.title)}</figcaption></figure>" for f in figures)
     n_flag = sum(r["status"] == "flagged" for r in result["fairness"])
@@ -289,7 +314,7 @@ def render_html(task: TaskSpec, result: dict, figures: list[RenderedFigure], err
 {result['n']} lesions evaluated{f' ({extra} labelled manifest lesions had no prediction)' if extra > 0 else ''}{f' · {unlabelled} predictions without a label left out' if unlabelled else ''} ·
 official metric <b>{html.escape(task.metric)}</b> = {_fmt(result['metrics']['official'])} ·
 generated {html.escape(result['generated'])} · dermfusion {html.escape(result['version'])}</div></header>
-<main>
+<main>{report_link_html(out_dir)}
 <section class="howto"><h2>How to read this report</h2><ul>
 <li><b>Headline metrics</b> come with 95% bootstrap intervals: if two models' intervals overlap widely, the
 data cannot tell them apart. Small classes have wide intervals.</li>
@@ -310,6 +335,7 @@ is strictly above 0.5 and scores an absent, unpredicted class as 1.0. Malignant 
 <p class="note">{n_flag} slice(s) flagged: sensitivity for the malignant set or for melanoma more than 0.10 below
 the whole set — a screening rule, not a significance test: read it with the slice's counts. Slices under
 10 lesions are marked too small to judge.</p></section>
+{extra_sections}
 <section><h2>Most confident errors</h2>{_errors_table(errors)}
 <p class="note">Wrong argmax predictions sorted by the model's confidence (up to {MAX_ERRORS}): review these first.</p></section>
 </main></body></html>
@@ -343,3 +369,13 @@ def print_summary(metrics: dict, console=None) -> None:
     flagged = [r for r in metrics.get("fairness", []) if r["status"] == "flagged"]
     for r in flagged:
         console.print(f"[yellow]subgroup flagged[/] {r['attribute']}={r['group']} (n={r['n']}): {r['reason']}")
+    prov = metrics.get("provenance") or {}
+    for w in prov.get("warnings", []):
+        console.print(f"[yellow]provenance shortcut?[/] {w['message']}", highlight=False)
+    if prov and not prov.get("available"):
+        console.print(f"[dim]no label provenance in the manifest ({prov.get('column')}): recall by provenance not checked[/]")
+    if metrics.get("shift"):
+        from .shift_report import print_shift_summary
+
+        console.print("[bold]covariate shift[/] (reference vs evaluated images):")
+        print_shift_summary(metrics["shift"], console)

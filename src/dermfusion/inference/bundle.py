@@ -6,6 +6,7 @@
   metrics.json       validation / out-of-fold metrics at save time
   VERSION            dermfusion version and bundle format
   HASH               sha256 over the model file(s) and config — shown by the API and in audits
+  model_card.*       optional model card (json, md, html; evaluation.model_card) — documentation, not hashed
 Each bundle kind registers a loader; `load_predictor(path)` returns a Predictor for any kind.
 """
 from __future__ import annotations
@@ -56,10 +57,15 @@ class Bundle:
         return self.path / name
 
 
+# written after training (fitted or documentation), so not part of the content hash
+UNHASHED_FILES = frozenset({"HASH", "metrics.json", "calibration.json", "drift_reference.json",
+                            "model_card.json", "model_card.md", "model_card.html"})
+
+
 def _hash_dir(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.is_file() and f.name not in {"HASH", "metrics.json", "calibration.json", "drift_reference.json"}:
+        if f.is_file() and f.name not in UNHASHED_FILES:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()

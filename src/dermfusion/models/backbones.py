@@ -160,15 +160,37 @@ def _create_timm(ident, pretrained_path, pretrained, input_size, allow_head_mism
                              f"(e.g. 'timm:vit_base_patch16_224')")
         model = timm.create_model(ident, pretrained=False, num_classes=0, **kwargs)
         if pretrained_path is not None:
-            sd = read_state_dict(pretrained_path)
-            if hasattr(model, "pretrained_cfg") and callable(getattr(_timm_module(model), "checkpoint_filter_fn", None)):
-                sd = _timm_module(model).checkpoint_filter_fn(sd, model)
-            load_state_dict_strict(model, sd, source=str(pretrained_path), allow_head_mismatch=allow_head_mismatch,
-                                   head_prefixes=_head_prefixes(model))
+            load_timm_checkpoint(model, pretrained_path, allow_head_mismatch=allow_head_mismatch)
     dc = timm.data.resolve_data_config({}, model=model)
     # pretrained_cfg keeps the checkpoint's 224; the model's real input size is what preprocessing needs
     dc = dict(dc, input_size=(3, *_img_size(model, input_size or dc["input_size"][-1])))
     return _wrap_timm(model, f"timm:{ident}", dc)
+
+
+def load_timm_checkpoint(model: nn.Module, pretrained_path, *, allow_head_mismatch: bool = False) -> list[str]:
+    """Load a checkpoint (file, directory or ``package:<module>``) strictly into a timm model.
+
+    Foreign layouts are mapped first: the lukemelas EfficientNet layout by
+    :func:`~dermfusion.models.efficientnet_lite.checkpoint_filter_fn`, others by timm's own filter for
+    the model's family. A headless encoder (``num_classes=0``) has no classifier, so the checkpoint's
+    classifier tensors are the only ones left out; they are returned (and nothing else may differ).
+    """
+    from . import efficientnet_lite
+
+    sd = read_state_dict(pretrained_path)
+    if efficientnet_lite.is_lukemelas_layout(sd):
+        sd = efficientnet_lite.checkpoint_filter_fn(sd, model)
+    elif hasattr(model, "pretrained_cfg") and callable(getattr(_timm_module(model), "checkpoint_filter_fn", None)):
+        sd = _timm_module(model).checkpoint_filter_fn(sd, model)
+    left_out: list[str] = []
+    if getattr(model, "num_classes", None) == 0:
+        classifier = tuple(p for p in _head_prefixes(model)[:-2])  # the classifier's own prefixes
+        own = model.state_dict()
+        left_out = sorted(k for k in sd if k.startswith(classifier) and k not in own)
+        sd = {k: v for k, v in sd.items() if k not in left_out}
+    load_state_dict_strict(model, sd, source=str(pretrained_path), allow_head_mismatch=allow_head_mismatch,
+                           head_prefixes=_head_prefixes(model))
+    return left_out
 
 
 def _timm_module(model):

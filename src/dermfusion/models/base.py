@@ -11,7 +11,7 @@ from torch import nn
 
 from ..data.features import FeatureSpec
 from .backbones import Backbone, create_backbone, tiny_backbone_spec
-from .layers import zero_masked
+from .layers import frozen_batchnorm, zero_masked
 
 
 def _per_modality(value, modalities) -> dict:
@@ -57,15 +57,37 @@ class MultiModalNet(nn.Module):
     def encode_images(self, batch: dict, present: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{modality: (tokens, pooled)} with absent rows replaced by exact zeros.
 
-        Every image is encoded and *then* masked: with LayerNorm encoders (ViTs) and with any encoder
-        in eval mode, an absent image cannot influence anything. BatchNorm CNNs in train mode still
-        mix absent images into the batch statistics (a training-time caveat only).
+        In eval mode every image is encoded and *then* masked (one static graph for export; no encoder
+        mixes rows at inference). In training, only the present images enter the encoder: a BatchNorm
+        encoder (EfficientNet, ResNet) would otherwise mix absent images into its batch statistics, and
+        NaN pixels of an absent image would reach the weight gradients (0 × NaN is NaN in the backward).
         """
         out = {}
         for j, m in enumerate(self.modalities):
-            tokens, pooled = self.encoder(m).forward_tokens(batch["images"][m])
-            out[m] = (zero_masked(tokens, present[:, j]), zero_masked(pooled, present[:, j]))
+            images, keep = batch["images"][m], present[:, j]
+            if self.training and not bool(keep.all()):
+                tokens, pooled = encode_present_rows(self.encoder(m), images, keep)
+            else:
+                tokens, pooled = self.encoder(m).forward_tokens(images)
+            out[m] = (zero_masked(tokens, keep), zero_masked(pooled, keep))
         return out
+
+
+def encode_present_rows(encoder: Backbone, images: torch.Tensor, keep: torch.Tensor):
+    """(tokens, pooled) for a batch in which only rows ``keep`` are encoded; the other rows are zeros.
+
+    With no row present, one blank image runs with BatchNorm frozen and its output times zero, so the
+    encoder's parameters stay in the graph (DDP expects every parameter to get a gradient) while neither
+    batch statistics nor gradients change."""
+    idx = keep.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        with frozen_batchnorm(encoder):
+            tokens, pooled = encoder.forward_tokens(torch.zeros_like(images[:1]))
+        n = images.shape[0]
+        return (tokens * 0).expand(n, *tokens.shape[1:]), (pooled * 0).expand(n, *pooled.shape[1:])
+    tokens, pooled = encoder.forward_tokens(images.index_select(0, idx))
+    return (tokens.new_zeros((images.shape[0], *tokens.shape[1:])).index_copy(0, idx, tokens),
+            pooled.new_zeros((images.shape[0], *pooled.shape[1:])).index_copy(0, idx, pooled))
 
 
 def drop_present(present: torch.Tensor, p: float, keep_one: bool = True) -> torch.Tensor:

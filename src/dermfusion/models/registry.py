@@ -9,6 +9,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..config import ConfigError, nearest_hint
 from ..data.features import FeatureSpec
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -31,10 +32,43 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+class ModelSettingsError(ConfigError):
+    """A model config names a setting the registered model does not have."""
+
+
+def model_settings(name: str) -> set[str] | None:
+    """The settings a config may give model ``name``: its constructor's keyword parameters, plus the
+    encoder options (``create_backbone``'s) when the model passes ``**backbone_kwargs`` on. ``None`` when the
+    constructor takes arbitrary keywords otherwise (nothing can be checked)."""
+    import inspect
+
+    from .backbones import create_backbone
+
+    fn = _MODELS[name]
+    params = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters
+    own = {p for p, v in params.items() if v.kind in (v.KEYWORD_ONLY, v.POSITIONAL_OR_KEYWORD)}
+    own -= {"self", "num_classes", "feature_spec"}
+    if any(v.kind is v.VAR_KEYWORD for v in params.values()):
+        backbone = inspect.signature(create_backbone).parameters
+        own |= {p for p, v in backbone.items() if v.kind is v.KEYWORD_ONLY}
+    return own
+
+
+def check_model_settings(name: str, settings: dict) -> None:
+    """Refuse unknown model names and settings before anything is built, naming the nearest valid one.
+    Options of the encoder's own library (``drop_path_rate``, ``img_size`` …) belong under ``encoder:``."""
+    if name not in _MODELS:
+        raise ModelSettingsError(f"unknown model {name!r}" + nearest_hint(name, list_models()))
+    valid = model_settings(name)
+    unknown = sorted(k for k in settings if k not in valid)
+    if unknown:
+        raise ModelSettingsError("; ".join(f"model {name!r} has no setting model.{k}" + nearest_hint(k, valid)
+                                           for k in unknown) + " (encoder library options go under model.encoder)")
+
+
 def create_model(name: str, *, num_classes: int, feature_spec: FeatureSpec | dict, **config) -> nn.Module:
     """Build a registered model; ``feature_spec`` may be a FeatureSpec or its ``to_dict()`` form."""
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    check_model_settings(name, config)
     if isinstance(feature_spec, dict):
         feature_spec = FeatureSpec.from_dict(feature_spec)
     if not feature_spec.modalities:

@@ -1,6 +1,6 @@
 """The FastAPI application: ``create_app(bundle, config)``.
 
-Endpoints: ``POST /v1/analyze`` · ``GET /v1/model`` · ``GET /healthz`` · ``GET /readyz`` ·
+Endpoints: ``POST /v1/analyze`` · ``GET /v1/model`` · ``GET /v1/model-card`` · ``GET /healthz`` · ``GET /readyz`` ·
 ``GET /metrics`` · ``GET /`` (clinician page) · ``/docs`` + ``/openapi.json``.
 
 Safety properties, each enforced in one place:
@@ -67,6 +67,7 @@ class ServiceState:
     status: str = "starting"
     detail: str | None = None
     key_digests: list[bytes] = field(default_factory=list)
+    model_card: dict | None = None
 
 
 def _digest(key: str) -> bytes:
@@ -310,6 +311,32 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
             "auth_required": bool(state.key_digests), "backends": an.backends, "disclaimer": config.disclaimer,
         }
 
+    card_responses = {200: {"content": {"application/json": {}, "text/html": {}, "text/markdown": {}},
+                            "description": "the model card (JSON by default)"},
+                      404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+    @app.get("/v1/model-card", tags=["analysis"], dependencies=[Security(api_key)], responses=card_responses)
+    async def model_card(format: str = Query("json", pattern="^(json|html|md)$",
+                                             description="json (default), html (a self-contained page) or md")):
+        """The model card of the served model: details, intended use, training data, metrics with 95% CIs,
+        subgroups, label provenance, covariate shift, calibration, known failure modes — each with its source.
+        The bundle's stored card (written by `dermfusion train` / `dermfusion card`), else one built from the
+        bundle alone; a fold ensemble shows its first bundle's card and says how many it averages."""
+        card = await asyncio.to_thread(_model_card, state)
+        if format == "json":
+            return JSONResponse(card)
+        from ..evaluation.model_card import render_html, render_markdown
+
+        if format == "md":
+            return Response(render_markdown(card), media_type="text/markdown; charset=utf-8")
+        return Response(render_html(card), media_type="text/html; charset=utf-8")
+
+    @app.get("/v1/model-card.html", tags=["analysis"], dependencies=[Security(api_key)],
+             response_class=Response, responses=card_responses)
+    async def model_card_html():
+        """The model card as one self-contained HTML page (same as ``/v1/model-card?format=html``)."""
+        return await model_card("html")
+
     @app.post("/v1/analyze", response_model=AnalyzeResponse, tags=["analysis"], dependencies=[Security(api_key)],
               responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
                          415: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
@@ -423,6 +450,21 @@ def _analyzer(state: ServiceState) -> Analyzer:
         raise InputError(503, "not_ready", "the model is still loading; retry shortly"
                          if state.status != "error" else f"the model failed to load ({state.detail})")
     return state.analyzer
+
+
+def _model_card(state: ServiceState) -> dict:
+    """The served model's card, built once (files only: cheap, but not per request)."""
+    if state.model_card is None:
+        from ..evaluation.model_card import card_for_service
+
+        an = _analyzer(state)
+        served = getattr(an.bundle, "path", None)
+        members = [m.bundle.path for m in getattr(an.predictor, "members", None) or []
+                   if getattr(getattr(m, "bundle", None), "path", None)]
+        if not served and not members:
+            raise InputError(404, "no_model_card", "the served model has no bundle directory to describe")
+        state.model_card = card_for_service(Path(served) if served else None, members)
+    return state.model_card
 
 
 def _ensure_audit(state: ServiceState):

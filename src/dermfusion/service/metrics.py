@@ -4,7 +4,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-ENDPOINTS = ("/v1/analyze", "/v1/model", "/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json")
+ENDPOINTS = ("/v1/analyze", "/v1/model", "/v1/model-card", "/v1/model-card.html", "/healthz", "/readyz", "/metrics",
+             "/", "/docs", "/openapi.json")
 
 
 def endpoint_label(path: str) -> str:

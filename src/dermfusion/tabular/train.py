@@ -183,6 +183,8 @@ def train_tabular_cv(cfg: dict, manifest_df: pd.DataFrame, task: str | TaskSpec,
         summary["bundle"] = str(out / "bundle")
     summary["seconds"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    from ..evaluation.model_card import write_run_cards  # model_card.{json,md,html} in each bundle (not hashed)
+    write_run_cards(out, manifest=df, strict=False)
     if verbose and "nested_cut_score" in metrics:
         print(f"[tabular] OOF nested cut-tuned score {metrics['nested_cut_score']:.4f} "
               f"(raw {metrics['official_raw']:.4f}, bacc {metrics['balanced_accuracy']:.4f})", flush=True)

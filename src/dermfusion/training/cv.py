@@ -54,8 +54,10 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
 
         parse_folds(folds, df, cfg)  # validates the manifest's folds; the tabular stage trains all of them
         return train_tabular_cv(cfg.model_dump(), df, task, out)
+    from ..models.registry import check_model_settings
     from .runtime import compute_threads
 
+    check_model_settings(cfg.model.name, cfg.model_kwargs())  # a misspelt setting fails before any work
     with compute_threads(cfg.train.threads):
         return _train_network_cv(cfg, task, df, out, parse_folds(folds, df, cfg), profile, fold_parallel, ctx)
 
@@ -86,6 +88,8 @@ def _train_network_cv(cfg, task, df, out: Path, fold_ids: list[int], profile: bo
         if profile:
             summary["profile"] = {r.fold: _profile(r.history) for r in results}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        from ..evaluation.model_card import write_run_cards  # model_card.{json,md,html} in each bundle (not hashed)
+        write_run_cards(out, manifest=df, strict=False)
     ctx.barrier()
     return summary
 
@@ -139,7 +143,7 @@ def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
     res = {"oof": {"n": len(oof), **epoch_metrics(task, y, p)}}
     console.print(f"[bold]out-of-fold[/] ({len(oof)} lesions): official {res['oof']['official']:.4f} · "
                   f"balanced accuracy {res['oof']['balanced_accuracy']:.4f} · macro-F1 {res['oof']['macro_f1']:.4f}")
-    res["calibration"] = calibrate_run(cfg.calibration, task, y, oof, bundles)
+    res["calibration"] = calibrate_run(cfg.calibration, task, y, oof, bundles, cfg.train.sampler_power)
     write_drift_references(task, lab, oof, bundles, res["calibration"]["fitted"])
     return res
 
@@ -161,14 +165,18 @@ def write_drift_references(task, lab: pd.DataFrame, oof: pd.DataFrame, bundles, 
         write_reference_stats(b, compute_reference_stats(fold, lab[rows].reset_index(drop=True), probs=probs))
 
 
-def calibrate_run(options: dict, task, y: np.ndarray, oof: pd.DataFrame, bundles) -> dict:
+def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, sampler_power: float = 0.0) -> dict:
     """Fit calibration on out-of-fold predictions and write it into every bundle of the run.
 
     options: temperature (bool), cuts ("auto" | bool: per-class cuts for the MILK10k score, nested estimate),
-    prior_adjustment ("balanced_accuracy": post-hoc logit adjustment −τ·log prior with τ chosen on OOF).
+    prior_adjustment ("balanced_accuracy": post-hoc logit adjustment −τ·log prior with τ chosen on OOF;
+    "training_prior": −log of the prior the sampler trained under, ``sampler_power``).
     """
-    from ..evaluation.calibration import Calibration, calibrate_oof
+    from ..evaluation.calibration import Calibration, calibrate_oof, fit_prior_adjustment, training_prior
     from ..inference.bundle import update_calibration
+
+    if hasattr(options, "model_dump"):
+        options = options.model_dump()
     from .val_metrics import epoch_metrics
 
     p = oof[list(task.classes)].to_numpy()
@@ -181,6 +189,9 @@ def calibrate_run(options: dict, task, y: np.ndarray, oof: pd.DataFrame, bundles
         tau, adj, table = tune_prior_adjustment(y, Calibration(temperature=calib.temperature).apply(p))
         calib.prior_adjustment = adj
         report["prior_adjustment"] = {"tau": tau, "balanced_accuracy_by_tau": table}
+    elif options.get("prior_adjustment") == "training_prior":
+        calib.prior_adjustment = fit_prior_adjustment(training_prior(y.sum(0), sampler_power))
+        report["prior_adjustment"] = {"training_prior_sampler_power": sampler_power}
     after = calib.apply(p)
     report["oof_after_calibration"] = epoch_metrics(task, y, after)
     d = calib.to_dict()

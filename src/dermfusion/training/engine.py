@@ -66,9 +66,9 @@ def _strip_pretrained(obj):
     return obj
 
 
-def preprocess_of(model, spec: FeatureSpec) -> dict[str, Preprocess]:
+def preprocess_of(model, spec: FeatureSpec, color_constancy: str = "none") -> dict[str, Preprocess]:
     dc = getattr(model, "data_config", {}) or {}
-    return {m: Preprocess.from_data_config(dc.get(m, {})) for m in spec.modalities}
+    return {m: Preprocess.from_data_config(dc.get(m, {}), color_constancy) for m in spec.modalities}
 
 
 @dataclass
@@ -175,7 +175,7 @@ class FoldTrainer:
         self.model = build_model(cfg, self.task, self.spec).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.preprocess = preprocess_of(self.model, self.spec)
+        self.preprocess = preprocess_of(self.model, self.spec, cfg.data.color_constancy)
         counts = targets(self.train_df, self.task).sum(axis=0)
         loss_cfg = cfg.loss.model_dump()
         if str(loss_cfg["alpha"]).lower() in {"none", "null"}:
@@ -382,9 +382,24 @@ class FoldTrainer:
                   "preprocess": {m: p.to_dict() for m, p in self.preprocess.items()},
                   "experiment": cfg.model_dump(), "fold": self.fold}
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        calibration = self.training_prior_calibration()
         # written beside and renamed into place: a crash never leaves a half-written bundle
         return write_dir_atomic(self.out / "bundle", lambda d: write_bundle(
-            d, config=config, metrics=metrics, write_model=lambda m: save_file(state, str(m / "model.safetensors"))))
+            d, config=config, metrics=metrics, calibration=calibration,
+            write_model=lambda m: save_file(state, str(m / "model.safetensors"))))
+
+    def training_prior_calibration(self) -> dict | None:
+        """With ``calibration.prior_adjustment: training_prior`` every bundle — a full-data refit too, which has no
+        out-of-fold predictions to fit anything on — divides its probabilities by the class prior it was trained
+        under (the sampler's), the adjustment balanced accuracy calls for. Cross-validated runs refit the rest
+        of the calibration on OOF afterwards."""
+        from ..evaluation.calibration import fit_prior_adjustment, training_prior
+
+        if self.cfg.calibration.prior_adjustment != "training_prior":
+            return None
+        counts = targets(self.train_df, self.task).sum(axis=0)
+        return {"temperature": 1.0, "cuts": None,
+                "prior_adjustment": fit_prior_adjustment(training_prior(counts, self.cfg.train.sampler_power))}
 
 
 class _NullProgress:

@@ -19,6 +19,7 @@ DX_ALIASES = {"akiec": "AKIEC", "ak": "AK", "bcc": "BCC", "bkl": "BKL", "df": "D
               "nv": "NV", "vasc": "VASC", "scc": "SCC", "unk": "UNK"}
 ID_COLUMNS = ("image_id", "image", "image_name", "isic_id")
 PATH_COLUMNS = ("image", "image_path", "path", "file")
+PROVENANCE_COLUMNS = ("dx_type", "diagnosis_confirm_type")
 
 
 def _pick(df: pd.DataFrame, names) -> str | None:
@@ -82,6 +83,9 @@ def import_isic(csv_path, images_dir=None, task: str | TaskSpec | None = None, d
         "image_id": image_ids,
         "lesion_group": list(lesion_col),
     })
+    provenance = _pick(src, PROVENANCE_COLUMNS)
+    if provenance:  # how each label was established (HAM10000 dx_type: histo / follow_up / consensus / confocal)
+        df["dx_confirmation"] = src[provenance].fillna("").astype(str).str.strip().str.lower().to_numpy()
     df = clean_metadata(df, src.get("age", src.get("age_approx", [""] * len(src))),
                         src.get("sex", [""] * len(src)),
                         src.get("localization", src.get("anatom_site_general", [""] * len(src))))

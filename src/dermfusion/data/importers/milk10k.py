@@ -88,4 +88,8 @@ def import_milk10k(metadata_csv, groundtruth_csv=None, supplement_csv=None, imag
         # label information, not a model input: kept for error analysis only
         df["diagnosis_full"] = [full.get(a) or full.get(b) or "" for a, b in
                                 zip(df["isic_id_dermoscopic"], df["isic_id_clinical"])]
+        if "diagnosis_confirm_type" in sup.columns:  # how the label was established (histopathology, …)
+            how = dict(zip(sup["isic_id"], sup["diagnosis_confirm_type"].fillna("")))
+            df["dx_confirmation"] = [how.get(a) or how.get(b) or "" for a, b in
+                                      zip(df["isic_id_dermoscopic"], df["isic_id_clinical"])]
     return normalise(df)

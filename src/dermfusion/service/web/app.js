@@ -309,5 +309,26 @@
     $("results-title").focus && $("results").scrollIntoView({ behavior: "smooth", block: "start" });
   }
 
+  // ------------------------------------------------------------------ model card (a plain link, unless an API
+  // key is needed: then fetched with the key and opened from memory, since a link cannot send the header)
+  for (const id of ["model-card-link", "model-card-foot"]) {
+    const a = $(id);
+    if (!a) continue;
+    a.addEventListener("click", async (ev) => {
+      if (!keyInput.value.trim()) return;
+      ev.preventDefault();
+      const w = window.open("", "_blank");
+      try {
+        const r = await fetch("/v1/model-card?format=html", { headers: headers() });
+        const text = await r.text();
+        const url = URL.createObjectURL(new Blob([text], { type: r.ok ? "text/html" : "text/plain" }));
+        if (w) w.location = url; else window.location = url;
+      } catch (e) {
+        if (w) w.close();
+        $("model-line").textContent = "Could not load the model card.";
+      }
+    });
+  }
+
   loadModel();
 })();
