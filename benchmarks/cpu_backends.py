@@ -36,7 +36,7 @@ from dermfusion.bench import bench_model, best_backend, lesion_frame, markdown, 
 from dermfusion.bench.runner import speedup_ceiling
 from dermfusion.data.features import FeatureSpec, canonical_sex, canonical_site
 from dermfusion.models import create_model
-from dermfusion.training.engine import preprocess_of
+from dermfusion.models.factory import preprocess_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MONET = ("ulceration_crust", "hair", "vessels", "erythema", "pigmented", "gel", "pen_ink")
@@ -130,7 +130,7 @@ def diagnose_open_clip(batch: int = 2) -> dict:
     import open_clip
     from torch.profiler import profile
 
-    from dermfusion.inference.backends import fast_attention_
+    from dermfusion.models.fast_attention import fast_attention_
 
     visual = open_clip.create_model("ViT-B-16").visual.eval()  # parameters require grad, as after loading
     fixed = copy.deepcopy(visual)
@@ -214,7 +214,7 @@ def main() -> None:
     rates = matmul_rates()
     print("  " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items() if v), flush=True)
     results: dict = {"_rates": rates}
-    from dermfusion.training.runtime import native_bf16
+    from dermfusion.runtime.device import native_bf16
 
     if not args.no_diagnose and not native_bf16(torch.device("cpu")):
         print("open_clip bf16 diagnosis skipped: this CPU has no bf16 units", flush=True)

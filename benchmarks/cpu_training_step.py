@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from dermfusion.training.runtime import cpu_flags, native_bf16
+from dermfusion.runtime.device import cpu_flags, native_bf16
 
 
 def main() -> None:

@@ -25,8 +25,9 @@ from cpu_backends import MODELS, ROOT, build, ham_frame  # noqa: E402
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic  # noqa: E402
 
 from dermfusion.bench import lesion_frame, real_batches  # noqa: E402
-from dermfusion.inference.backends import compare_probs, fast_attention_, probs_over  # noqa: E402
-from dermfusion.training.engine import preprocess_of  # noqa: E402
+from dermfusion.inference.backends import compare_probs, probs_over
+from dermfusion.models.fast_attention import fast_attention_  # noqa: E402
+from dermfusion.models.factory import preprocess_of  # noqa: E402
 
 
 def quantised(model, skip: list[str]):

@@ -35,7 +35,7 @@ def item_ms(n: int = 48) -> float:
     from dermfusion.data.importers import import_isic
     from dermfusion.demo import sample_dir
     from dermfusion.tasks import ISIC2018
-    from dermfusion.training.engine import build_model, feature_spec_for, preprocess_of
+    from dermfusion.models.factory import build_model, feature_spec_for, preprocess_of
 
     cfg = load_config("tiny_cpu")
     df = import_isic(sample_dir() / "train.csv", sample_dir() / "images", ISIC2018, dataset="ham10000_sample")

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dermfusion.inference.bundle import load_predictor  # noqa: E402
+from dermfusion.inference import load_predictor  # noqa: E402
 from dermfusion.evaluation import calibration as _cal, metrics as _met  # noqa: E402
 from dermfusion.tabular.ensemble import blend, compare_table, search_weights, write_ensemble_bundle  # noqa: E402
 from dermfusion.tabular.stacking import fit_stack, write_stack_bundle  # noqa: E402

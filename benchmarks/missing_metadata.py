@@ -21,7 +21,7 @@ import pandas as pd
 from dermfusion.data.manifest import class_index, concept_columns, load_manifest
 from dermfusion.evaluation.calibration import Calibration
 from dermfusion.evaluation.metrics import balanced_accuracy, macro_f1
-from dermfusion.inference.bundle import load_predictor
+from dermfusion.inference import load_predictor
 
 
 def strip_metadata(df: pd.DataFrame) -> pd.DataFrame:

@@ -39,7 +39,7 @@ def main() -> None:
     import onnxruntime as ort
     import pandas as pd
 
-    from dermfusion.training.engine import preprocess_of
+    from dermfusion.models.factory import preprocess_of
 
     if args.bundle:
         from dermfusion.export.onnx import load_bundle_model

@@ -28,8 +28,8 @@ from cpu_backends import MODELS, build, fit_heads, ham_frame  # noqa: E402
 from dermfusion.bench import lesion_frame, real_batches  # noqa: E402
 from dermfusion.bench.core import machine_info  # noqa: E402
 from dermfusion.inference.backends import compare_probs, prepare_backend, probs_over  # noqa: E402
-from dermfusion.training.engine import preprocess_of  # noqa: E402
-from dermfusion.training.runtime import cpu_int8_dot_product  # noqa: E402
+from dermfusion.models.factory import preprocess_of  # noqa: E402
+from dermfusion.runtime.device import cpu_int8_dot_product  # noqa: E402
 
 
 def main() -> None:

@@ -39,9 +39,9 @@ def write_tiny_bundle(out: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     from dermfusion.config import ExperimentConfig
-    from dermfusion.inference.bundle import write_bundle
+    from dermfusion.bundle import write_bundle
     from dermfusion.tasks import get_task
-    from dermfusion.training.engine import build_model, preprocess_of
+    from dermfusion.models.factory import build_model, preprocess_of
 
     cfg = ExperimentConfig.model_validate({
         "name": "tiny_trimodal", "task": "milk10k",

@@ -29,9 +29,9 @@ def build_tiny_bundle(out: Path, df, overrides: list[str] | tuple[str, ...] = ()
     from safetensors.torch import save_file
 
     from dermfusion.config import load_config
-    from dermfusion.inference.bundle import write_bundle
+    from dermfusion.bundle import write_bundle
     from dermfusion.tasks import get_task
-    from dermfusion.training.engine import build_model, feature_spec_for, preprocess_of
+    from dermfusion.models.factory import build_model, feature_spec_for, preprocess_of
 
     cfg = load_config("tiny_cpu", ["train.epochs=1", "train.device=cpu", *overrides])
     try:
@@ -65,8 +65,8 @@ _SHARED: dict = {}
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, ham_sample) -> Path:
     if "bundle" not in _SHARED:
-        from dermfusion.inference.bundle import load_predictor
-        from dermfusion.service.drift import compute_reference_stats, write_reference_stats
+        from dermfusion.inference import load_predictor
+        from dermfusion.evaluation.drift_reference import compute_reference_stats, write_reference_stats
 
         bundle = build_tiny_bundle(tmp_path_factory.mktemp("svc_bundle"), ham_sample)
         write_reference_stats(bundle, compute_reference_stats(load_predictor(bundle), ham_sample))
@@ -77,7 +77,7 @@ def tiny_bundle(tmp_path_factory, ham_sample) -> Path:
 @pytest.fixture(scope="session")
 def tiny_predictor(tiny_bundle):
     if "predictor" not in _SHARED:
-        from dermfusion.inference.bundle import load_predictor
+        from dermfusion.inference import load_predictor
 
         _SHARED["predictor"] = load_predictor(tiny_bundle)
     return _SHARED["predictor"]

@@ -1,16 +1,19 @@
 """Experiment configuration: YAML validated into typed objects (pydantic), with `--set key=value` overrides."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import DermfusionError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(DermfusionError, ValueError):
     pass
 
 
@@ -128,6 +131,9 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    # an ensemble recipe: one model per entry, each this config with the entry's dotted-key overrides
+    # ({} = as written); `dermfusion train` trains them all into one run and `predict RUN` averages them
+    members: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -144,19 +150,57 @@ def _parse_value(v: str) -> Any:
     return yaml.safe_load(v)
 
 
+def set_dotted(raw: dict, key: str, value: Any) -> dict:
+    """``raw["a"]["b"] = value`` for ``key = "a.b"`` (sections created as needed)."""
+    node = raw
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {p} is not a section")
+    node[parts[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, val = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = _parse_value(val)
+        set_dotted(raw, key, _parse_value(val))
     return raw
+
+
+# settings every member of an ensemble must share: the averaged probabilities get one calibration
+_SHARED_BY_MEMBERS = ("task", "calibration", "cv", "train.sampler_power", "model.kind")
+
+
+def member_configs(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """The configs of an ensemble recipe's members (``members:``), or ``[cfg]`` for a single model."""
+    if not cfg.members:
+        return [cfg]
+    base = cfg.model_dump()
+    base.pop("members")
+    out = []
+    for i, overrides in enumerate(cfg.members):
+        raw = copy.deepcopy(base)
+        for key, value in (overrides or {}).items():
+            set_dotted(raw, key, value)
+        member = validate_config(raw, f"{cfg.name} members[{i}]")
+        for key in _SHARED_BY_MEMBERS:
+            a, b = _dotted(cfg, key), _dotted(member, key)
+            if a != b:
+                raise ConfigError(f"{cfg.name} members[{i}] changes {key} ({a!r} → {b!r}); the members of an "
+                                  f"ensemble share it (their averaged probabilities get one calibration)")
+        out.append(member)
+    return out
+
+
+def _dotted(cfg: BaseModel, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node.model_dump() if isinstance(node, BaseModel) else node
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import load_config
 from .console import console
+from .data.check import check_manifest
+from .data.folds import assign_folds
+from .data.importers import import_isic
+from .data.manifest import load_manifest, save_manifest
+from .data.predictions import write_predictions
+from .evaluation.report import evaluate_predictions, print_summary
+from .inference import load_run
+from .tasks import ISIC2018
+from .training.cv import train_cv
 
 
 def sample_dir() -> Path:
@@ -24,17 +34,6 @@ DEMO_CONFIG = "demo"
 
 
 def run_demo(out: Path, epochs: int | None = None) -> dict:
-    from .config import load_config
-    from .data.check import check_manifest
-    from .data.folds import assign_folds
-    from .data.importers import import_isic
-    from .data.manifest import load_manifest, save_manifest
-    from .evaluation.calibration import Calibration
-    from .evaluation.report import evaluate_predictions, print_summary
-    from .inference.submission import write_predictions
-    from .tasks import ISIC2018
-    from .training.cv import train_cv
-
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,15 +58,12 @@ def run_demo(out: Path, epochs: int | None = None) -> dict:
     summary = train_cv(cfg, df, out / "run")
 
     console.rule("4 · predict with the fold ensemble")
-    from .commands import load_any
-    pred = load_any([out / "run"])
+    pred = load_run(out / "run")
     probs = pred.predict_proba(df, tta=2)
     write_predictions(out / "predictions.csv", df["lesion_id"], probs, ISIC2018)
 
     console.rule("5 · evaluate out-of-fold predictions (calibrated as the bundles predict)")
-    oof = pd.read_csv(out / "run" / "oof.csv", dtype={"lesion_id": str})
-    calib = Calibration.from_dict(summary["calibration"]["fitted"])
-    oof[list(ISIC2018.classes)] = calib.apply(oof[list(ISIC2018.classes)].to_numpy())
+    oof = pd.read_csv(out / "run" / "oof_calibrated.csv", dtype={"lesion_id": str})
     metrics = evaluate_predictions(oof, df, ISIC2018, out / "report", n_bootstrap=200)
     print_summary(metrics)
     ba, ci = metrics["metrics"]["balanced_accuracy"], metrics["ci"].get("balanced_accuracy") or (None, None)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import TaskError
+
 MODALITIES: tuple[str, ...] = ("clinical", "dermoscopic")
 
 
@@ -30,7 +32,7 @@ class TaskSpec:
         try:
             return self.classes.index(cls)
         except ValueError:
-            raise KeyError(f"class {cls!r} is not part of task {self.name!r} (classes: {', '.join(self.classes)})") from None
+            raise TaskError(f"class {cls!r} is not part of task {self.name!r} (classes: {', '.join(self.classes)})") from None
 
     @property
     def malignant_indices(self) -> list[int]:
@@ -112,4 +114,4 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name.lower()]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+        raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None

@@ -1,4 +1,5 @@
-"""Measuring instruments: the machine's matmul rates, a model's FLOPs, latency, peak memory, part timers.
+"""Measuring instruments: the machine, its matmul rates per precision, a model's FLOPs and the floor they imply
+(latency, memory and part timers: ``bench.timing``).
 
 The *floor* of a backend is the time its FLOPs would take at the machine's own measured matmul
 rate for the precision that backend computes in (``floor_ms``). FLOPs are counted with
@@ -11,17 +12,17 @@ import copy
 import datetime as _dt
 import os
 import platform
-import threading
 import time
 import warnings
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..training.runtime import cpu_flags as _all_cpu_flags
-from ..training.runtime import native_bf16
+from ..export.onnx import cpu_session
+from ..models.fast_attention import fast_attention_
+from ..runtime.device import cpu_flags as _all_cpu_flags
+from ..runtime.device import cpu_int8_dot_product, native_bf16
 
 KINDS = ("linear", "attention", "conv")
 # which dtype each backend computes (part, kind) in; parts: encoders | fusion
@@ -72,7 +73,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return info
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -118,13 +119,13 @@ def _torch_matmul_rate(dtype: str, n: int, device: torch.device, repeats: int) -
             fn = lambda: a @ b  # noqa: E731
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         if time.perf_counter() - t0 > 1.0:  # a slow path: the warm-up call is the measurement
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync_device(device)
             return 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
-        return _best_rate(fn, n, repeats, lambda: _sync(device))
+        return _best_rate(fn, n, repeats, lambda: sync_device(device))
     except Exception:  # noqa: BLE001 — e.g. _int_mm missing on this build
         return None
 
@@ -137,8 +138,6 @@ def ort_matmul_session(w, dtype: str = "fp32", reduce_range: bool | None = None)
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from ..export.onnx import cpu_session
-    from ..training.runtime import cpu_int8_dot_product
 
     k, n = w.shape
     if dtype == "int8":
@@ -226,7 +225,6 @@ def count_flops(model: nn.Module, batch: dict) -> dict:
     and ``by_part`` {encoders|fusion: {linear|attention|conv: flops}}."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..inference.backends import fast_attention_
 
     frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the module tracker needs grad-free params
     # nn.MultiheadAttention's fused inference kernel (open_clip's ViT, our fusion layers) is one opaque op
@@ -277,125 +275,3 @@ def floor_ms(flops: dict, rates: dict, backend: str, batch_size: int = 1) -> flo
                 return None
             total_s += f / (rate * 1e9)
     return total_s * batch_size * 1000
-
-
-# ------------------------------------------------------------------------------------------ timing + memory
-def latency_stats(ms: list[float]) -> dict:
-    a = np.asarray(ms, float)
-    if not len(a):
-        return {"n": 0}
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
-            "mean_ms": float(a.mean()), "min_ms": float(a.min()), "n": int(len(a))}
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # not Linux: ru_maxrss is a lifetime peak, better than nothing
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class PeakMemory:
-    """Peak memory above the starting point while the block runs: RSS sampled every ``interval`` s on
-    CPU, ``torch.cuda.max_memory_allocated`` on CUDA. ``.peak_mb`` after exit."""
-
-    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002):
-        self.device, self.interval = torch.device(device), interval
-        self.peak_mb: float = 0.0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return self
-        self._base = self._peak = rss_bytes()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self._peak = max(self._peak, rss_bytes())
-                self._stop.wait(self.interval)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-            return False
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, rss_bytes())
-        self.peak_mb = (self._peak - self._base) / 2**20
-        return False
-
-
-class PartTimer:
-    """Times each encoder's ``forward_tokens`` inside a module (eager backends only); the rest of a call
-    is fusion + heads. ``calls`` collects {"encoders": s} per timed call between ``start()``/``stop()``."""
-
-    def __init__(self, module: nn.Module | None, device: torch.device | str = "cpu"):
-        self.module, self.device = module, torch.device(device)
-        self.encoder_s = 0.0
-        self._patched: list = []
-
-    @property
-    def available(self) -> bool:
-        return self.module is not None and isinstance(getattr(self.module, "encoders", None), nn.ModuleDict)
-
-    def __enter__(self):
-        if not self.available:
-            return self
-        for enc in self.module.encoders.values():
-            original = enc.forward_tokens
-
-            def timed(x, _orig=original):
-                _sync(self.device)
-                t0 = time.perf_counter()
-                out = _orig(x)
-                _sync(self.device)
-                self.encoder_s += time.perf_counter() - t0
-                return out
-
-            enc.forward_tokens = timed  # instance attribute shadows the method
-            self._patched.append(enc)
-        return self
-
-    def __exit__(self, *exc):
-        for enc in self._patched:
-            del enc.forward_tokens
-        self._patched = []
-        return False
-
-    def reset(self) -> None:
-        self.encoder_s = 0.0
-
-
-def timed_calls(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu",
-                budget_s: float | None = None, min_repeats: int = 2,
-                part_timer: PartTimer | None = None) -> tuple[list[float], list[float]]:
-    """(total ms per call, encoder ms per call) for up to ``repeats`` calls, stopping early once
-    ``budget_s`` is spent (after at least ``min_repeats``)."""
-    device = torch.device(device)
-    totals, encs = [], []
-    start = time.perf_counter()
-    for i in range(repeats):
-        if part_timer is not None:
-            part_timer.reset()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        totals.append((time.perf_counter() - t0) * 1000)
-        if part_timer is not None and part_timer.available:
-            encs.append(part_timer.encoder_s * 1000)
-        if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
-            break
-    return totals, encs
-

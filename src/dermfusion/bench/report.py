@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..console import console as default_console
+
 COLUMNS = ("backend", "batch", "p50 ms", "p95 ms", "lesions/s", "speed-up", "encoders ms", "fusion ms",
            "floor ms", "× floor", "peak MB", "max Δp", "argmax agree", "checked")
 
@@ -67,8 +69,7 @@ def print_result(result: dict, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    if console is None:
-        from ..console import console
+    console = console or default_console
     table = Table(title=result["name"], caption="\n".join(header_lines(result)[1:]))
     for c in COLUMNS:
         table.add_column(c, justify="left" if c == "backend" else "right", no_wrap=c == "backend")

@@ -18,10 +18,15 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..data.dataset import collate, LesionDataset
+from ..data.images import load_rgb_array
+from ..data.transforms import eval_transform
+from ..export.onnx import synthetic_batch
 from ..inference.backends import BackendError, compare_probs, prepare_backend
-from ..training.runtime import native_bf16
-from .core import (BACKEND_PRECISION, PartTimer, PeakMemory, count_flops, floor_ms, latency_stats, machine_info,
-                   matmul_rates, timed_calls)
+from ..runtime.device import move_batch, native_bf16
+from ..tasks import get_task
+from .core import BACKEND_PRECISION, count_flops, floor_ms, machine_info, matmul_rates
+from .timing import PartTimer, PeakMemory, latency_stats, timed_calls
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -46,8 +51,6 @@ def real_batches(model: nn.Module, frame: pd.DataFrame, preprocess: dict, batch_
     """Batches through the production input path (LesionDataset: safe decode, eval transform, masks)."""
     from torch.utils.data import DataLoader
 
-    from ..data.dataset import LesionDataset, collate
-    from ..tasks import get_task
 
     spec = model.feature_spec
     frame = frame.copy()
@@ -60,9 +63,6 @@ def real_batches(model: nn.Module, frame: pd.DataFrame, preprocess: dict, batch_
 
 def time_preprocessing(image_paths: Sequence[str | Path], preprocess: dict, n: int = 16) -> dict:
     """Milliseconds per image for decode + resize + normalise (one process, no workers), per modality."""
-    from ..data.images import load_rgb_array
-    from ..data.transforms import eval_transform
-
     paths = list(image_paths)[:n]
     out = {}
     for m, pre in preprocess.items():
@@ -100,8 +100,6 @@ def _slice(batches: list[dict], n: int) -> dict | None:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    from ..training.runtime import move_batch
-
     return move_batch(batch, device)
 
 
@@ -127,7 +125,6 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
     log = log or (lambda *a: None)
     backends = ["fp32", *[b for b in backends if b != "fp32"]]  # fp32 eager first: the reference
     model = model.float().eval().to(device)
-    from ..export.onnx import synthetic_batch
 
     result = {"name": name or getattr(model, "model_name", type(model).__name__), "machine": machine_info(device),
               "batch_sizes": list(batch_sizes), "backends": {}}

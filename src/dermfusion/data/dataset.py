@@ -14,6 +14,7 @@ from ..tasks import TaskSpec
 from .features import FeatureSpec
 from .images import DecodeCache, load_rgb_array
 from .manifest import IMAGE_COLUMNS
+from .samplers import DistributedWeightedSampler
 from .transforms import Preprocess, eval_transform, train_transform
 
 
@@ -172,8 +173,6 @@ def class_balanced_sampler(targets: np.ndarray, power: float = 0.5, num_samples:
     """
     w = torch.as_tensor(class_balanced_weights(targets, power), dtype=torch.double)
     if world_size > 1:
-        from .samplers import DistributedWeightedSampler
-
         return DistributedWeightedSampler(w, num_samples or len(targets), rank=rank, world_size=world_size, seed=seed)
     g = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(w, num_samples or len(targets), replacement=True, generator=g)

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ..errors import DermfusionError
+
 # 100 megapixels: far above any dermoscope (~24 MP) yet far below a bomb.
 MAX_PIXELS = 100_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageError(ValueError):
+class ImageError(DermfusionError, ValueError):
     """An image that cannot be used; the message names the file and the reason."""
 
 

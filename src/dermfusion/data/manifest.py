@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import DermfusionError
 from ..tasks import MODALITIES, TaskSpec
 
 IMAGE_COLUMNS = {m: f"image_{m}" for m in MODALITIES}
@@ -25,7 +26,7 @@ METADATA_COLUMNS = ("age", "sex", "skin_tone", "site")
 BASE_COLUMNS = ("lesion_id", "dataset", "patient_id", "split", "fold", *IMAGE_COLUMNS.values(), *METADATA_COLUMNS)
 
 
-class ManifestError(ValueError):
+class ManifestError(DermfusionError, ValueError):
     """A manifest that does not follow the contract; the message says what to fix."""
 
 

@@ -106,7 +106,7 @@ def provenance_recall(task: TaskSpec, y_true, y_prob, rows: pd.DataFrame, *, col
 # ---------------------------------------------------------------------------- rendering
 def provenance_figure(task: TaskSpec, prov: dict):
     """Grouped bars: recall per class, one bar per provenance group; cells under the minimum count are pale."""
-    from .figures import _colors, _new, _render
+    from .figures import _colors, _new, _render  # matplotlib: loaded only when a figure is drawn
 
     groups = [g for g in prov["groups"] if g["group"] != UNKNOWN] or prov["groups"]
     if not groups:

@@ -19,13 +19,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..console import make_progress
 from ..data.images import ImageError, read_image
-from ..data.manifest import IMAGE_COLUMNS, METADATA_COLUMNS, concept_columns, normalise
+from ..data.manifest import IMAGE_COLUMNS, normalise
+from ..data.transforms import COLOR_CONSTANCY
+from ..errors import DermfusionError
 from . import image_stats as S
 
 DEFAULT_MAX_IMAGES = 1500
@@ -34,19 +38,20 @@ THUMBNAILS = 6
 CLASSIFIERS = ("logistic", "gbm")
 
 
-class ShiftError(ValueError):
+class ShiftError(DermfusionError, ValueError):
     """Inputs the shift check cannot use; the message says what to do."""
 
 
 @dataclass
 class ShiftConfig:
     """How to run the check. `names` label the two manifests in the report (e.g. file names)."""
-
     modality: str = "dermoscopic"
     max_images: int = DEFAULT_MAX_IMAGES
     seed: int = 0
     color_constancy: str = "none"
-    bundle: str | Path | None = None
+    bundle: str | Path | None = None   # names the embedding model in the report
+    # (rows, modality, description) -> N×D image embeddings; ``inference.embeddings.bundle_embedder(bundle)``
+    embed: Callable[[pd.DataFrame, str, str], np.ndarray] | None = None
     classifier: str = "logistic"
     folds: int = 5
     n_bootstrap: int = 1000
@@ -57,7 +62,6 @@ class ShiftConfig:
 @dataclass
 class ShiftResult:
     """`summary` is JSON-able (shift.json); thumbnails (base64 JPEGs per side) only go into the HTML."""
-
     summary: dict
     thumbnails: dict[str, list[str]] = field(default_factory=dict)
 
@@ -85,8 +89,6 @@ def sample_rows(df: pd.DataFrame, modality: str, max_images: int, seed: int, nam
 
 def _constancy(name: str):
     """A numpy H×W×3 uint8 → uint8 colour-constancy function, or None for "none"."""
-    from ..data.transforms import COLOR_CONSTANCY
-
     if name not in COLOR_CONSTANCY:
         raise ShiftError(f"unknown colour constancy {name!r}; use one of {', '.join(COLOR_CONSTANCY)}")
     cls = COLOR_CONSTANCY[name]
@@ -127,8 +129,6 @@ def read_statistics(paths, color_constancy: str = "none", description: str = "re
     """Statistics of each readable image → (stats frame, geometry frame, readable mask, failures, thumbnails).
 
     An unreadable file is skipped and listed (the safe decoder names the reason), never silently zero-filled."""
-    from ..console import make_progress
-
     cc = _constancy(color_constancy)
     stats, geo, ok, failures, thumbs = [], [], [], [], []
     with _single_thread_torch(), make_progress() as prog:
@@ -151,48 +151,6 @@ def read_statistics(paths, color_constancy: str = "none", description: str = "re
             prog.advance(task)
     return (pd.DataFrame(stats, columns=list(S.STATISTICS)), pd.DataFrame(geo, columns=list(S.GEOMETRY)),
             np.array(ok, bool), failures, thumbs)
-
-
-# ---------------------------------------------------------------------------- embeddings
-def embedding_features(bundle, rows: pd.DataFrame, modality: str, description: str = "embedding images") -> np.ndarray:
-    """N×D `features` of a network bundle for `rows`, seeing only the `modality` image.
-
-    Other images, metadata and concept scores are masked (as missing), so the embedding differs between the
-    sets only through the images — a metadata field one set lacks must not pass for an image shift. The
-    images go through the bundle's own preprocessing (what the model sees). A fold-ensemble bundle uses its
-    first member: the folds' embedding spaces are not comparable to each other."""
-    import torch
-
-    from ..console import make_progress
-    from ..inference.bundle import load_predictor
-    from ..training.runtime import move_batch
-
-    pred = load_predictor(bundle)
-    net = pred.members[0] if hasattr(pred, "members") else pred
-    if not (hasattr(net, "model") and hasattr(net, "loader")):
-        raise ShiftError(f"{bundle}: a {net.bundle.kind!r} bundle has no image embeddings; pass a network bundle "
-                         "(one trained on images) or leave out --bundle")
-    if modality not in net.spec.modalities:
-        raise ShiftError(f"{bundle}: the model does not read {modality} images (it reads "
-                         f"{', '.join(net.spec.modalities) or 'none'}); choose --modality accordingly")
-    frame = rows.copy()
-    for m, col in IMAGE_COLUMNS.items():
-        if m != modality:
-            frame[col] = ""
-    for col in METADATA_COLUMNS:
-        frame[col] = np.nan if col == "age" else ""
-    for col in concept_columns(frame):
-        frame[col] = np.nan
-    out = []
-    with torch.no_grad(), make_progress() as prog:
-        task = prog.add_task(description, total=len(frame), info="")
-        for batch in net.loader(frame):
-            feats = net.model(move_batch(batch, net.device)).get("features")
-            if feats is None:
-                raise ShiftError(f"{bundle}: the model's output has no 'features'; it cannot be used for embeddings")
-            out.append(feats.float().reshape(len(feats), -1).cpu().numpy())
-            prog.advance(task, len(feats))
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 # ---------------------------------------------------------------------------- the domain classifier
@@ -287,6 +245,9 @@ def check_shift(reference: pd.DataFrame, other: pd.DataFrame, config: ShiftConfi
         raise ShiftError(f"--max-images must be at least {MIN_IMAGES}, got {cfg.max_images}")
     _classifier(cfg.classifier, 1, 2, cfg.seed)  # validate names before minutes of image reading
     _constancy(cfg.color_constancy)
+    if cfg.bundle is not None and cfg.embed is None:  # the embeddings are a function of the caller's (no upward import)
+        raise ShiftError("ShiftConfig.bundle only names the embedding model: also pass "
+                         "embed=dermfusion.inference.embeddings.bundle_embedder(bundle)")
     sides, stats, geo, thumbs = {}, {}, {}, {}
     for key, df, name in (("reference", reference, cfg.names[0]), ("other", other, cfg.names[1])):
         rows, n_with = sample_rows(normalise(df), cfg.modality, cfg.max_images, cfg.seed, name)
@@ -301,12 +262,11 @@ def check_shift(reference: pd.DataFrame, other: pd.DataFrame, config: ShiftConfi
     feature_sets = {"image_statistics": domain_auc(
         pd.concat([stats["reference"], stats["other"]]).to_numpy(float), side, classifier=cfg.classifier,
         folds=cfg.folds, seed=cfg.seed, n_bootstrap=cfg.n_bootstrap)}
-    if cfg.bundle is not None:
-        emb = [embedding_features(cfg.bundle, sides[k]["rows"], cfg.modality, f"embedding {k} images")
-               for k in ("reference", "other")]
+    if cfg.embed is not None:
+        emb = [cfg.embed(sides[k]["rows"], cfg.modality, f"embedding {k} images") for k in ("reference", "other")]
         feature_sets["embeddings"] = {**domain_auc(np.concatenate(emb), side, classifier=cfg.classifier,
                                                    folds=cfg.folds, seed=cfg.seed, n_bootstrap=cfg.n_bootstrap),
-                                      "bundle": str(cfg.bundle), "dim": int(emb[0].shape[1])}
+                                      "bundle": str(cfg.bundle or "embedding model"), "dim": int(emb[0].shape[1])}
     diffs = mean_differences(stats["reference"], stats["other"])
     summary = {
         "reference": {k: v for k, v in sides["reference"].items() if k != "rows"},

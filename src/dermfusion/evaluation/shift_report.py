@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import console as default_console
 from .figures import RenderedFigure, _new, _render
-from .report import CSS, _fmt, _jsonable
+from .report_html import CSS, fmt, jsonable
 from .shift import ShiftResult
 
 FEATURE_SET_LABELS = {"image_statistics": "Image statistics (colour, texture)", "embeddings": "Model embeddings"}
@@ -47,7 +48,7 @@ def _auc_rows(summary: dict) -> str:
         badge = "badge flag" if flagged else "badge"
         out.append(f"<tr class='{'flagged' if flagged else ''}'><td class='text'>{label}</td>"
                    f"<td>{fs['n_reference']} / {fs['n_other']}</td><td>{fs['n_features']}</td>"
-                   f"<td><b>{_fmt(fs['auc'])}</b> <span class='ci'>[{_fmt(ci[0])}, {_fmt(ci[1])}]</span></td>"
+                   f"<td><b>{fmt(fs['auc'])}</b> <span class='ci'>[{fmt(ci[0])}, {fmt(ci[1])}]</span></td>"
                    f"<td class='text'><span class='{badge}'>{html.escape(fs['level'])}</span> {html.escape(LEVEL_NOTES.get(fs['level'], ''))}</td></tr>")
     return ("<div class='scroll'><table><tr><th class='text'>Features</th><th>Images (reference / other)</th>"
             "<th>Features used</th><th>Domain AUC [95% CI]</th><th class='text'>Reading</th></tr>" + "".join(out)
@@ -60,8 +61,8 @@ def _difference_rows(rows: list[dict], names: tuple[str, str]) -> str:
         smd = r.get("smd")
         big = smd is not None and np.isfinite(smd) and abs(smd) > 0.5
         out.append(f"<tr class='{'flagged' if big else ''}'><td class='text'>{html.escape(r['statistic'])}</td>"
-                   f"<td class='text'>{html.escape(r['description'])}</td><td>{_fmt(r['reference_mean'], 2)}</td>"
-                   f"<td>{_fmt(r['other_mean'], 2)}</td><td>{_fmt(smd, 2)}</td></tr>")
+                   f"<td class='text'>{html.escape(r['description'])}</td><td>{fmt(r['reference_mean'], 2)}</td>"
+                   f"<td>{fmt(r['other_mean'], 2)}</td><td>{fmt(smd, 2)}</td></tr>")
     return ("<div class='scroll'><table><tr><th class='text'>Statistic</th><th class='text'>What it measures</th>"
             f"<th>Mean, {html.escape(names[0])}</th><th>Mean, {html.escape(names[1])}</th><th>SMD</th></tr>"
             + "".join(out) + "</table></div>")
@@ -91,7 +92,7 @@ def shift_section_html(result: ShiftResult, heading: str = "Covariate shift") ->
               for k in ("reference", "other") if s[k]["n_unreadable"]]
     geo = [r for r in s.get("geometry", []) if r.get("smd") is not None and np.isfinite(r["smd"]) and abs(r["smd"]) > 0.1]
     geo_note = ("Image size differs (descriptive only — the model resizes every image): "
-                + "; ".join(f"{r['statistic']} {_fmt(r['reference_mean'], 1)} vs {_fmt(r['other_mean'], 1)}" for r in geo)
+                + "; ".join(f"{r['statistic']} {fmt(r['reference_mean'], 1)} vs {fmt(r['other_mean'], 1)}" for r in geo)
                 + ".") if geo else "Image sizes do not differ materially."
     cc = s["color_constancy"]
     return f"""<section><h2>{html.escape(heading)}: {html.escape(names[0])} vs {html.escape(names[1])}</h2>
@@ -128,7 +129,7 @@ def write_shift_report(result: ShiftResult, out_dir) -> dict:
     """out_dir/shift.json and out_dir/shift.html; returns the JSON-able summary as written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = _jsonable(result.summary)
+    summary = jsonable(result.summary)
     (out / "shift.json").write_text(json.dumps(summary, indent=2))
     (out / "shift.html").write_text(render_shift_html(result), encoding="utf-8")
     return summary
@@ -138,20 +139,19 @@ def print_shift_summary(summary: dict, console=None, top: int = 5) -> None:
     """AUC [CI] per feature set and the most differing statistics, for the CLI."""
     from rich.table import Table
 
-    if console is None:
-        from ..console import console
+    console = console or default_console
     names = summary["reference"]["name"], summary["other"]["name"]
     cc = summary.get("color_constancy", "none")
     for key, fs in summary["feature_sets"].items():
         style = "red" if fs["level"] == "strong" else "yellow" if fs["level"] == "moderate" else "green"
         console.print(f"{FEATURE_SET_LABELS.get(key, key)}{f' ({cc})' if cc != 'none' and key == 'image_statistics' else ''}: "
-                      f"domain AUC [bold]{_fmt(fs['auc'])}[/] [{_fmt(fs['ci'][0])}, {_fmt(fs['ci'][1])}] — "
+                      f"domain AUC [bold]{fmt(fs['auc'])}[/] [{fmt(fs['ci'][0])}, {fmt(fs['ci'][1])}] — "
                       f"[{style}]{fs['level']}[/] ({fs['n_reference']} vs {fs['n_other']} images)", highlight=False)
     table = Table(title="statistics that differ most", title_justify="left")
     for col in ("statistic", f"mean, {names[0]}", f"mean, {names[1]}", "SMD"):
         table.add_column(col, justify="left" if col == "statistic" else "right")
     for r in summary["top_differences"][:top]:
-        table.add_row(r["statistic"], _fmt(r["reference_mean"], 2), _fmt(r["other_mean"], 2), _fmt(r["smd"], 2))
+        table.add_row(r["statistic"], fmt(r["reference_mean"], 2), fmt(r["other_mean"], 2), fmt(r["smd"], 2))
     console.print(table)
     for k in ("reference", "other"):
         if summary[k]["n_unreadable"]:

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import __version__
+from ..bundle import BundleError, read_bundle, resolve_one
+from ..errors import DermfusionError
+from ..models.checkpoint import CheckpointMismatchError
+from ..models.factory import load_network
+from ..models.fast_attention import fast_attention_
+
 OPSET = 18
 IMAGE_PREFIX = "image_"
 OUTPUT_NAMES = ("probabilities", "logits")
 
 
-class ExportParityError(RuntimeError):
+class ExportParityError(DermfusionError, RuntimeError):
     """The exported graph does not reproduce PyTorch's probabilities within tolerance."""
 
 
@@ -161,8 +169,6 @@ def _example_args(batch: dict, specs: Sequence[InputSpec]) -> tuple:
 def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[InputSpec], opset: int,
                   exporter: str = "auto") -> str:
     """Export with ``exporter`` ("dynamo", "torchscript", or "auto": dynamo, then TorchScript); returns which worked."""
-    import logging
-
     if exporter not in {"auto", "dynamo", "torchscript"}:
         raise ValueError(f"exporter must be auto, dynamo or torchscript, not {exporter!r}")
     names = [s.name for s in specs]
@@ -297,8 +303,6 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     specs = input_specs(model)
     # nn.MultiheadAttention (open_clip / DermLIP towers, our fusion) runs aten::_native_multi_head_attention in
     # eval mode, which no ONNX exporter supports: export a copy with the numerically equal SDPA form.
-    from ..inference.backends import fast_attention_
-
     graph_model = copy.deepcopy(model)
     fast_attention_(graph_model)
     wrapper = OnnxFusionWrapper(graph_model, [s.name for s in specs]).eval()
@@ -308,8 +312,6 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     if preprocess is None:
         preprocess = {m: {"size": int(c["input_size"][-1]), "mean": list(c["mean"]), "std": list(c["std"]),
                           "interpolation": c.get("interpolation", "bicubic")} for m, c in model.data_config.items()}
-    from .. import __version__
-
     props = {"dermfusion.version": __version__,
              "dermfusion.modalities": list(model.feature_spec.modalities),
              "dermfusion.preprocess": preprocess,
@@ -330,17 +332,17 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     return result
 
 
-def load_bundle_model(bundle_path: str | Path):
-    """(model in eval mode, bundle) from a network bundle — the same weights NetworkPredictor loads."""
-    from ..inference.bundle import BundleError, read_bundle
-
-    bundle = read_bundle(bundle_path)
+def load_bundle_model(bundle_path: str | Path, what: str = "export"):
+    """(model in eval mode, bundle) from a network bundle — the same weights ``NetworkPredictor`` loads. A run
+    directory that stands for a single bundle (``--folds full``) is accepted too."""
+    bundle = read_bundle(resolve_one(bundle_path, what))
     if bundle.kind != "network":
-        raise BundleError(f"{bundle_path}: export needs a network bundle (kind 'network'), not {bundle.kind!r}")
-    from ..inference.loaders import NetworkPredictor
-
-    pred = NetworkPredictor(bundle, device="cpu")
-    return pred.model.eval(), bundle
+        raise BundleError(f"{bundle_path}: {what} needs a network bundle (kind 'network'), not {bundle.kind!r}")
+    try:
+        model, *_ = load_network(bundle.config, bundle.file("model.safetensors"))
+    except CheckpointMismatchError as e:
+        raise BundleError(f"{bundle.path}: weights do not match the model ({e})") from None
+    return model, bundle
 
 
 def export_bundle_onnx(bundle_path: str | Path, out: str | Path, **kwargs) -> ExportResult:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.samplers import shard_bounds
 from ..data.transforms import tta_views
-from ..training.runtime import autocast, move_batch
+from ..runtime.device import autocast, move_batch
+from ..runtime.distributed import current, DistributedError, run_collectively
 
 
 @torch.no_grad()
@@ -40,9 +42,6 @@ def predict_frame_sharded(predict, df, dist=None, what: str = "prediction") -> n
     ``DistributedError`` on every rank (naming the rank and its error) instead of leaving the others waiting.
     Outside torchrun this is just ``predict(df)``.
     """
-    from ..data.samplers import shard_bounds
-    from ..training.distributed import DistributedError, current, run_collectively
-
     ctx = dist if dist is not None else current()
     if not ctx.distributed:
         return predict(df)

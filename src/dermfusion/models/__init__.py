@@ -2,11 +2,11 @@
 
 Importing this package registers every built-in model (``list_models()`` names them).
 """
+from . import baselines, fusion  # noqa: F401  (registers the models)
 from .backbones import Backbone, create_backbone, tiny_backbone_spec
 from .checkpoint import CheckpointMismatchError, HubUnavailableError, load_state_dict_strict, read_state_dict
-from .registry import create_model, list_models, register_model
-from . import baselines, fusion  # noqa: F401  (registers the models)
 from .panderm import panderm_checkpoint_filter_fn
+from .registry import create_model, list_models, register_model
 
 __all__ = [
     "Backbone", "create_backbone", "tiny_backbone_spec", "CheckpointMismatchError", "HubUnavailableError",

@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import hub_error, hub_offline, load_state_dict_strict, read_state_dict
+from . import efficientnet_lite
+from .checkpoint import find_weight_file, hub_error, hub_offline, load_state_dict_strict, read_state_dict
+from .panderm import PANDERM_DATA_CONFIG, create_panderm_vit
+from .settings import ModelSettingsError, unexpected_encoder_setting
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _EMBED_NAMES = re.compile(r"(^|\.)(cls_token|reg_token|dist_token|pos_embed|mask_token|class_embedding|"
@@ -68,7 +71,6 @@ class Backbone(nn.Module):
 
 class TimmBackbone(Backbone):
     """Any timm model: CNN tokens are the flattened feature map, ViT tokens the ``forward_features`` output."""
-
     def forward_tokens(self, x):
         feats = self.model.forward_features(x)
         pooled = self.model.forward_head(feats, pre_logits=True)
@@ -78,7 +80,6 @@ class TimmBackbone(Backbone):
 
 class OpenClipBackbone(Backbone):
     """The visual tower of an open_clip model. Tokens come before the projection, pooled after it."""
-
     def forward_tokens(self, x):
         out = self.model(x)
         if isinstance(out, tuple):
@@ -120,8 +121,6 @@ def create_backbone(spec: str | dict, pretrained_path: str | Path | None = None,
     if source == "open_clip":
         return _create_open_clip(ident, pretrained_path, pretrained, input_size, kwargs)
     if source == "panderm":
-        from .panderm import PANDERM_DATA_CONFIG, create_panderm_vit
-
         if input_size and "img_size" not in kwargs:
             kwargs["img_size"] = input_size
         model = create_panderm_vit(ident, pretrained_path, ignore_pretraining_keys=ignore_pretraining_keys,
@@ -151,20 +150,33 @@ def _create_timm(ident, pretrained_path, pretrained, input_size, allow_head_mism
         if hub_offline():
             raise hub_error(ident, how)
         try:
-            model = timm.create_model(ident, pretrained=True, num_classes=0, **kwargs)
+            model = _timm_create(timm, ident, True, kwargs)
+        except ModelSettingsError:
+            raise
         except Exception as e:  # noqa: BLE001 — any download failure gets the same actionable message
             raise hub_error(ident, how, e) from e
     else:
         if ident.startswith("hf-hub:"):
             raise ValueError(f"{ident!r} is a hub id; with pretrained_path give the architecture name instead "
                              f"(e.g. 'timm:vit_base_patch16_224')")
-        model = timm.create_model(ident, pretrained=False, num_classes=0, **kwargs)
+        model = _timm_create(timm, ident, False, kwargs)
         if pretrained_path is not None:
             load_timm_checkpoint(model, pretrained_path, allow_head_mismatch=allow_head_mismatch)
     dc = timm.data.resolve_data_config({}, model=model)
     # pretrained_cfg keeps the checkpoint's 224; the model's real input size is what preprocessing needs
     dc = dict(dc, input_size=(3, *_img_size(model, input_size or dc["input_size"][-1])))
     return _wrap_timm(model, f"timm:{ident}", dc)
+
+
+def _timm_create(timm, ident: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``timm.create_model`` — a misspelt encoder option is a ModelSettingsError, not a TypeError traceback."""
+    try:
+        return timm.create_model(ident, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError as e:
+        err = unexpected_encoder_setting(e, timm.models, f"timm:{ident}")
+        if err is None:
+            raise
+        raise err from None
 
 
 def load_timm_checkpoint(model: nn.Module, pretrained_path, *, allow_head_mismatch: bool = False) -> list[str]:
@@ -175,8 +187,6 @@ def load_timm_checkpoint(model: nn.Module, pretrained_path, *, allow_head_mismat
     the model's family. A headless encoder (``num_classes=0``) has no classifier, so the checkpoint's
     classifier tensors are the only ones left out; they are returned (and nothing else may differ).
     """
-    from . import efficientnet_lite
-
     sd = read_state_dict(pretrained_path)
     if efficientnet_lite.is_lukemelas_layout(sd):
         sd = efficientnet_lite.checkpoint_filter_fn(sd, model)
@@ -250,8 +260,6 @@ def _create_open_clip(ident, pretrained_path, pretrained, input_size, kwargs) ->
     if input_size:
         create_kwargs["force_image_size"] = input_size
     if local.is_dir():
-        from .checkpoint import find_weight_file
-
         if not (local / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{local} has no open_clip_config.json (needed to build the model)")
         find_weight_file(local)  # refuse a directory without weights instead of a silent random init

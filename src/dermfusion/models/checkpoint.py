@@ -13,6 +13,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..errors import DermfusionError
+
 WEIGHT_FILE_NAMES = (
     "model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
     "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth", "checkpoint.pth",
@@ -21,7 +23,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "module", "model_ema")  # order matters:
 _LIST_LIMIT = 20
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(DermfusionError, RuntimeError):
     """A checkpoint's keys or shapes do not match the model it is loaded into."""
 
     def __init__(self, source: str, missing: list[str], unexpected: list[str],
@@ -46,7 +48,7 @@ class CheckpointMismatchError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(DermfusionError, RuntimeError):
     """A hub id was requested but the hub cannot be reached (offline machine, no network)."""
 
 
@@ -68,7 +70,7 @@ def hub_error(hub_id: str, how_local: str, cause: BaseException | None = None) -
 PACKAGE_SCHEME = "package:"
 
 
-class WeightsPackageMissingError(FileNotFoundError):
+class WeightsPackageMissingError(DermfusionError, FileNotFoundError):
     """``package:<module>`` names a weights package that is not installed."""
 
 

@@ -9,15 +9,16 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import ConfigError, nearest_hint
+from ..config import nearest_hint
 from ..data.features import FeatureSpec
+from .backbones import create_backbone
+from .settings import ModelSettingsError, check_encoder_settings
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(name: str | None = None):
     """Decorator registering a model class or factory under ``name`` (default: its ``__name__``)."""
-
     def deco(fn):
         key = name or fn.__name__
         if key in _MODELS and _MODELS[key] is not fn:
@@ -32,17 +33,12 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-class ModelSettingsError(ConfigError):
-    """A model config names a setting the registered model does not have."""
-
-
 def model_settings(name: str) -> set[str] | None:
     """The settings a config may give model ``name``: its constructor's keyword parameters, plus the
     encoder options (``create_backbone``'s) when the model passes ``**backbone_kwargs`` on. ``None`` when the
     constructor takes arbitrary keywords otherwise (nothing can be checked)."""
     import inspect
 
-    from .backbones import create_backbone
 
     fn = _MODELS[name]
     params = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn).parameters
@@ -64,6 +60,7 @@ def check_model_settings(name: str, settings: dict) -> None:
     if unknown:
         raise ModelSettingsError("; ".join(f"model {name!r} has no setting model.{k}" + nearest_hint(k, valid)
                                            for k in unknown) + " (encoder library options go under model.encoder)")
+    check_encoder_settings(settings.get("encoder"))
 
 
 def create_model(name: str, *, num_classes: int, feature_spec: FeatureSpec | dict, **config) -> nn.Module:

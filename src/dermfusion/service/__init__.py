@@ -1,22 +1,21 @@
 """The triage service: FastAPI app, triage policy, audit trail, metrics, drift monitoring, web page.
 
-Light to import: the drift helpers (``compute_reference_stats``, ``write_reference_stats``) need no
-web stack, so training can call them; ``create_app`` imports FastAPI on first use.
+FastAPI, uvicorn, SQLAlchemy and prometheus-client are optional (the ``serve`` extra): ``create_app`` and
+``Analyzer`` are imported on first use, so importing ``dermfusion.service.config`` or ``.triage`` needs none of
+them.
 """
-from .drift import compute_reference_stats, read_reference_stats, write_reference_stats
 
-__all__ = ["create_app", "ServiceConfig", "load_service_config", "compute_reference_stats",
-           "write_reference_stats", "read_reference_stats", "Analyzer"]
+__all__ = ["create_app", "ServiceConfig", "load_service_config", "Analyzer"]
 
 
 def __getattr__(name):
     if name == "create_app":
-        from .app import create_app
+        from .app import create_app  # the optional web stack (FastAPI), imported on first use
         return create_app
     if name in ("ServiceConfig", "load_service_config"):
-        from . import config
+        from . import config  # pydantic models only; lazy like the others for a uniform package surface
         return getattr(config, name)
     if name == "Analyzer":
-        from .analyzer import Analyzer
+        from .analyzer import Analyzer  # torch + the explainer, imported on first use
         return Analyzer
     raise AttributeError(name)

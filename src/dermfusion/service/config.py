@@ -15,6 +15,8 @@ from typing import Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..errors import DermfusionError
+
 DISCLAIMER = (
     "Decision support only — not a diagnosis. This output was produced by a machine-learning model and "
     "must be interpreted by a qualified clinician together with the history, examination and, where "
@@ -125,7 +127,7 @@ class ServiceConfig(_Strict):
         return self
 
 
-class ServiceConfigError(ValueError):
+class ServiceConfigError(DermfusionError, ValueError):
     pass
 
 

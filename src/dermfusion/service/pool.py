@@ -10,10 +10,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
+from ..errors import DermfusionError
+
 T = TypeVar("T")
 
 
-class Overloaded(Exception):
+class Overloaded(DermfusionError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after

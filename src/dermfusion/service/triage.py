@@ -80,3 +80,17 @@ def decide(task: TaskSpec, probs: np.ndarray, triage: TriageConfig, unc: Uncerta
         names = ", ".join(m.replace("_", " ") for m in missing_metadata)
         review.append(f"missing input: {names} not given (the model uses {'it' if len(missing_metadata) == 1 else 'them'})")
     return TriageDecision(risk, action, reasons, bool(review), review, h, hn, top, margin)
+
+
+def class_name(task, c: str) -> str:
+    """A clinician-readable name for class code ``c`` (the task's description, else a common name)."""
+    return task.class_descriptions.get(c) or _DEFAULT_NAMES.get(c, c)
+
+
+_DEFAULT_NAMES = {
+    "MEL": "melanoma", "NV": "melanocytic nevus", "BCC": "basal cell carcinoma",
+    "AKIEC": "actinic keratosis / intraepidermal carcinoma", "AK": "actinic keratosis",
+    "BKL": "benign keratosis", "DF": "dermatofibroma", "VASC": "vascular lesion", "SCC": "squamous cell carcinoma",
+    "NEV": "nevus", "SK": "seborrhoeic keratosis", "MISC": "other", "ACK": "actinic keratosis",
+    "SEK": "seborrhoeic keratosis",
+}

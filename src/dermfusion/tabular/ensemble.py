@@ -17,13 +17,14 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from ..inference.bundle import write_bundle
-from ..tasks import TaskSpec, get_task
+from ..bundle import write_bundle
+from ..errors import DermfusionError
 from ..evaluation import calibration as _cal, metrics as _met
+from ..tasks import TaskSpec, get_task
 from .stacking import relative_members
 
 
-class EnsembleError(ValueError):
+class EnsembleError(DermfusionError, ValueError):
     pass
 
 

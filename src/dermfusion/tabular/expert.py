@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import DermfusionError
+
 BACKENDS = ("lightgbm", "xgboost", "logreg")
 MODEL_FILES = {"lightgbm": "model.txt", "xgboost": "model.json", "logreg": "model.json"}
 META_FILE = "expert.json"
@@ -90,7 +92,7 @@ class LinearModel:
         return e / e.sum(1, keepdims=True)
 
 
-class ExpertError(ValueError):
+class ExpertError(DermfusionError, ValueError):
     """Invalid input to the tabular expert; the message says what to do."""
 
 

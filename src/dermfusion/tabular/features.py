@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 
 from ..data.features import SEXES, SITES, SKIN_TONES
+from ..errors import DermfusionError
 from ..tasks import MODALITIES
 
 CONCEPT_PREFIX = "concept_"
 _EPS = 1e-3
 
 
-class FeatureError(ValueError):
+class FeatureError(DermfusionError, ValueError):
     """A manifest the tabular expert cannot turn into features; the message says what to fix."""
 
 

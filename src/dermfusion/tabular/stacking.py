@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..bundle import write_bundle
 from ..data.manifest import ManifestError, concept_columns, targets
-from ..inference.bundle import write_bundle
-from ..tasks import TaskSpec, get_task
+from ..errors import DermfusionError
 from ..evaluation import calibration as _cal, metrics as _met
+from ..tasks import TaskSpec, get_task
 
 META_FILE = "meta.json"
 _EPS = 1e-6
 
 
-class StackError(ValueError):
+class StackError(DermfusionError, ValueError):
     pass
 
 

@@ -22,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..bundle import write_bundle
+from ..card import write_run_cards
+from ..data.folds import assign_folds
 from ..data.manifest import ManifestError, has_labels, targets
-from ..inference.bundle import write_bundle
-from ..tasks import TaskSpec, get_task
+from ..errors import DermfusionError
 from ..evaluation import calibration as _cal, metrics as _met
+from ..tasks import TaskSpec, get_task
 from .expert import TabularExpert
 from .features import TabularFeatureSpec
 
@@ -33,7 +36,7 @@ MODEL_KEYS = {"backend", "params", "class_weight", "early_stopping_rounds", "val
               "refit_full", "kind", "name", "features", "n_jobs"}
 
 
-class TabularConfigError(ValueError):
+class TabularConfigError(DermfusionError, ValueError):
     pass
 
 
@@ -86,8 +89,6 @@ def _resolve_folds(df: pd.DataFrame, task: TaskSpec, folds, cv: dict) -> np.ndar
         f = pd.to_numeric(df.get("fold", pd.Series(-1, index=df.index)), errors="coerce").fillna(-1)
         f = f.astype(int).to_numpy()
         if (f < 0).all():
-            from ..data.folds import assign_folds
-
             f = assign_folds(df, task, k=cv["k"], seed=cv["seed"])["fold"].to_numpy()
     else:
         f = np.asarray(folds, dtype=int)
@@ -183,8 +184,7 @@ def train_tabular_cv(cfg: dict, manifest_df: pd.DataFrame, task: str | TaskSpec,
         summary["bundle"] = str(out / "bundle")
     summary["seconds"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    from ..evaluation.model_card import write_run_cards  # model_card.{json,md,html} in each bundle (not hashed)
-    write_run_cards(out, manifest=df, strict=False)
+    write_run_cards(out, manifest=df, strict=False)  # model_card.{json,md,html} in each bundle (not hashed)
     if verbose and "nested_cut_score" in metrics:
         print(f"[tabular] OOF nested cut-tuned score {metrics['nested_cut_score']:.4f} "
               f"(raw {metrics['official_raw']:.4f}, bacc {metrics['balanced_accuracy']:.4f})", flush=True)

@@ -14,10 +14,22 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..config import ExperimentConfig
+from ..bundle import update_calibration
+from ..card import write_run_cards
+from ..config import ConfigError, ExperimentConfig, member_configs
 from ..console import console
 from ..data.manifest import ManifestError, targets
+from ..evaluation.calibration import calibrate_oof, Calibration, fit_prior_adjustment, training_prior
+from ..evaluation.drift_reference import compute_reference_stats, write_reference_stats
+from ..evaluation.metrics import balanced_accuracy
+from ..inference import load_predictor
+from ..models.registry import check_model_settings
+from ..runtime.device import compute_threads
+from ..runtime.distributed import current, run_collectively
+from ..tabular.train import train_tabular_cv
 from ..tasks import get_task
+from .engine import FoldTrainer
+from .val_metrics import epoch_metrics
 
 
 def parse_folds(spec: str | None, df: pd.DataFrame, cfg: ExperimentConfig) -> list[int]:
@@ -37,61 +49,84 @@ def parse_folds(spec: str | None, df: pd.DataFrame, cfg: ExperimentConfig) -> li
 
 def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: str | None = None,
              profile: bool = False, *, fold_parallel: bool = False, dist=None) -> dict:
-    from .distributed import current
-
     ctx = dist if dist is not None else current()
     out = Path(out)
+    if cfg.model.kind != "tabular":  # a misspelt model setting fails before anything is written
+        members = member_configs(cfg)  # an ensemble recipe's members (or the config itself), all checked up front
+        for m in members:
+            check_model_settings(m.model.name, m.model_kwargs())
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     task = get_task(cfg.task)
     if cfg.model.kind == "tabular":
         if ctx.distributed:
-            from ..config import ConfigError
-
             raise ConfigError("tabular models train in one process: run `dermfusion train` without torchrun")
-        from ..tabular.train import train_tabular_cv
 
         parse_folds(folds, df, cfg)  # validates the manifest's folds; the tabular stage trains all of them
         return train_tabular_cv(cfg.model_dump(), df, task, out)
-    from ..models.registry import check_model_settings
-    from .runtime import compute_threads
 
-    check_model_settings(cfg.model.name, cfg.model_kwargs())  # a misspelt setting fails before any work
     with compute_threads(cfg.train.threads):
-        return _train_network_cv(cfg, task, df, out, parse_folds(folds, df, cfg), profile, fold_parallel, ctx)
+        return _train_network_cv(cfg, members, task, df, out, parse_folds(folds, df, cfg), profile, fold_parallel,
+                                 ctx)
 
 
-def _train_network_cv(cfg, task, df, out: Path, fold_ids: list[int], profile: bool, fold_parallel: bool, ctx) -> dict:
-    from .engine import FoldTrainer
-
+def _train_folds(cfg, task, df, out: Path, fold_ids: list[int], profile: bool, fold_parallel: bool, ctx) -> list:
     if fold_parallel and ctx.distributed:
-        results = _train_fold_parallel(cfg, task, df, fold_ids, out, profile, ctx)
-    else:
-        results = []
-        for f in fold_ids:
-            if ctx.is_main:
-                console.rule(f"fold {f}" if f >= 0 else "full-data refit")
-            results.append(FoldTrainer(cfg, task, df, f, _fold_dir(out, f), profile=profile, dist=ctx).run())
+        return _train_fold_parallel(cfg, task, df, fold_ids, out, profile, ctx)
+    results = []
+    for f in fold_ids:
+        if ctx.is_main:
+            console.rule(f"fold {f}" if f >= 0 else "full-data refit")
+        results.append(FoldTrainer(cfg, task, df, f, _fold_dir(out, f), profile=profile, dist=ctx).run())
+    return results
+
+
+def _train_network_cv(cfg, members, task, df, out: Path, fold_ids: list[int], profile: bool, fold_parallel: bool,
+                      ctx) -> dict:
+    """Every member's folds (one member: the config itself, straight into ``out``; several: ``out/member_<i>``),
+    then one summary: the bundles of all members, the members' out-of-fold probabilities averaged per lesion
+    (as ``predict RUN`` averages the bundles) and one calibration fitted on them, written into every bundle."""
+    per_member = []
+    for i, mcfg in enumerate(members):
+        if ctx.is_main and len(members) > 1:
+            console.rule(f"[bold]ensemble member {i + 1}/{len(members)}[/]")
+        mout = out if len(members) == 1 else out / f"member_{i}"
+        per_member.append(_train_folds(mcfg, task, df, mout, fold_ids, profile, fold_parallel, ctx))
+    results = [r for rs in per_member for r in rs]
     summary: dict = {"task": task.name, "folds": fold_ids,
                      "bundles": [str(r.bundle.relative_to(out)) for r in results],
-                     "per_fold": {r.fold: r.metrics for r in results}}
+                     "per_fold": {r.fold: r.metrics for r in per_member[0]}}
+    if len(members) > 1:
+        summary["per_member"] = [{r.fold: r.metrics for r in rs} for rs in per_member]
     if ctx.distributed:
         summary["world_size"] = ctx.world_size
         summary["mode"] = "fold_parallel" if fold_parallel else "data_parallel"
     if ctx.is_main:  # one writer for the run's files and the calibration written into the bundles
-        oofs = [r.oof for r in results if len(r.oof)]
+        oofs = [pd.concat([r.oof for r in rs if len(r.oof)], ignore_index=True)
+                for rs in per_member if any(len(r.oof) for r in rs)]
         if oofs:
-            oof = pd.concat(oofs, ignore_index=True)
+            oof = average_oof(oofs, task)
             oof.to_csv(out / "oof.csv", index=False)
             summary.update(_oof_summary(cfg, task, df, oof, out, [r.bundle for r in results]))
         if profile:
-            summary["profile"] = {r.fold: _profile(r.history) for r in results}
+            summary["profile"] = {r.fold: _profile(r.history) for r in per_member[0]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        from ..evaluation.model_card import write_run_cards  # model_card.{json,md,html} in each bundle (not hashed)
-        write_run_cards(out, manifest=df, strict=False)
+        write_run_cards(out, manifest=df, strict=False)  # model_card.{json,md,html} in each bundle (not hashed)
     ctx.barrier()
     return summary
+
+
+def average_oof(oofs: list[pd.DataFrame], task) -> pd.DataFrame:
+    """Several members' out-of-fold frames (lesion_id, fold, classes) → one, probabilities averaged per lesion."""
+    if len(oofs) == 1:
+        return oofs[0]
+    classes = list(task.classes)
+    first = oofs[0].set_index("lesion_id")
+    mean = sum(o.set_index("lesion_id").loc[first.index, classes].to_numpy() for o in oofs) / len(oofs)
+    out = first.copy()
+    out[classes] = mean
+    return out.reset_index()
 
 
 def _fold_dir(out: Path, fold: int) -> Path:
@@ -102,9 +137,6 @@ def _train_fold_parallel(cfg, task, df, fold_ids, out, profile, ctx) -> list:
     """Each rank trains folds[rank::world] on its own device, no DDP; every rank's results gathered (fold order).
 
     A failure on one rank is reported on every rank (rank and error) once the others reach the gather."""
-    from .distributed import run_collectively
-    from .engine import FoldTrainer
-
     mine = fold_ids[ctx.rank::ctx.world_size]
     solo = ctx.solo()
 
@@ -135,8 +167,6 @@ def _profile(history: list[dict]) -> dict:
 
 
 def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
-    from .val_metrics import epoch_metrics
-
     lab = df.set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
     y = targets(lab, task)
     p = oof[list(task.classes)].to_numpy()
@@ -144,17 +174,23 @@ def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
     console.print(f"[bold]out-of-fold[/] ({len(oof)} lesions): official {res['oof']['official']:.4f} · "
                   f"balanced accuracy {res['oof']['balanced_accuracy']:.4f} · macro-F1 {res['oof']['macro_f1']:.4f}")
     res["calibration"] = calibrate_run(cfg.calibration, task, y, oof, bundles, cfg.train.sampler_power)
+    write_calibrated_oof(task, oof, res["calibration"]["fitted"], out / "oof_calibrated.csv")
     write_drift_references(task, lab, oof, bundles, res["calibration"]["fitted"])
     return res
+
+
+def write_calibrated_oof(task, oof: pd.DataFrame, calibration: dict, path: Path) -> Path:
+    """The out-of-fold probabilities as the bundles will output them (the run's calibration applied) — the file
+    to evaluate: ``oof.csv`` holds the raw ones the calibration was fitted on."""
+    cal = oof.copy()
+    cal[list(task.classes)] = Calibration.from_dict(calibration).apply(oof[list(task.classes)].to_numpy())
+    cal.to_csv(path, index=False, float_format="%.6f")
+    return path
 
 
 def write_drift_references(task, lab: pd.DataFrame, oof: pd.DataFrame, bundles, calibration: dict) -> None:
     """Each fold bundle gets the input / output statistics of its validation lesions (drift_reference.json),
     from the calibrated out-of-fold probabilities — the service compares live traffic against them."""
-    from ..evaluation.calibration import Calibration
-    from ..inference.bundle import load_predictor
-    from ..service.drift import compute_reference_stats, write_reference_stats
-
     calib = Calibration.from_dict(calibration)
     for b in bundles:
         fold = load_predictor(b)
@@ -172,12 +208,8 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     prior_adjustment ("balanced_accuracy": post-hoc logit adjustment −τ·log prior with τ chosen on OOF;
     "training_prior": −log of the prior the sampler trained under, ``sampler_power``).
     """
-    from ..evaluation.calibration import Calibration, calibrate_oof, fit_prior_adjustment, training_prior
-    from ..inference.bundle import update_calibration
-
     if hasattr(options, "model_dump"):
         options = options.model_dump()
-    from .val_metrics import epoch_metrics
 
     p = oof[list(task.classes)].to_numpy()
     folds = oof["fold"].to_numpy()
@@ -204,8 +236,6 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
 def tune_prior_adjustment(y: np.ndarray, p: np.ndarray, taus=None) -> tuple[float, list[float], dict]:
     """Post-hoc logit adjustment for balanced accuracy: add −τ·log(prior) to the log-probabilities and
     pick τ on the out-of-fold predictions (a single scalar, so the optimism of fitting it there is small)."""
-    from ..evaluation.metrics import balanced_accuracy
-
     taus = np.round(np.arange(0, 2.01, 0.1), 2) if taus is None else taus
     prior = np.clip(y.mean(0), 1e-6, None)
     logp = np.log(np.clip(p, 1e-12, None))

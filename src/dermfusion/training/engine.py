@@ -1,10 +1,11 @@
-"""Training one fold: data loaders, model, optimiser, the epoch loop, checkpoint/resume, fold bundle.
+"""Training one fold: data loaders, model, optimiser, the epoch loop, checkpoint/resume (the fold bundle:
+``fold_bundle``; the epoch log: ``epoch_log``).
 
 Determinism: every epoch re-seeds all RNGs from (seed, fold, epoch), so an epoch's augmentations,
 sampling and dropout depend only on those numbers. Resuming from the checkpoint of epoch e then
 replays epoch e+1 exactly as the uninterrupted run would have.
 
-Under torchrun (see ``training.distributed``) the same loop runs on every rank with a DDP-wrapped model:
+Under torchrun (see ``runtime.distributed`` and ``training.ddp``) the same loop runs on every rank with a DDP-wrapped model:
 ``train.batch_size`` stays the global batch (``batch_size / world`` per rank, drawn from one shared weighted
 epoch), the loss is computed on the gathered global batch, validation is sharded and gathered, and only
 rank 0 writes logs, checkpoints and the bundle. A single process takes exactly the code path it always did.
@@ -21,54 +22,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, ExperimentConfig
 from ..console import console, make_progress
 from ..data.dataset import LesionDataset, class_balanced_sampler, collate, scheduled_size
-from ..data.features import FeatureSpec
 from ..data.loading import BatchLoader
-from ..data.manifest import present_modalities, targets
-from ..data.samplers import EpochBatchSampler
-from ..data.transforms import Preprocess
+from ..data.manifest import targets
+from ..data.samplers import EpochBatchSampler, ShardedEvalSampler
+from ..inference.predict_loop import predict_probs
+from ..models.factory import build_model, feature_spec_for, preprocess_of
+from ..runtime.device import (autocast, autocast_dtype, default_num_workers, move_batch, resolve_device,
+                              seed_everything)
+from ..runtime.distributed import RANK_SEED_STRIDE, DistContext, current, gather_indexed
 from ..tasks import TaskSpec
-from .checkpoint import save_atomic, write_dir_atomic
-from .distributed import (RANK_SEED_STRIDE, DistContext, convert_sync_batchnorm, current, find_unused_setting,
-                          gather_for_loss, gather_indexed, has_batchnorm, load_checkpoint_everywhere,
-                          unused_parameters, wrap_ddp)
+from .checkpoint import save_atomic
+from .ddp import (convert_sync_batchnorm, find_unused_setting, gather_for_loss, has_batchnorm,
+                  load_checkpoint_everywhere, unused_parameters, wrap_ddp)
 from .ema import ModelEMA
-from .runtime import autocast, autocast_dtype, default_num_workers, move_batch, resolve_device, seed_everything
-
-
-def feature_spec_for(cfg: ExperimentConfig, task: TaskSpec, df: pd.DataFrame) -> FeatureSpec:
-    mods = cfg.data.modalities or [m for m in task.modalities if m in present_modalities(df)] or list(task.modalities)
-    return FeatureSpec.from_manifest(df, mods, use_metadata=cfg.data.use_metadata, use_concepts=cfg.data.use_concepts)
-
-
-def build_model(cfg: ExperimentConfig, task: TaskSpec, spec: FeatureSpec, for_inference: bool = False):
-    from ..models import create_model
-
-    kwargs = cfg.model_kwargs()
-    if for_inference:  # weights come from the bundle: never re-read a foundation checkpoint or a hub
-        kwargs = {k: (None if "pretrained_path" in k or k.endswith("_path") else (False if k == "pretrained" else v))
-                  for k, v in kwargs.items()}
-        kwargs = _strip_pretrained(kwargs)
-    return create_model(cfg.model.name, num_classes=task.num_classes, feature_spec=spec, **kwargs)
-
-
-def _strip_pretrained(obj):
-    if isinstance(obj, dict):
-        return {k: (False if k == "pretrained" else None if k.endswith("pretrained_path") else _strip_pretrained(v))
-                for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_strip_pretrained(v) for v in obj]
-    return obj
-
-
-def preprocess_of(model, spec: FeatureSpec, color_constancy: str = "none") -> dict[str, Preprocess]:
-    dc = getattr(model, "data_config", {}) or {}
-    return {m: Preprocess.from_data_config(dc.get(m, {}), color_constancy) for m in spec.modalities}
+from .epoch_log import NullProgress, epoch_line, tensorboard_writer
+from .fold_bundle import write_fold_bundle
+from .losses import build_loss
+from .optim import build_param_groups, build_scheduler
+from .val_metrics import epoch_metrics
 
 
 @dataclass
@@ -157,7 +133,6 @@ class FoldTrainer:
         ds = LesionDataset(frame, self.task, self.spec, self.preprocess, train=False, cache_dir=self._cache_dir())
         kw = self._loader_kwargs()
         if self.world > 1:  # contiguous, non-padded shard: every lesion is predicted by exactly one rank
-            from ..data.samplers import ShardedEvalSampler
 
             return BatchLoader(ds, batch_size=cfg.train.eval_batch_size,
                               sampler=ShardedEvalSampler(len(ds), self.dist.rank, self.world), **kw)
@@ -167,9 +142,6 @@ class FoldTrainer:
         return self.cfg.train.seed * 1_000_003 + (self.fold + 1) * 10_007 + epoch
 
     def setup(self) -> None:
-        from .losses import build_loss
-        from .optim import build_param_groups, build_scheduler
-
         cfg = self.cfg
         seed_everything(self._seed(-1))
         self.model = build_model(cfg, self.task, self.spec).to(self.device)
@@ -277,8 +249,6 @@ class FoldTrainer:
 
     @torch.no_grad()
     def predict(self, frame: pd.DataFrame, model=None, tta: int = 0) -> np.ndarray:
-        from ..inference.predict_loop import predict_probs
-
         model = model or (self.ema.module if self.ema else self.model)
         loader = self._loader(frame)
         probs = predict_probs(model, loader, self.device, self.amp, self.channels_last, tta=tta,
@@ -297,8 +267,6 @@ class FoldTrainer:
         return cfg.validate_every > 0 and ((epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs)
 
     def evaluate(self, probs: np.ndarray) -> dict:
-        from .val_metrics import epoch_metrics
-
         return epoch_metrics(self.task, targets(self.val_df, self.task), probs)
 
     def run(self) -> FoldResult:
@@ -321,8 +289,8 @@ class FoldTrainer:
             history, bad_epochs = ck["history"], ck.get("bad_epochs", 0)
             if main:
                 console.print(f"[cyan]fold {self.fold}: resuming after epoch {start}[/]")
-        writer = _tensorboard(self.out) if main else None
-        with (make_progress() if self.dist.progress else _NullProgress()) as progress:
+        writer = tensorboard_writer(self.out) if main else None
+        with (make_progress() if self.dist.progress else NullProgress()) as progress:
             for epoch in range(start, cfg.train.epochs):
                 stats = self.train_epoch(epoch, progress)
                 rec = {"fold": self.fold, "epoch": epoch + 1, **stats, "lr": self.scheduler.get_last_lr()[-1]}
@@ -346,7 +314,7 @@ class FoldTrainer:
                         for k, v in rec.items():
                             if isinstance(v, (int, float)):
                                 writer.add_scalar(k, v, epoch + 1)
-                    console.print(_epoch_line(rec))
+                    console.print(epoch_line(rec))
                     save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                                  "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best": best,
                                  "best_state": best_state, "history": history, "bad_epochs": bad_epochs,
@@ -373,69 +341,4 @@ class FoldTrainer:
         return FoldResult(self.fold, oof, metrics, bundle, history)
 
     def write_bundle(self, model, metrics: dict) -> Path:
-        from ..inference.bundle import write_bundle
-
-        cfg = self.cfg
-        config = {"kind": "network", "task": self.task.name, "name": f"{cfg.name}_fold{self.fold}",
-                  "model": {"name": cfg.model.name, **cfg.model_kwargs()},
-                  "feature_spec": self.spec.to_dict(),
-                  "preprocess": {m: p.to_dict() for m, p in self.preprocess.items()},
-                  "experiment": cfg.model_dump(), "fold": self.fold}
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        calibration = self.training_prior_calibration()
-        # written beside and renamed into place: a crash never leaves a half-written bundle
-        return write_dir_atomic(self.out / "bundle", lambda d: write_bundle(
-            d, config=config, metrics=metrics, calibration=calibration,
-            write_model=lambda m: save_file(state, str(m / "model.safetensors"))))
-
-    def training_prior_calibration(self) -> dict | None:
-        """With ``calibration.prior_adjustment: training_prior`` every bundle — a full-data refit too, which has no
-        out-of-fold predictions to fit anything on — divides its probabilities by the class prior it was trained
-        under (the sampler's), the adjustment balanced accuracy calls for. Cross-validated runs refit the rest
-        of the calibration on OOF afterwards."""
-        from ..evaluation.calibration import fit_prior_adjustment, training_prior
-
-        if self.cfg.calibration.prior_adjustment != "training_prior":
-            return None
-        counts = targets(self.train_df, self.task).sum(axis=0)
-        return {"temperature": 1.0, "cuts": None,
-                "prior_adjustment": fit_prior_adjustment(training_prior(counts, self.cfg.train.sampler_power))}
-
-
-class _NullProgress:
-    """Stands in for the progress display on ranks other than 0."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-    def remove_task(self, *a, **k):
-        pass
-
-
-def _epoch_line(rec: dict) -> str:
-    parts = [f"fold {rec['fold']} epoch {rec['epoch']}", f"loss {rec['loss']:.4f}"]
-    for k in ("val_official", "val_balanced_accuracy", "val_macro_f1"):
-        if k in rec:
-            parts.append(f"{k.removeprefix('val_')} {rec[k]:.4f}")
-    parts.append(f"{rec['lesions_per_s']:.1f} lesions/s, data wait {rec['data_wait_frac']:.0%}")
-    return " · ".join(parts)
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:
-        return None
-    try:
-        return SummaryWriter(str(out / "tb"))
-    except Exception:
-        return None
+        return write_fold_bundle(self, model, metrics)

@@ -6,11 +6,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ...errors import DermfusionError
 from ...tasks import TaskSpec
 from ..features import canonical_sex, canonical_site
 
 
-class ImportError_(ValueError):
+class ImportError_(DermfusionError, ValueError):
     """A dataset file that does not look like what the importer expects."""
 
 

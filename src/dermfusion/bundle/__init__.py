@@ -1,0 +1,12 @@
+"""Bundles: the directory a trained model lives in (``store``), and where training runs keep them (``resolve``).
+
+Everything that predicts loads a bundle; nothing depends on a training run's folder layout except
+``resolve``, which turns a bundle, a run directory or a list of them into bundle directories.
+"""
+from .resolve import find_run_dir, resolve_one, resolve_run, run_bundles, write_average_bundle
+from .store import (BUNDLE_FORMAT, UNHASHED_FILES, Bundle, BundleError, hash_dir, is_bundle, read_bundle,
+                    update_calibration, write_bundle)
+
+__all__ = ["BUNDLE_FORMAT", "UNHASHED_FILES", "Bundle", "BundleError", "find_run_dir", "hash_dir", "is_bundle",
+           "read_bundle", "resolve_one", "resolve_run", "run_bundles", "update_calibration", "write_average_bundle",
+           "write_bundle"]

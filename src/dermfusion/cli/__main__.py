@@ -1,0 +1,4 @@
+"""``python -m dermfusion.cli``: the same as the ``dermfusion`` command."""
+from .app import main
+
+main()

@@ -1,0 +1,51 @@
+"""The ``dermfusion`` command: every verb, registered here explicitly.
+
+Each verb lives in the module of its stage (``data``, ``train``, ``predict``, ``evaluate``, ``combine``, ``perf``,
+``service``, ``card``, ``shift``, ``demo``) as a plain function; this module wraps each in the one-line
+user-error guard (``common.user_errors``) and adds it to the typer app. The verb modules import only typer and
+the console at module level — the stages load when a verb runs — so ``dermfusion --help`` is quick.
+"""
+from __future__ import annotations
+
+import typer
+
+from . import card, combine, data, demo, evaluate, perf, predict, service, shift, train
+from .common import user_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Multi-modal skin-lesion diagnosis: clinical + dermoscopic images + metadata → "
+                       "calibrated differential, risk score and triage.")
+import_app = typer.Typer(no_args_is_help=True, help="Import a public dataset into a lesion manifest.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect manifests.")
+
+# (typer app, verb, function) in the order `dermfusion --help` lists them
+VERBS = [
+    (import_app, "milk10k", data.import_milk10k_cmd),
+    (import_app, "isic", data.import_isic_cmd),
+    (import_app, "derm7pt", data.import_derm7pt_cmd),
+    (app, "folds", data.folds_cmd),
+    (data_app, "check", data.data_check_cmd),
+    (app, "train", train.train_cmd),
+    (app, "predict", predict.predict_cmd),
+    (app, "evaluate", evaluate.evaluate_cmd),
+    (app, "calibrate", combine.calibrate_cmd),
+    (app, "stack", combine.stack_cmd),
+    (app, "ensemble", combine.ensemble_cmd),
+    (app, "card", card.card_cmd),
+    (app, "shift", shift.shift_cmd),
+    (app, "explain", service.explain_cmd),
+    (app, "export", perf.export_cmd),
+    (app, "bench", perf.bench_cmd),
+    (app, "serve", service.serve_cmd),
+    (app, "drift", service.drift_cmd),
+    (app, "demo", demo.demo_cmd),
+]
+app.add_typer(import_app, name="import")
+app.add_typer(data_app, name="data")
+for _group, _name, _fn in VERBS:
+    _group.command(_name)(user_errors(_fn))
+
+
+def main() -> None:
+    """The console-script entry point (``dermfusion = "dermfusion.cli:main"``)."""
+    app()

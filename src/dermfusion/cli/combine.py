@@ -1,0 +1,148 @@
+"""Verbs that work on finished runs: ``calibrate`` (refit a run's calibration), ``stack``, ``ensemble``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
+
+import typer
+
+from ..console import console
+from .common import fail
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def run_oof_and_bundle(run: Path) -> tuple[pd.DataFrame, Path]:
+    """A run directory's out-of-fold predictions and the bundle that stands for it."""
+    import pandas as pd  # the CLI imports the data stack when a verb runs
+
+    oof = run / "oof.csv"
+    if not oof.exists():
+        fail(f"{run} has no oof.csv: pass run directories written by `dermfusion train`")
+    if not (run / "bundle" / "config.yaml").exists():
+        from ..bundle import resolve_run, write_average_bundle
+
+        write_average_bundle(run, resolve_run(run))
+    return pd.read_csv(oof, dtype={"lesion_id": str}), run / "bundle"
+
+
+def _labelled(manifest: Path, task):
+    from ..data.manifest import load_manifest, targets
+
+    df = load_manifest(manifest)
+    df = df[df[task.label_columns()].notna().all(axis=1)].reset_index(drop=True) if all(
+        c in df.columns for c in task.label_columns()) else fail(f"{manifest} has no labels for {task.name}")
+    return df, targets(df, task)
+
+
+def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv + fold bundles)"),
+                  manifest: Path = typer.Option(..., help="the labelled training manifest")):
+    """(Re-)fit calibration on a run's out-of-fold predictions and write it into its bundles."""
+    import pandas as pd  # the CLI imports the data stack when a verb runs
+
+    import yaml
+
+    from ..bundle import run_bundles
+    from ..card import write_run_cards
+    from ..config import ExperimentConfig
+    from ..data.manifest import load_manifest, targets
+    from ..tasks import get_task
+    from ..training.cv import calibrate_run, write_calibrated_oof
+
+    cfg = ExperimentConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    task = get_task(cfg.task)
+    oof = pd.read_csv(run / "oof.csv", dtype={"lesion_id": str})
+    df = load_manifest(manifest).set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    bundles, _ = run_bundles(run)  # every bundle of the run (RUN/bundle too): each predicts with the run's calibration
+    res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles, cfg.train.sampler_power)
+    summary["calibration"] = res
+    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_calibrated_oof(task, oof, res["fitted"], run / "oof_calibrated.csv")
+    write_run_cards(run, manifest=manifest, strict=False)  # the cards' calibration section follows the refit
+
+
+def _members(runs: list[Path], task_name: Optional[str]):
+    from ..tasks import get_task
+    from ..bundle import read_bundle
+
+    frames, bundles = zip(*[run_oof_and_bundle(r) for r in runs])
+    task = get_task(task_name) if task_name else read_bundle(bundles[0]).task
+    return list(frames), list(bundles), task
+
+
+def stack_cmd(runs: List[Path] = typer.Argument(..., help="run directories with oof.csv"),
+              manifest: Path = typer.Option(..., help="the labelled training manifest (with folds)"),
+              out: Path = typer.Option(..., help="stack bundle directory"),
+              use_concepts: bool = typer.Option(False, help="also feed concept scores to the meta-model"),
+              use_metadata: bool = typer.Option(False, help="also feed age to the meta-model"),
+              task: Optional[str] = typer.Option(None)):
+    """Fold-aware stacking: a meta-model on the runs' out-of-fold probabilities (never on a row's own fold)."""
+    from ..tabular.ensemble import compare_table
+    from ..tabular.stacking import fit_stack, write_stack_bundle
+
+    frames, bundles, t = _members(runs, task)
+    df, y = _labelled(manifest, t)
+    ids = set.intersection(*[set(f["lesion_id"]) for f in frames])
+    df = df[df["lesion_id"].isin(ids)].reset_index(drop=True)
+    y = y[df.index] if len(y) == len(df) else _labelled_targets(df, t)
+    names = [r.name for r in runs]
+    res = fit_stack(frames, df, t, names=names, use_concepts=use_concepts, use_metadata=use_metadata)
+    from ..tabular.stacking import align_oof
+    oofs = {n: align_oof(f, df["lesion_id"], t, n) for n, f in zip(names, frames)}
+    oofs["stack"] = res.oof[list(t.classes)].to_numpy()
+    compare_table(oofs, y, df["fold"].to_numpy(), t, title="out-of-fold: members vs stack")
+    write_stack_bundle(out, res, bundles, t)
+    res.oof.to_csv(out / "oof.csv", index=False)
+    console.print(f"[green]wrote[/] stack bundle {out}")
+
+
+def _labelled_targets(df, task):
+    from ..data.manifest import targets
+    return targets(df, task)
+
+
+def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories with oof.csv"),
+                 manifest: Path = typer.Option(..., help="the labelled training manifest (with folds)"),
+                 out: Path = typer.Option(..., help="ensemble bundle directory"),
+                 objective: str = typer.Option("auto", help="weights maximise: logloss | official "
+                                               "(auto: logloss when cuts are tuned afterwards, i.e. MILK10k)"),
+                 eval_size: Optional[int] = typer.Option(None, help="size of the set the submission is scored on "
+                                                         "(MILK10k: a class too rare to appear there is left unpredicted)"),
+                 task: Optional[str] = typer.Option(None)):
+    """Weights on the simplex searched on out-of-fold predictions, then calibration fitted on the blend."""
+    import pandas as pd  # the CLI imports the data stack when a verb runs
+
+    from ..evaluation.calibration import calibrate_oof
+    from ..evaluation.metrics import log_loss, official_score
+    from ..tabular.ensemble import blend, compare_table, search_weights, write_ensemble_bundle
+    from ..tabular.stacking import align_oof
+
+    frames, bundles, t = _members(runs, task)
+    df, _ = _labelled(manifest, t)
+    ids = set.intersection(*[set(f["lesion_id"]) for f in frames])
+    df = df[df["lesion_id"].isin(ids)].reset_index(drop=True)
+    y = _labelled_targets(df, t)
+    folds = df["fold"].to_numpy()
+    names = [r.name for r in runs]
+    probs = [align_oof(f, df["lesion_id"], t, n) for n, f in zip(names, frames)]
+    if objective == "auto":
+        objective = "logloss" if t.metric == "milk10k_dice" else "official"
+    metric = (lambda yt, p: -log_loss(yt, p)) if objective == "logloss" else (lambda yt, p: official_score(t, yt, p))
+    w, _ = search_weights(probs, y, metric)
+    ens = blend(probs, w)
+    calib, report = calibrate_oof(t, y, ens, folds, eval_size=eval_size)
+    compare_table({**dict(zip(names, probs)), "ensemble": ens}, y, folds, t,
+                  title="out-of-fold: members vs ensemble", eval_size=eval_size)
+    console.print("weights: " + ", ".join(f"{n} {wi:.3f}" for n, wi in zip(names, w)))
+    if "nested_cut_score" in report:
+        console.print(f"ensemble nested cut-tuned official score (OOF): {report['nested_cut_score']:.4f}")
+    write_ensemble_bundle(out, bundles, w, t, names=names, calibration=calib.to_dict(),
+                          metrics={"objective": objective, **{k: v for k, v in report.items() if k != "nested_per_class"}})
+    frame = pd.DataFrame(ens, columns=list(t.classes))
+    frame.insert(0, "fold", folds)
+    frame.insert(0, "lesion_id", df["lesion_id"].to_numpy())
+    frame.to_csv(out / "oof.csv", index=False)
+    console.print(f"[green]wrote[/] ensemble bundle {out}")

@@ -1,0 +1,215 @@
+"""The serving stage's verbs: ``serve``, ``explain``, ``drift``."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..console import console, err_console
+from .common import fail
+
+
+def _service_config(path: Optional[Path], **overrides):
+    from ..service.config import ServiceConfigError, load_service_config
+
+    try:
+        return load_service_config(path, **overrides)
+    except ServiceConfigError as e:
+        fail(str(e))
+
+
+def serve_cmd(
+    bundle: Optional[Path] = typer.Argument(None, help="bundle directory or training run directory (network: its fold "
+                                          "bundles, averaged; tabular: its calibrated refit)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (0.0.0.0 for all)"),
+    port: int = typer.Option(8000),
+    config: Optional[Path] = typer.Option(None, "--config", help="service.yaml (thresholds, limits, auth, audit …)"),
+    workers: Optional[int] = typer.Option(None, help="override workers.workers (concurrent analyses)"),
+    device: Optional[str] = typer.Option(None, help="override device (cpu, cuda)"),
+    log_level: str = typer.Option("info"),
+    print_config: bool = typer.Option(False, "--print-config", help="print the default service.yaml and exit"),
+):
+    """Serve the triage API and the clinician web page (FastAPI + uvicorn)."""
+    from ..service.config import default_config_yaml
+
+    if print_config:
+        console.print(default_config_yaml(), markup=False, highlight=False, soft_wrap=True)
+        return
+    if bundle is None:
+        fail("give a bundle or a training run directory: dermfusion serve BUNDLE_OR_RUN")
+    import logging
+
+    import uvicorn
+
+    from ..bundle import resolve_run
+    from ..service.app import create_app
+
+    over = {}
+    if workers is not None:
+        over["workers"] = {"workers": workers}
+    if device is not None:
+        over["device"] = device
+    cfg = _service_config(config, **over)
+    resolve_run(bundle)  # a wrong path fails here, in one line, not later in the background loader
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    web_app = create_app(bundle, cfg, warm_in_background=True)
+    auth = f"API key required ({len(cfg.auth.api_keys)} configured)" if cfg.auth.api_keys else "no authentication"
+    err_console.print(f"[bold]dermfusion serve[/]: {bundle} on http://{host}:{port} — {auth}; "
+                      f"{cfg.workers.workers} worker(s), queue {cfg.workers.queue_size}")
+    # uvicorn's own cap sits above ours, so our 503 (with Retry-After) is what clients normally see
+    uvicorn.run(web_app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
+                limit_concurrency=max(64, 4 * (cfg.workers.workers + cfg.workers.queue_size)))
+
+
+def _row_metadata(row) -> tuple[dict, list[str]]:
+    """Manifest row -> PatientMetadata fields (invalid values dropped, with a note)."""
+    from ..service.schemas import PatientMetadata
+
+    def val(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            return None
+        return v
+
+    raw = {"age": val(row.get("age")), "sex": val(row.get("sex")), "skin_tone": val(row.get("skin_tone")),
+           "site": val(row.get("site"))}
+    if raw["skin_tone"] is not None:
+        try:
+            raw["skin_tone"] = int(float(raw["skin_tone"]))
+        except ValueError:
+            raw["skin_tone"] = None
+    concepts: dict = {}
+    for col, v in row.items():
+        if col.startswith("concept_") and val(v) is not None:
+            rest = col.removeprefix("concept_")
+            for m in ("clinical", "dermoscopic"):
+                if rest.startswith(m + "_"):
+                    concepts.setdefault(m, {})[rest[len(m) + 1:]] = float(v)
+    if concepts:
+        raw["concepts"] = concepts
+    notes, fields = [], {k: v for k, v in raw.items() if v is not None}
+    for k in list(fields):
+        try:
+            PatientMetadata.model_validate({k: fields[k]})
+        except Exception:  # noqa: BLE001
+            notes.append(f"manifest value of {k} is not valid metadata; ignored")
+            fields.pop(k)
+    return fields, notes
+
+
+def explain_cmd(
+    bundle: Path = typer.Argument(..., help="bundle or training run directory"),
+    manifest: Path = typer.Option(..., help="manifest holding the lesions"),
+    ids: str = typer.Option(..., help="comma-separated lesion ids"),
+    out: Path = typer.Option(..., help="folder for <id>_<modality>.png overlays and <id>.json"),
+    config: Optional[Path] = typer.Option(None, "--config", help="service.yaml (triage thresholds, heat-map size)"),
+    device: str = typer.Option("cpu"),
+):
+    """Heat maps (attention rollout / Grad-CAM) over the original images, plus the differential, triage and
+    the fusion model's concept / metadata attention, one JSON per lesion."""
+    from ..data.manifest import IMAGE_COLUMNS, load_manifest
+    from ..inference import load_run
+    from ..service.analyzer import Analyzer, InputError, Upload
+    from ..service.schemas import PatientMetadata
+
+    cfg = _service_config(config)
+    df = load_manifest(manifest)
+    wanted = [i.strip() for i in ids.split(",") if i.strip()]
+    df = df.set_index(df["lesion_id"].astype(str), drop=False)
+    missing = [i for i in wanted if i not in df.index]
+    if missing:
+        fail(f"lesion id(s) not in {manifest}: {', '.join(missing)}")
+    analyzer = Analyzer(load_run(bundle, device=device), cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for lid in wanted:
+        row = df.loc[lid]
+        row = row.iloc[0] if hasattr(row, "iloc") and getattr(row, "ndim", 1) == 2 else row
+        uploads = {}
+        for m, col in IMAGE_COLUMNS.items():
+            path = str(row.get(col, "") or "")
+            if path and path != "nan":
+                p = Path(path)
+                if not p.exists():
+                    err_console.print(f"[yellow]{lid}: {m} image {p} not found; skipped[/]")
+                    continue
+                uploads[m] = Upload(m, p.read_bytes(), "")
+        fields, notes = _row_metadata(row.to_dict())
+        try:
+            res = analyzer.analyze(uploads, PatientMetadata.model_validate(fields), request_id=lid, explain=True)
+        except InputError as e:
+            err_console.print(f"[red]{lid}: {e.message}[/]")
+            failures += 1
+            continue
+        resp = res.response
+        safe = _file_stem(lid)
+        for h in resp["explanations"]["heatmaps"]:
+            f = out / f"{safe}_{h['modality']}.png"
+            f.write_bytes(base64.b64decode(h.pop("overlay_png_base64")))
+            h["overlay_file"] = f.name
+        resp["warnings"] = resp["warnings"] + notes
+        resp["lesion_id"] = lid
+        (out / f"{safe}.json").write_text(json.dumps(resp, indent=2, default=_json_default))
+        top = resp["primary_diagnosis"]
+        console.print(f"{lid}: {top['code']} ({top['probability']:.2f}) · risk {resp['risk_score']:.0f} · "
+                      f"{resp['action']}{' · review' if resp['review_recommended'] else ''} · "
+                      f"{len(resp['explanations']['heatmaps'])} heat map(s)")
+    console.print(f"[green]wrote[/] {out}")
+    if failures:
+        raise typer.Exit(1)
+
+
+def _file_stem(lesion_id: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in lesion_id)[:120] or "lesion"
+
+
+def _json_default(o):
+    if isinstance(o, datetime):
+        return o.isoformat()
+    return float(o)
+
+
+def drift_cmd(
+    db: str = typer.Option(..., "--db", help="audit database URL, e.g. sqlite:///dermfusion_audit.db"),
+    bundle: Path = typer.Option(..., "--bundle", help="the served bundle or run (a run: its first bundle) whose "
+                                 "drift_reference.json is the baseline"),
+    limit: int = typer.Option(500, help="most recent analyses to compare"),
+    since: Optional[str] = typer.Option(None, help="only analyses at or after this ISO date/time"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+    fail_above: Optional[float] = typer.Option(None, help="exit 1 when any signal's PSI exceeds this (e.g. 0.25)"),
+):
+    """Input / prediction drift from the audit trail: PSI per signal against the bundle's reference."""
+    from rich.table import Table
+
+    from ..bundle import resolve_run
+    from ..service.drift import drift_report
+
+    since_dt = None
+    if since:
+        try:
+            since_dt = datetime.fromisoformat(since)
+        except ValueError:
+            fail(f"--since {since!r} is not an ISO date/time (e.g. 2025-01-31 or 2025-01-31T12:00)")
+    # a run stands for its first bundle: the one whose hash and drift reference the service reports
+    rep = drift_report(db, resolve_run(bundle)[0], limit=limit, since=since_dt)
+    t = Table(title=f"drift: {rep['analyses']} audited analyses vs {bundle} reference")
+    for c in ("signal", "PSI", "n", "level"):
+        t.add_column(c, justify="right" if c in ("PSI", "n") else "left")
+    colour = {"stable": "green", "moderate": "yellow", "major": "red"}
+    for name, s in sorted(rep["signals"].items(), key=lambda kv: -kv[1]["psi"]):
+        t.add_row(name, f"{s['psi']:.3f}", str(s["n"]), f"[{colour[s['level']]}]{s['level']}[/]")
+    if not rep["signals"]:
+        t.add_row("—", "—", "0", "no audited analyses of this model yet")
+    console.print(t)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(rep, indent=2, default=_json_default))
+        console.print(f"[green]wrote[/] {json_out}")
+    if fail_above is not None and rep["max_psi"] > fail_above:
+        err_console.print(f"[bold red]drift[/]: max PSI {rep['max_psi']:.3f} > {fail_above}")
+        raise typer.Exit(1)

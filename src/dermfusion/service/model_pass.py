@@ -1,0 +1,164 @@
+"""The model pass of one analysis: which inputs the served predictor uses, and its calibrated probabilities.
+
+When the predictor is a weighted mean of networks (one network, a run's fold ensemble, an ``average`` or
+``ensemble`` bundle — ``Predictor.mixture``), each network runs here on the request's images: the first one
+explained (heat maps need the eager model), each on its chosen backend. Their *raw* probabilities are combined
+with the predictor's own weights and the predictor's one calibration is applied — the ensemble rule of
+``inference.predictor``, so the service answers what ``dermfusion predict`` writes for the same lesion. Any other
+predictor (tabular, stacks) gets a one-row manifest and its own ``predict_proba``.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.dataset import batch_from_inputs
+from ..data.importers.isic import import_isic
+from ..explain import Explainer
+from ..inference.backends import selection_text
+from ..inference.network import NetworkPredictor
+from ..inference.predictor import Predictor
+from ..runtime.device import move_batch
+from ..tasks import MODALITIES
+
+log = logging.getLogger("dermfusion.service")
+
+
+class ModelPass:
+    """The served predictor, seen as what it needs (image modalities, metadata fields, concept columns) and how it
+    turns one lesion into calibrated probabilities."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        mix = predictor.mixture()
+        if mix and all(isinstance(leaf, NetworkPredictor) for _, leaf in mix):
+            self.networks = [leaf for _, leaf in mix]
+            self.weights = np.array([w for w, _ in mix], dtype=np.float64)
+        else:
+            self.networks, self.weights = [], np.zeros(0)
+        primary = self.networks[0] if self.networks else None
+        if primary is not None:
+            self.modalities = list(primary.spec.modalities)
+            self.metadata_fields = list(primary.spec.numeric) + list(primary.spec.categorical)
+            self.concepts = list(primary.spec.concepts)
+            self.explainer = Explainer.for_model(primary.model)
+        else:
+            self.modalities, self.metadata_fields, self.concepts = inputs_of(predictor)
+            self.explainer = None
+
+    @property
+    def is_network(self) -> bool:
+        return bool(self.networks)
+
+    def run(self, images: dict, metadata: dict, want_maps: bool):
+        """(calibrated probabilities C, heat maps {modality: grid}, methods, fusion contributions of the lesion)."""
+        if not self.networks:
+            return self._predict_generic(images, metadata), {}, {}, {}
+        raw, maps, methods, contrib = [], {}, {}, {}
+        for i, net in enumerate(self.networks):
+            batch = batch_from_inputs({m: img for m, img in images.items() if m in net.spec.modalities},
+                                      metadata, net.spec, net.preprocess)
+            batch = move_batch(batch, net.device)
+            fast = getattr(net, "runner", None)
+            fast = fast if fast is not None and fast is not net.model else None
+            p = None
+            if fast is not None:  # the selected backend gives the probabilities, explained or not
+                with torch.no_grad():
+                    p = torch.softmax(fast(batch)["logits"].float(), -1)[0].cpu().numpy()
+            if i == 0 and (want_maps or fast is None):  # the eager model explains (maps need gradients / hooks)
+                res = self.explainer.run(batch, explain=want_maps)
+                p = res.probs[0] if p is None else p
+                maps = {m: rows[0] for m, rows in res.maps.items() if rows and rows[0] is not None}
+                methods = res.methods
+                contrib = res.contributions[0] if res.contributions else {}
+            elif p is None:
+                with torch.no_grad():
+                    p = torch.softmax(net.model(batch)["logits"].float(), -1)[0].cpu().numpy()
+            raw.append(np.asarray(p, dtype=np.float64))
+        mixed = np.tensordot(self.weights, np.stack(raw), axes=1)  # the predictor's own combination of raw output
+        return self.predictor.calibration.apply(mixed[None])[0], maps, methods, contrib
+
+    def _predict_generic(self, images: dict, metadata: dict) -> np.ndarray:
+        """Any other predictor: a one-row manifest with the images in a temporary folder."""
+        with tempfile.TemporaryDirectory(prefix="dermfusion-req-") as d:
+            row = {"lesion_id": "request", "dataset": "api", "patient_id": "", "split": "", "fold": -1,
+                   "image_clinical": "", "image_dermoscopic": "", "age": float("nan"), "sex": "", "skin_tone": "",
+                   "site": ""}
+            for m, img in images.items():
+                p = Path(d) / f"{m}.png"
+                img.save(p)
+                row[f"image_{m}"] = str(p)
+            row.update(metadata)
+            df = pd.DataFrame([row])
+            for c in self.concepts:
+                if c not in df.columns:
+                    df[c] = float("nan")
+            probs = self.predictor.predict_proba(df)
+        return np.asarray(probs, dtype=np.float64)[0]
+
+    def choose_backends(self, name: str) -> list[str]:
+        """Each network's inference backend: ``auto`` = the fastest whose probabilities on the bundled real
+        HAM10000 sample match fp32 eager (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %), else fp32; ``trained`` = as
+        validated in training; any other name is used as given."""
+        chosen = []
+        for net in self.networks:
+            sample = sample_frame(net.spec)
+            if name == "auto":
+                net.choose_backend(sample)
+                log.info("backend check: %s", selection_text(net.selection, net.backend))
+            elif name != "trained":
+                net.use_backend(name, sample)
+            chosen.append(net.backend)
+        if chosen:
+            log.info("inference backend: %s", ", ".join(sorted(set(chosen))))
+        return chosen
+
+
+def sample_frame(spec, n: int = 32) -> pd.DataFrame:
+    """A manifest of the bundled real HAM10000 sample images for backend checks (every image modality the
+    model uses gets the dermoscopic photo; metadata as recorded)."""
+    root = Path(str(resources.files("dermfusion") / "fixtures" / "ham10000_sample"))
+    df = import_isic(root / "train.csv", dataset="ham10000").head(n).reset_index(drop=True)
+    for m in spec.modalities:
+        df[f"image_{m}"] = df["image_dermoscopic"]
+    for c in spec.concepts:
+        if c not in df.columns:
+            df[c] = float("nan")
+    return df
+
+
+def inputs_of(predictor) -> tuple[list[str], list[str], list[str]]:
+    """(image modalities, metadata fields, concept columns) any part of a predictor uses — walks the
+    members of ensembles / stacks; network members have a FeatureSpec, tabular ones a TabularFeatureSpec."""
+    mods, meta, concepts, known = set(), [], [], []
+
+    def add(items, into):
+        for x in items:
+            if x not in into:
+                into.append(x)
+
+    def walk(p):
+        spec = getattr(p, "spec", None)
+        if hasattr(p, "model") and spec is not None and hasattr(spec, "numeric"):
+            known.append(p)
+            mods.update(spec.modalities)
+            add(list(spec.numeric) + list(spec.categorical), meta)
+            add(spec.concepts, concepts)
+        elif spec is not None and hasattr(spec, "use_metadata"):  # tabular: concepts + metadata, no images
+            known.append(p)
+            add([f"concept_{m}_{c}" for m in spec.modalities for c in spec.concepts], concepts)
+            if spec.use_metadata:
+                add(["age", *spec.categorical], meta)
+        for m in getattr(p, "members", None) or []:
+            walk(m)
+
+    walk(predictor)
+    if not known:  # a kind we cannot introspect: offer it the task's images and the usual metadata
+        return list(predictor.task.modalities), ["age", "sex", "skin_tone", "site"], []
+    return [m for m in MODALITIES if m in mods], meta, concepts

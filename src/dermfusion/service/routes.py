@@ -1,0 +1,163 @@
+"""The API's routes: operations (``/healthz``, ``/readyz``, ``/metrics``), the model and its card (``/v1/model``,
+``/v1/model-card``), the analysis (``POST /v1/analyze``) and the clinician page (``/``)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, File, Form, Query, Request, Security, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+
+from ..card import render_html, render_markdown
+from ..tasks import MODALITIES
+from .inputs import InputError, Upload
+from .requests import FORM_FIELDS, parse_metadata, read_upload
+from .schemas import AnalyzeResponse, ErrorResponse, Health, ModelInfo
+from .state import ServiceState, ready_analyzer, served_model_card, store_images, write_audit
+from .triage import class_name
+
+WEB_DIR = Path(__file__).parent / "web"
+
+
+def add_routes(app: FastAPI, state: ServiceState) -> None:
+    config, metrics = state.config, state.metrics
+    api_key = APIKeyHeader(name=config.auth.header, auto_error=False,
+                           description="required when the service is configured with API keys")
+
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz():
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Health, responses={503: {"model": Health}}, tags=["operations"])
+    async def readyz():
+        """Readiness: model loaded and warmed, audit store reachable."""
+        if not state.ready:
+            return JSONResponse({"status": state.status, "ready": False, "detail": state.detail}, status_code=503)
+        if config.audit.required and (state.audit is None or not await asyncio.to_thread(state.audit.ping)):
+            return JSONResponse({"status": "degraded", "ready": False, "detail": "audit store unreachable"},
+                                status_code=503)
+        return {"status": "ready", "ready": True}
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def metrics_endpoint():
+        """Prometheus metrics."""
+        metrics.in_flight.set(state.pool.pending)
+        if state.drift.enabled:
+            metrics.drift_window.set(len(state.drift.window))
+            for name, d in state.drift.current().items():
+                metrics.drift.labels(name).set(d["psi"])
+        body, ctype = metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.get("/v1/model", response_model=ModelInfo, tags=["analysis"], dependencies=[Security(api_key)],
+             responses={503: {"model": ErrorResponse}})
+    async def model_info():
+        """The loaded model: task, classes, version, calibration, thresholds."""
+        an = ready_analyzer(state)
+        task = an.task
+        return {
+            "model": an.model_ref, "task": task.name, "task_description": task.description,
+            "classes": list(task.classes),
+            "class_names": {c: class_name(task, c) for c in task.classes},
+            "malignant": sorted(task.malignant), "modalities": an.modalities,
+            "metadata_fields": an.metadata_fields, "concepts": an.concepts,
+            "calibration": an.calibration, "calibrated": an.calibrated,
+            "thresholds": config.triage.model_dump(), "uncertainty": config.uncertainty.model_dump(),
+            "limits": {k: v for k, v in config.limits.model_dump().items()},
+            "explanations": an.can_explain, "drift_reference": state.drift.enabled,
+            "auth_required": bool(state.key_digests), "backends": an.backends, "disclaimer": config.disclaimer,
+        }
+
+    card_responses = {200: {"content": {"application/json": {}, "text/html": {}, "text/markdown": {}},
+                            "description": "the model card (JSON by default)"},
+                      404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+    @app.get("/v1/model-card", tags=["analysis"], dependencies=[Security(api_key)], responses=card_responses)
+    async def model_card(format: str = Query("json", pattern="^(json|html|md)$",
+                                             description="json (default), html (a self-contained page) or md")):
+        """The model card of the served model: details, intended use, training data, metrics with 95% CIs,
+        subgroups, label provenance, covariate shift, calibration, known failure modes — each with its source.
+        The bundle's stored card (written by `dermfusion train` / `dermfusion card`), else one built from the
+        bundle alone; a fold ensemble shows its first bundle's card and says how many it averages."""
+        card = await asyncio.to_thread(served_model_card, state)
+        if format == "json":
+            return JSONResponse(card)
+        if format == "md":
+            return Response(render_markdown(card), media_type="text/markdown; charset=utf-8")
+        return Response(render_html(card), media_type="text/html; charset=utf-8")
+
+    @app.get("/v1/model-card.html", tags=["analysis"], dependencies=[Security(api_key)],
+             response_class=Response, responses=card_responses)
+    async def model_card_html():
+        """The model card as one self-contained HTML page (same as ``/v1/model-card?format=html``)."""
+        return await model_card("html")
+
+    @app.post("/v1/analyze", response_model=AnalyzeResponse, tags=["analysis"], dependencies=[Security(api_key)],
+              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                         415: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                         503: {"model": ErrorResponse, "description": "busy (Retry-After) or not ready"}})
+    async def analyze(
+        request: Request,
+        clinical: Optional[UploadFile] = File(None, description="clinical close-up photo (JPEG, PNG, WebP, TIFF)"),
+        dermoscopic: Optional[UploadFile] = File(None, description="dermoscopic photo (JPEG, PNG, WebP, TIFF)"),
+        metadata: Optional[str] = Form(None, description=(
+            'JSON object, every field optional: {"age": 0–120, "sex": "female"|"male", "skin_tone": 0–5, '
+            '"site": one of the canonical sites, "concepts": {"clinical": {name: score 0–1}, "dermoscopic": {…}}}')),
+        explain: bool = Query(True, description="compute heat maps (slower)"),
+    ):
+        """Analyse one lesion: at least one image; metadata optional."""
+        rid = request.state.request_id
+        an = ready_analyzer(state)
+        form = await request.form()
+        unknown = sorted(set(form.keys()) - FORM_FIELDS)
+        if unknown:
+            raise InputError(422, "unknown_field", f"unknown form field(s) {', '.join(repr(u[:40]) for u in unknown)}; "
+                             "expected 'clinical', 'dermoscopic' (image files) and 'metadata' (JSON)", unknown[0][:40])
+        uploads: dict[str, Upload] = {}
+        for modality, up in (("clinical", clinical), ("dermoscopic", dermoscopic)):
+            if up is None:
+                continue
+            uploads[modality] = await read_upload(modality, up, config)
+        meta = parse_metadata(metadata)
+        if not uploads:
+            raise InputError(400, "no_image", "no image: upload at least one image file as form field "
+                             + " or ".join(f"'{m}'" for m in MODALITIES)
+                             + (f" (this model uses {' and '.join(an.modalities)} images)" if an.modalities else ""))
+        t_req = request.state.t0
+        client = getattr(request.state, "client", None)
+
+        def work():
+            analysis = an.analyze(uploads, meta, request_id=rid, explain=explain, client=client)
+            t = time.perf_counter()
+            stored = store_images(config, rid, analysis.images) if analysis.images else False
+            analysis.audit["images_stored"] = stored
+            analysis.audit["latency_ms"] = (time.perf_counter() - t_req) * 1000
+            write_audit(state, analysis.audit)
+            analysis.response["timings_ms"]["audit_ms"] = round((time.perf_counter() - t) * 1000, 2)
+            return analysis
+
+        analysis, waited = await state.pool.run(work)
+        resp = analysis.response
+        resp["timings_ms"]["queue_ms"] = round(waited * 1000, 2)
+        resp["timings_ms"]["total_ms"] = round((time.perf_counter() - t_req) * 1000, 2)
+        metrics.queue_wait.observe(waited)
+        metrics.inference.observe(resp["timings_ms"].get("analysis_ms", 0) / 1000)
+        metrics.predictions.labels(resp["primary_diagnosis"]["code"]).inc()
+        metrics.actions.labels(resp["action"]).inc()
+        metrics.confidence.observe(resp["uncertainty"]["top_probability"])
+        metrics.risk.observe(resp["risk_score"])
+        if resp["review_recommended"]:
+            metrics.reviews.inc()
+        state.drift.observe(analysis.observation)
+        return resp
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=str(WEB_DIR)), name="static")

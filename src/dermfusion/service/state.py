@@ -1,0 +1,121 @@
+"""The service's shared state and what every route needs from it: the loaded analyzer (or a 503), the model
+card, the audit store (writes that must succeed before an answer goes out), stored images, JSON error bodies."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from fastapi.responses import JSONResponse
+
+from ..card import card_for_service
+from ..errors import DermfusionError
+from ..inference import load_run
+from .analyzer import Analyzer
+from .audit import AuditStore
+from .config import ServiceConfig
+from .drift import DriftMonitor
+from .inputs import InputError
+from .metrics import Metrics
+from .pool import InferencePool
+
+log = logging.getLogger("dermfusion.service")
+
+
+class AuditUnavailable(DermfusionError):
+    pass
+
+
+@dataclass
+class ServiceState:
+    config: ServiceConfig
+    metrics: Metrics
+    pool: InferencePool
+    bundle_path: Path | None = None
+    analyzer: Analyzer | None = None
+    audit: object | None = None
+    drift: DriftMonitor = field(default_factory=lambda: DriftMonitor(None))
+    ready: bool = False
+    status: str = "starting"
+    detail: str | None = None
+    key_digests: list[bytes] = field(default_factory=list)
+    model_card: dict | None = None
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def key_fingerprint(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def error_body(status: int, code: str, message: str, request_id: str | None = None, field: str | None = None,
+               details=None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message}, "request_id": request_id}
+    if field:
+        body["error"]["field"] = field
+    if details:
+        body["error"]["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def load_served_predictor(target: Path, device: str):
+    """The predictor behind ``dermfusion serve TARGET``: a bundle, a training run (network: its fold bundles
+    averaged; tabular: its calibrated refit) or a directory holding RUN/bundle — ``bundle.resolve_run``."""
+    return load_run(target, device=device)
+
+
+def ready_analyzer(state: ServiceState) -> Analyzer:
+    if not state.ready or state.analyzer is None:
+        raise InputError(503, "not_ready", "the model is still loading; retry shortly"
+                         if state.status != "error" else f"the model failed to load ({state.detail})")
+    return state.analyzer
+
+
+def served_model_card(state: ServiceState) -> dict:
+    """The served model's card, built once (files only: cheap, but not per request)."""
+    if state.model_card is None:
+        an = ready_analyzer(state)
+        served = getattr(an.bundle, "path", None)
+        members = [m.bundle.path for m in getattr(an.predictor, "members", None) or []
+                   if getattr(getattr(m, "bundle", None), "path", None)]
+        if not served and not members:
+            raise InputError(404, "no_model_card", "the served model has no bundle directory to describe")
+        state.model_card = card_for_service(Path(served) if served else None, members)
+    return state.model_card
+
+
+def ensure_audit(state: ServiceState):
+    if state.audit is None:
+        try:
+            state.audit = AuditStore(state.config.audit.db_url)
+            log.info("audit store: %s", state.audit.describe())
+        except Exception as e:  # noqa: BLE001
+            log.error("audit store unavailable: %s", type(e).__name__)
+            if state.config.audit.required:
+                raise AuditUnavailable("the audit store cannot be reached") from None
+    return state.audit
+
+
+def write_audit(state: ServiceState, record: dict) -> None:
+    try:
+        store = ensure_audit(state)
+        if store is not None:
+            store.write(record)
+    except Exception as e:  # noqa: BLE001
+        log.error("audit write failed for request %s: %s", record.get("request_id"), type(e).__name__)
+        if state.config.audit.required:
+            raise AuditUnavailable("the analysis could not be recorded in the audit trail, so no result is "
+                                   "returned; retry shortly") from None
+
+
+def store_images(config: ServiceConfig, rid: str, images: dict) -> bool:
+    d = Path(config.audit.image_dir).expanduser() / datetime.utcnow().strftime("%Y%m%d")
+    d.mkdir(parents=True, exist_ok=True)
+    ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp"}
+    for m, (data, fmt) in images.items():
+        (d / f"{rid}_{m}.{ext.get(fmt, 'bin')}").write_bytes(data)
+    return True

@@ -1,0 +1,40 @@
+"""A fold's bundle: the trained network with its config, feature spec, preprocessing and (with
+``calibration.prior_adjustment: training_prior``) the training-prior calibration."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..bundle import write_bundle
+from ..data.manifest import targets
+from ..evaluation.calibration import fit_prior_adjustment, training_prior
+from .checkpoint import write_dir_atomic
+
+
+def write_fold_bundle(trainer, model, metrics: dict) -> Path:
+    """The fold's bundle (kind "network") for ``trainer`` (a ``FoldTrainer``) with ``model``'s weights."""
+    cfg = trainer.cfg
+    config = {"kind": "network", "task": trainer.task.name, "name": f"{cfg.name}_fold{trainer.fold}",
+              "model": {"name": cfg.model.name, **cfg.model_kwargs()},
+              "feature_spec": trainer.spec.to_dict(),
+              "preprocess": {m: p.to_dict() for m, p in trainer.preprocess.items()},
+              "experiment": cfg.model_dump(), "fold": trainer.fold}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    calibration = training_prior_calibration(trainer)
+    # written beside and renamed into place: a crash never leaves a half-written bundle
+    return write_dir_atomic(trainer.out / "bundle", lambda d: write_bundle(
+        d, config=config, metrics=metrics, calibration=calibration,
+        write_model=lambda m: save_file(state, str(m / "model.safetensors"))))
+
+
+def training_prior_calibration(trainer) -> dict | None:
+    """With ``calibration.prior_adjustment: training_prior`` every bundle — a full-data refit too, which has no
+    out-of-fold predictions to fit anything on — divides its probabilities by the class prior it was trained
+    under (the sampler's), the adjustment balanced accuracy calls for. Cross-validated runs refit the rest
+    of the calibration on OOF afterwards."""
+    if trainer.cfg.calibration.prior_adjustment != "training_prior":
+        return None
+    counts = targets(trainer.train_df, trainer.task).sum(axis=0)
+    return {"temperature": 1.0, "cuts": None,
+            "prior_adjustment": fit_prior_adjustment(training_prior(counts, trainer.cfg.train.sampler_power))}
