@@ -204,12 +204,16 @@ def _dotted(cfg: BaseModel, key: str) -> Any:
 
 
 def resolve_config_path(name: str | Path) -> Path:
+    """A YAML file path, or the name of a built-in config (``tiny_cpu``, ``ham10000_pretrained`` …). A directory of
+    the same name in the working directory does not shadow a built-in name."""
     p = Path(name)
-    if p.exists():
+    if p.is_file():
         return p
     for cand in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
-        if cand.exists():
+        if cand.is_file():
             return cand
+    if p.is_dir():
+        raise ConfigError(f"config {name} is a directory; pass a YAML file or a built-in config name")
     known = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
     raise ConfigError(f"config {name} not found (built-in configs: {known})")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -55,11 +56,17 @@ def browser():
         b.close()
 
 
+def _expect():
+    # locator assertions, not wait_for_function: the page's Content-Security-Policy forbids the eval that
+    # wait_for_function needs (it would fail with "EvalError: ... 'unsafe-eval' is not allowed")
+    return pytest.importorskip("playwright.sync_api").expect
+
+
 def _enter_key(page):
-    page.wait_for_function("document.getElementById('model-line').textContent.includes('API key')")
+    _expect()(page.locator("#model-line")).to_contain_text("API key")
     page.fill("#api-key", API_KEY)
     page.dispatch_event("#api-key", "change")
-    page.wait_for_function("document.getElementById('model-line').textContent.startsWith('Model ')")
+    _expect()(page.locator("#model-line")).to_have_text(re.compile(r"^Model "))
 
 
 def _drop_file(page, selector: str, path: Path, mime: str = "image/jpeg"):
@@ -145,3 +152,74 @@ def test_phone_viewport(server, browser, fixture_images, tmp_path):
     assert btn["height"] >= 44  # touch-sized
     _save_shot(page, tmp_path, "web_phone.png")
     ctx.close()
+
+
+def test_stale_result_is_cleared(server, browser, fixture_images):
+    """Issue 20, finding 12: a result never stays on screen beside inputs it was not computed from — it goes when
+    another image is chosen and when an analysis fails (a refused key, a busy server)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    _enter_key(page)
+
+    def analyse():
+        page.click("#submit")
+        page.wait_for_selector("#results:not([hidden])", timeout=30_000)
+        assert page.locator("#differential li").count() == 7
+
+    def assert_cleared():
+        assert page.locator("#results").is_hidden()
+        assert page.locator("#differential li").count() == 0 and page.locator("#heatmaps img").count() == 0
+        assert page.evaluate("document.getElementById('action').textContent") == ""
+        assert page.evaluate("document.getElementById('result-meta').textContent") == ""
+
+    page.set_input_files("#dermoscopic", str(fixture_images[0]))
+    page.fill("#age", "50")
+    analyse()
+    page.set_input_files("#dermoscopic", str(fixture_images[1]))  # another image chosen: the old result goes
+    assert_cleared()
+    analyse()
+    _drop_file(page, "#drop-dermoscopic", fixture_images[2])  # dropped in, too
+    assert_cleared()
+    analyse()
+
+    page.fill("#api-key", "not-the-key")  # the analysis fails (401): no result left from before
+    page.click("#submit")
+    _expect()(page.locator("#form-error")).to_contain_text("API key")
+    assert_cleared()
+    page.fill("#api-key", API_KEY)
+    page.dispatch_event("#api-key", "change")
+    analyse()
+    page.route("**/v1/analyze", lambda route: route.fulfill(
+        status=503, content_type="application/json", headers={"Retry-After": "2"},
+        body='{"error": {"code": "overloaded", "message": "server busy"}, "request_id": "x"}'))
+    page.click("#submit")  # the server is busy: same image, failed analysis
+    _expect()(page.locator("#form-error")).to_contain_text("busy")
+    assert_cleared()
+    assert errors == []
+    page.close()
+
+
+def test_docs_page_needs_nothing_from_outside(server, browser):
+    """Issue 20, finding 11: /docs renders from the package's Swagger UI with no request leaving the server and no
+    Content-Security-Policy violation."""
+    pytest.importorskip("swagger_ui_bundle", reason="the serve extra's swagger-ui-bundle-v2")
+    page = browser.new_page()
+    outside, console = [], []
+    page.on("console", lambda m: console.append(m.text))
+    page.on("pageerror", lambda e: console.append(str(e)))
+
+    def block(route):
+        outside.append(route.request.url)
+        route.abort()
+
+    page.route(lambda url: not url.startswith(server.url) and not url.startswith("data:"), block)
+    r = page.goto(server.url + "/docs")
+    assert r.status == 200 and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    page.wait_for_selector(".opblock", timeout=30_000)
+    assert page.locator(".opblock").count() >= 5  # the operations rendered
+    assert "/v1/analyze" in page.inner_text("body")
+    assert outside == []
+    assert not [m for m in console if "Content Security Policy" in m or "Refused" in m], console
+    page.close()

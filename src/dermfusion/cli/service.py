@@ -47,7 +47,8 @@ def serve_cmd(
     import uvicorn
 
     from ..bundle import resolve_run
-    from ..service.app import create_app
+    from ..service.app import create_app, server_options
+    from ..service.audit import describe_url
 
     over = {}
     if workers is not None:
@@ -62,9 +63,11 @@ def serve_cmd(
     auth = f"API key required ({len(cfg.auth.api_keys)} configured)" if cfg.auth.api_keys else "no authentication"
     err_console.print(f"[bold]dermfusion serve[/]: {bundle} on http://{host}:{port} — {auth}; "
                       f"{cfg.workers.workers} worker(s), queue {cfg.workers.queue_size}")
-    # uvicorn's own cap sits above ours, so our 503 (with Retry-After) is what clients normally see
-    uvicorn.run(web_app, host=host, port=port, log_level=log_level, timeout_keep_alive=5,
-                limit_concurrency=max(64, 4 * (cfg.workers.workers + cfg.workers.queue_size)))
+    err_console.print(f"audit trail: {describe_url(cfg.audit.db_url)}"
+                      + ("" if cfg.audit.required else " (not required)"), markup=False, highlight=False,
+                      soft_wrap=True)
+    # uvicorn's own cap sits far above ours, so our 503 (with Retry-After) is what clients see (server_options)
+    uvicorn.run(web_app, host=host, port=port, log_level=log_level, **server_options(cfg))
 
 
 def _row_metadata(row) -> tuple[dict, list[str]]:
@@ -175,7 +178,8 @@ def _json_default(o):
 
 
 def drift_cmd(
-    db: str = typer.Option(..., "--db", help="audit database URL, e.g. sqlite:///dermfusion_audit.db"),
+    db: Optional[str] = typer.Option(None, "--db", help="audit database URL (default: the service's — "
+                                     "DERMFUSION_AUDIT_DB_URL, else sqlite:///~/.local/share/dermfusion/audit.db)"),
     bundle: Path = typer.Option(..., "--bundle", help="the served bundle or run (a run: its first bundle) whose "
                                  "drift_reference.json is the baseline"),
     limit: int = typer.Option(500, help="most recent analyses to compare"),
@@ -196,6 +200,7 @@ def drift_cmd(
         except ValueError:
             fail(f"--since {since!r} is not an ISO date/time (e.g. 2025-01-31 or 2025-01-31T12:00)")
     # a run stands for its first bundle: the one whose hash and drift reference the service reports
+    db = db or _service_config(None).audit.db_url  # what `dermfusion serve` writes (DERMFUSION_AUDIT_DB_URL too)
     rep = drift_report(db, resolve_run(bundle)[0], limit=limit, since=since_dt)
     t = Table(title=f"drift: {rep['analyses']} audited analyses vs {bundle} reference")
     for c in ("signal", "PSI", "n", "level"):

@@ -9,7 +9,8 @@ Signals (one value per lesion):
 
 Per numeric signal the reference holds decile bin edges and the share of reference lesions in each bin; per
 categorical signal the class shares. The comparison (PSI, rolling window, audit-based report) is
-``service.drift``.
+``service.drift``. Beside the signals, ``quality_gate`` holds the lower-tail quantiles of the top calibrated
+probability (``evaluation.quality_gate.confidence_reference``): the service's "cannot assess" model check.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from PIL import Image
 
 from ..data.images import ImageError, read_image
 from ..data.manifest import IMAGE_COLUMNS
+from .quality_gate import confidence_reference
 
 REFERENCE_FILE = "drift_reference.json"
 FORMAT = 1
@@ -128,7 +130,8 @@ def compute_reference_stats(predictor, manifest_df, *, probs=None, bins: int = 1
             prior = dict(zip(classes, (y[ok].sum(0) / y[ok].sum()).tolist()))
     return {"format": FORMAT, "created_at": datetime.now(timezone.utc).isoformat(), "task": task.name,
             "n_lesions": int(len(df)), "unreadable_images": unreadable, "calibrated": calibrated,
-            "class_prior": prior, "signals": signals}
+            "class_prior": prior, "signals": signals,
+            "quality_gate": confidence_reference(probs) if len(probs) and calibrated else None}
 
 
 def write_reference_stats(bundle_dir: str | Path, stats: dict) -> Path:

@@ -50,9 +50,15 @@ class _Probe:
 
     def __init__(self, key: str, module: nn.Module, recorder: "_Recorder"):
         self.key, self.module, self.recorder = key, module, recorder
+        self.handles: list = []  # forward-hook handles; a deep copy's handles point at the copy's hooks
 
     def per_pass(self) -> int:
         return 0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 class _ViTProbe(_Probe):
@@ -67,9 +73,15 @@ class _ViTProbe(_Probe):
         grid = getattr(getattr(vit, "patch_embed", None), "grid_size", None)
         self.grid = tuple(int(g) for g in grid) if grid is not None else None
         self.global_pool = str(getattr(vit, "global_pool", "token") or "")
+        self.fused_before = [(mod, mod.fused_attn) for mod in attn_modules]
         for mod in attn_modules:
             mod.fused_attn = False  # the explicit path materialises the attention probabilities
-            mod.attn_drop.register_forward_hook(self._hook)
+            self.handles.append(mod.attn_drop.register_forward_hook(self._hook))
+
+    def remove(self) -> None:
+        super().remove()
+        for mod, fused in self.fused_before:
+            mod.fused_attn = fused
 
     def _hook(self, _mod, _inp, out):
         self.recorder.record(self.key, out.detach())
@@ -116,7 +128,7 @@ class _CNNProbe(_Probe):
 
     def __init__(self, key, module, recorder, target: nn.Module):
         super().__init__(key, module, recorder)
-        target.register_forward_hook(self._hook)
+        self.handles.append(target.register_forward_hook(self._hook))
 
     def _hook(self, _mod, _inp, out):
         if isinstance(out, (tuple, list)):
@@ -133,6 +145,9 @@ class _Recorder:
 
     def __init__(self):
         self._local = threading.local()
+
+    def __deepcopy__(self, memo) -> "_Recorder":  # a thread-local cannot be copied ("cannot pickle '_thread._local'")
+        return _Recorder()                           # a copy of an explained model gets fresh buffers of its own
 
     def start(self) -> None:
         self._local.records = {}
@@ -197,6 +212,14 @@ class Explainer:
             ex = cls(model)
         return ex
 
+    @staticmethod
+    def remove_from(model: nn.Module) -> None:
+        """Uninstall the explainer, if any, from ``model`` — a *copy* of an explained model (a fast backend's, an
+        export's), which must run as the plain model does: no hooks, fused attention back on."""
+        ex = model.__dict__.pop("_dermfusion_explainer", None)
+        for probe in (ex.probes.values() if ex is not None else ()):
+            probe.remove()
+
     def __init__(self, model: nn.Module):
         if getattr(model, "_dermfusion_explainer", None) is not None:
             raise ValueError("this model already has an Explainer; use Explainer.for_model(model)")
@@ -245,7 +268,7 @@ class Explainer:
             logits = out["logits"].float()
             probs = torch.softmax(logits, -1)
             return ExplainResult(logits, probs.cpu().numpy(), probs.argmax(-1).cpu().numpy(), {}, {},
-                                 fusion_contributions(out.get("attention"), model), out.get("attention"))
+                                 fusion_contributions(out.get("attention"), model, batch), out.get("attention"))
         batch = dict(batch)
         if self.needs_grad:
             batch["images"] = {m: x.detach().clone().requires_grad_(True) for m, x in batch["images"].items()}
@@ -315,7 +338,7 @@ class Explainer:
                 rows.append(_normalise(grid[r]) if grid is not None and bool(present[r, col]) else None)
             maps[m] = rows
         return ExplainResult(logits.detach(), probs.cpu().numpy(), target.cpu().numpy(), maps, methods,
-                             fusion_contributions(attention, model), attention)
+                             fusion_contributions(attention, model, batch), attention)
 
     def _forward(self, batch: dict) -> dict:
         try:

@@ -41,6 +41,7 @@ from torch import nn
 from .. import __version__
 from ..bundle import BundleError, read_bundle, resolve_one
 from ..errors import DermfusionError
+from ..explain.explainer import Explainer
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import load_network
 from ..models.fast_attention import fast_attention_
@@ -304,6 +305,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     # nn.MultiheadAttention (open_clip / DermLIP towers, our fusion) runs aten::_native_multi_head_attention in
     # eval mode, which no ONNX exporter supports: export a copy with the numerically equal SDPA form.
     graph_model = copy.deepcopy(model)
+    Explainer.remove_from(graph_model)  # an explained model's copy: no recording hooks, fused attention back on
     fast_attention_(graph_model)
     wrapper = OnnxFusionWrapper(graph_model, [s.name for s in specs]).eval()
     example = synthetic_batch(model, 2, seed=0)

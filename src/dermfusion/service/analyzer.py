@@ -2,9 +2,10 @@
 the audit record and the drift observation. Used by the API (in worker threads) and by
 ``dermfusion explain``.
 
-Steps: decode (safely, ``inputs``) → check which inputs the model uses → the model pass (``model_pass``: the
-networks' raw probabilities combined as the predictor combines them, then its one calibration; the first network
-explained) → triage → heat-map overlays at the original aspect ratio.
+Steps: decode (safely, ``inputs``) → check which inputs the model uses → the quality gate's image checks →
+the model pass (``model_pass``: the networks' raw probabilities combined as the predictor combines them, then its
+one calibration; the first network explained unless the gate already refused) → the gate's model check → triage
+(or ``cannot_assess``) → heat-map overlays at the original aspect ratio.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
-from ..evaluation.drift_reference import image_stats, observation
+from ..evaluation.drift_reference import image_stats, observation, read_reference_stats
 from ..explain import center_crop_box, overlay_heatmap, png_base64
 from ..explain.overlay import display_size
 from ..inference.predictor import Predictor
@@ -27,7 +28,7 @@ from .config import ServiceConfig
 from .inputs import InputError, Upload, decode_upload, public_metadata
 from .model_pass import ModelPass
 from .schemas import PatientMetadata
-from .triage import class_name, decide
+from .triage import QualityGate, cannot_assess, class_name, decide
 
 log = logging.getLogger("dermfusion.service")
 
@@ -55,6 +56,8 @@ class Analyzer:
         self.explainer = self.model_pass.explainer
         self.calibration = dict(self.bundle.calibration or {})
         self.calibrated = bool(self.calibration)
+        path = getattr(self.bundle, "path", None)
+        self.gate = QualityGate(self.config.quality, read_reference_stats(path) if path else None)
         self.ready = False
         self.backends: list[str] = []
 
@@ -63,14 +66,15 @@ class Analyzer:
     def model_ref(self) -> dict:
         b = self.bundle
         return {"name": b.name, "version": b.version or f"dermfusion {__version__}", "hash": b.content_hash,
-                "task": self.task.name, "kind": b.kind}
+                "task": self.task.name, "kind": b.kind, "members": self.model_pass.members}
 
     @property
     def can_explain(self) -> bool:
         return self.explainer is not None and self.config.explain.enabled
 
     def analyze(self, uploads: dict[str, Upload], metadata: PatientMetadata | None = None, *,
-                request_id: str = "local", explain: bool = True, client: str | None = None) -> Analysis:
+                request_id: str = "local", explain: bool = True, client: str | None = None,
+                quality_gate: bool = True) -> Analysis:
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         metadata = metadata or PatientMetadata()
@@ -116,13 +120,20 @@ class Analyzer:
         missing_images = [m for m in self.modalities if m not in used]
 
         t = time.perf_counter()
-        want_maps = explain and self.can_explain
+        findings, measures = self.gate.check_images(images) if quality_gate else ([], {})
+        timings["quality_ms"] = (time.perf_counter() - t) * 1000
+
+        t = time.perf_counter()
+        want_maps = explain and self.can_explain and not findings
         probs, maps, methods, contrib = self.model_pass.run(images, metadata_used, want_maps)
         timings["inference_ms"] = (time.perf_counter() - t) * 1000
         probs = np.clip(probs, 0.0, 1.0)
         probs = probs / probs.sum() if probs.sum() > 0 else probs
         task = self.task
+        findings += self.gate.check_model(probs) if quality_gate else []
         decision = decide(task, probs, self.config.triage, self.config.uncertainty, missing_images, missing_meta)
+        if findings:  # "cannot assess" overrules triage, and there is nothing to explain
+            decision, want_maps, contrib = cannot_assess(decision, findings), False, {}
 
         t = time.perf_counter()
         heatmaps = []
@@ -162,6 +173,8 @@ class Analyzer:
             "review_recommended": decision.review_recommended, "review_reasons": decision.review_reasons,
             "uncertainty": {"normalized_entropy": decision.normalized_entropy, "top_probability": decision.top_probability,
                             "margin": decision.margin},
+            "quality": {"assessable": not findings, "reasons": [{"code": c, "message": m} for c, m in findings],
+                        "measures": measures, "min_top_probability": self.gate.min_top_probability},
             "inputs": {"modalities_received": received, "modalities_used": used, "modalities_missing": missing_images,
                        "metadata_used": public_metadata(metadata_used), "metadata_missing": missing_meta,
                        "image_sha256": {m: uploads[m].sha256 for m in received},
@@ -175,6 +188,7 @@ class Analyzer:
         audit = {
             "request_id": request_id, "created_at": now, "model_name": self.bundle.name,
             "model_version": self.model_ref["version"], "model_hash": self.bundle.content_hash, "task": task.name,
+            "model_members": self.model_pass.members,  # every fold / member bundle, not only the first
             "input_hashes": {m: uploads[m].sha256 for m in received}, "input_stats": stats,
             "patient_metadata": metadata.model_dump(exclude_none=True),
             "outputs": {c: float(p) for c, p in zip(task.classes, probs)},
@@ -205,6 +219,7 @@ class Analyzer:
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
             uploads[m] = Upload(m, buf.getvalue(), "image/png")
-        self.analyze(uploads, PatientMetadata(), request_id="warmup", explain=True)
+        # noise would fail the quality gate; warm-up must run the full path, heat maps included
+        self.analyze(uploads, PatientMetadata(), request_id="warmup", explain=True, quality_gate=False)
         self.ready = True
         return time.perf_counter() - t

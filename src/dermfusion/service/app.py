@@ -27,14 +27,17 @@ from .. import __version__
 from ..evaluation.drift_reference import read_reference_stats
 from .analyzer import Analyzer
 from .config import ServiceConfig, load_service_config
+from .docs import add_docs
 from .drift import DriftMonitor
 from .handlers import install_handlers
+from .health import AuditKeeper
+from .integrity import BundleIntegrityError, verify_predictor, verify_served
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .pool import InferencePool
 from .routes import add_routes
 from .schemas import ErrorResponse
-from .state import ServiceState, digest, ensure_audit, load_served_predictor
+from .state import ServiceState, digest, load_served_predictor
 
 log = logging.getLogger("dermfusion.service")
 
@@ -53,12 +56,13 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
                                             config.workers.queue_timeout_s),
                          bundle_path=Path(bundle) if bundle else None, analyzer=analyzer)
     state.key_digests = [digest(k) for k in config.auth.api_keys if k]
+    state.audit_keeper = AuditKeeper(state)
 
     def load() -> None:
         try:
             if config.workers.torch_threads:
                 torch.set_num_threads(config.workers.torch_threads)
-            ensure_audit(state)
+            state.audit_keeper.start()  # never fatal: retried with backoff while /readyz says why
             if state.analyzer is None:
                 pred = predictor
                 if pred is None:
@@ -67,6 +71,7 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
                     pred = load_served_predictor(state.bundle_path, config.device)
                 state.analyzer = Analyzer(pred, config)
             an = state.analyzer
+            state.integrity = verify_predictor(an.predictor, state.verified)  # the hashes audited = verified
             ref = read_reference_stats(an.bundle.path) if an.bundle.path else None
             state.drift = DriftMonitor(ref, config.drift.window, config.drift.min_samples)
             ref_ = an.model_ref
@@ -76,6 +81,10 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
                 log.info("model %s (%s) loaded and warmed in %.2f s", ref_["name"], ref_["hash"][:12], secs)
             else:
                 an.ready = True
+            for i, name in enumerate(an.backends):
+                metrics.backend.labels(str(i), name).set(1)
+                metrics.backend_failures.labels(str(i)).set(
+                    (an.model_pass.backend_failures or [0] * len(an.backends))[i])
             state.ready, state.status, state.detail = True, "ready", None
             metrics.ready.set(1)
         except Exception as e:  # noqa: BLE001 — reported by /readyz instead of killing the process
@@ -87,6 +96,12 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
+        try:  # before anything is loaded or served: tampered files stop the start (uvicorn exits)
+            state.verified = await loop.run_in_executor(None, verify_served, state.bundle_path)
+        except BundleIntegrityError as e:
+            state.ready, state.status, state.detail = False, "error", f"BundleIntegrityError: {e}"
+            log.error("refusing to serve: %s", e)
+            raise
         if warm_in_background:
             app.state.loader = loop.run_in_executor(None, load)
         else:
@@ -95,10 +110,9 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
             yield
         finally:
             state.pool.shutdown()
-            if state.audit is not None:
-                state.audit.close()
+            state.audit_keeper.close()
 
-    app = FastAPI(title="dermfusion triage API", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="dermfusion triage API", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Multi-modal skin-lesion decision support: clinical and/or dermoscopic image + "
                               "metadata → calibrated differential, risk score, triage action, explanations. "
                               + config.disclaimer,
@@ -110,7 +124,17 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
     app.add_middleware(ServiceMiddleware, state=state)
     install_handlers(app, state)
     add_routes(app, state)
+    add_docs(app, app.title)  # Swagger UI from the package, not a CDN
     return app
+
+
+def server_options(config: ServiceConfig) -> dict:
+    """uvicorn settings for ``dermfusion serve`` (and tests that start a real server): its own connection cap
+    (a bare 503 without Retry-After, body unread) sits far above the service's admission limit
+    (``workers + queue_size``), so a busy client gets the service's drained 503 + Retry-After, not a reset."""
+    w = config.workers
+    return {"timeout_keep_alive": 5, "backlog": w.backlog,
+            "limit_concurrency": max(w.max_connections, 4 * (w.workers + w.queue_size))}
 
 
 def app_from_env() -> FastAPI:

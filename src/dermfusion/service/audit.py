@@ -4,14 +4,24 @@ A row says which model (name, version, content hash) saw which inputs (sha256 of
 bytes, validated structured metadata, image statistics — never the image itself and never free
 text), what it answered (probabilities, risk, action, review flags) and how long it took. That is
 enough to reproduce or contest any answer, and to compute drift later (``dermfusion drift``).
+
+SQLite runs with a rollback journal (``journal_mode=DELETE``, ``synchronous=FULL``, no memory mapping), not WAL:
+WAL keeps its index in a memory-mapped ``-shm`` file, and a fault on that file (unwritable, truncated, a full
+disk) arrives as SIGBUS and kills the process; through ordinary file I/O the same fault is an error (the request
+gets 503, ``/readyz`` turns 503). Audit writes are a few per second at most, so WAL's speed is not needed.
+``probe_write`` commits one heartbeat row (table ``dermfusion_audit_probe``): ``/readyz`` asks it, because a
+database that still answers ``SELECT 1`` may no longer accept a write.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, create_engine, event, select
+from sqlalchemy import (JSON, Boolean, DateTime, Float, Integer, String, create_engine, event, inspect, select,
+                        text, update)
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 TABLE = "dermfusion_audit"
@@ -30,6 +40,7 @@ class AuditRecord(_Base):
     model_name: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[str] = mapped_column(String(100))
     model_hash: Mapped[str] = mapped_column(String(64), index=True)
+    model_members: Mapped[list | None] = mapped_column(JSON, nullable=True)  # [{name, version, hash}] per member
     task: Mapped[str] = mapped_column(String(50))
     input_hashes: Mapped[dict] = mapped_column(JSON)        # {modality: sha256 of the uploaded bytes}
     input_stats: Mapped[dict] = mapped_column(JSON)         # {modality: {brightness, contrast, …}}
@@ -47,14 +58,42 @@ class AuditRecord(_Base):
     images_stored: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class AuditProbe(_Base):
+    """One heartbeat row, rewritten by ``AuditStore.probe_write`` (readiness = the store can commit a write)."""
+    __tablename__ = f"{TABLE}_probe"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 COLUMNS = [c.name for c in AuditRecord.__table__.columns]
 
 
 def _sqlite_pragmas(dbapi_conn, _record):
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA mmap_size=0")  # ordinary reads and writes: an I/O fault is an error code, never SIGBUS
+    mode = cur.execute("PRAGMA journal_mode=DELETE").fetchone()  # also turns a WAL database (old default) back
+    cur.execute("PRAGMA synchronous=FULL")
     cur.close()
+    if mode and str(mode[0]).lower() not in ("delete", "memory"):  # another process still holds it in WAL mode
+        raise RuntimeError(f"the SQLite audit database stays in {mode[0]} journal mode (another process has it "
+                           "open?); it must be in rollback-journal mode")
+
+
+def describe_url(url: str) -> str:
+    """A database URL with any password masked (safe to log and show)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """An audit table created by an older version lacks newer (nullable) columns: add them."""
+    have = {c["name"] for c in inspect(engine).get_columns(TABLE)}
+    with engine.begin() as conn:
+        for col in AuditRecord.__table__.columns:
+            if col.name not in have and col.nullable:
+                conn.execute(text(f"ALTER TABLE {TABLE} ADD COLUMN {col.name} "
+                                  f"{col.type.compile(dialect=engine.dialect)}"))
 
 
 class AuditStore:
@@ -79,6 +118,7 @@ class AuditStore:
         self._lock = threading.Lock() if u.get_backend_name() == "sqlite" else None
         if create:
             _Base.metadata.create_all(self.engine)
+            _add_missing_columns(self.engine)
 
     @property
     def backend(self) -> str:
@@ -86,18 +126,17 @@ class AuditStore:
 
     def describe(self) -> str:
         """The URL with any password masked (safe to log and show)."""
-        return self.engine.url.render_as_string(hide_password=True)
+        return describe_url(self.url)
+
+    def _locked(self):
+        return self._lock if self._lock is not None else contextlib.nullcontext()
 
     def write(self, record: dict) -> None:
         rec = dict(record)
         rec.setdefault("created_at", datetime.now(timezone.utc))
         obj = AuditRecord(**{k: v for k, v in rec.items() if k in COLUMNS and k != "id"})
-        if self._lock:
-            with self._lock, Session(self.engine) as s, s.begin():
-                s.add(obj)
-        else:
-            with Session(self.engine) as s, s.begin():
-                s.add(obj)
+        with self._locked(), Session(self.engine) as s, s.begin():
+            s.add(obj)
 
     def recent(self, limit: int = 500, since: datetime | None = None, model_hash: str | None = None) -> list[dict]:
         """Newest first."""
@@ -118,6 +157,19 @@ class AuditStore:
         from sqlalchemy import func
         with Session(self.engine) as s:
             return int(s.scalar(select(func.count()).select_from(AuditRecord)) or 0)
+
+    def probe_write(self) -> None:
+        """Commit one small write (the heartbeat row); raises when the store cannot write."""
+        now = datetime.now(timezone.utc)
+        for _ in range(2):  # two processes inserting the first row at once: the loser updates instead
+            try:
+                with self._locked(), Session(self.engine) as s, s.begin():
+                    done = s.execute(update(AuditProbe).where(AuditProbe.id == 1).values(checked_at=now)).rowcount
+                    if not done:
+                        s.add(AuditProbe(id=1, checked_at=now))
+                return
+            except IntegrityError:
+                continue
 
     def ping(self) -> bool:
         try:

@@ -9,6 +9,7 @@ Secrets can come from the environment instead of the file:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -63,10 +64,38 @@ class UncertaintyConfig(_Strict):
     review_on_missing_metadata: bool = True
 
 
+class QualityConfig(_Strict):
+    """The "cannot assess" gate (``evaluation.quality_gate``): an image that fails a check gets the action
+    ``cannot_assess`` ("image not assessable — retake") instead of a referral. Image cut-offs are on the centre
+    square the model sees (≤ 224 px, CIE L*a*b*); defaults were chosen on the 5,984 HAM10000 training images and
+    pass ≥ 99 % of the 1,512 ISIC 2018 test images (BENCHMARKS.md). The model check compares the top calibrated
+    probability with the served bundle's out-of-fold quantiles (``drift_reference.json``)."""
+
+    enabled: bool = True
+    min_colour_spread: float = Field(2.0, ge=0, description="blank / one colour: largest L*a*b* channel std below this")
+    max_dark_fraction: float = Field(0.90, ge=0, le=1, description="too dark: share of near-black pixels (L* < 15) above this")
+    max_bright_fraction: float = Field(0.60, ge=0, le=1, description="overexposed: share of clipped pixels (L* > 95) above this")
+    min_sharpness: float = Field(0.6, ge=0, description="too blurred: variance of the Laplacian of L* below this")
+    min_skin_fraction: float = Field(0.50, ge=0, le=1, description="not skin: share of the coloured pixels with a skin hue below this")
+    model_check: bool = Field(True, description="refuse when the model's top probability is below the OOF cut")
+    oof_rejection_rate: float = Field(0.0, ge=0, le=0.05, description=(
+        "share of the bundle's out-of-fold lesions the model check would have refused (0 = none: the cut is the "
+        "lowest top probability any of them had)"))
+    min_top_probability: Optional[float] = Field(None, ge=0, le=1, description=(
+        "a fixed cut instead of the bundle's out-of-fold one (needed for bundles without that reference)"))
+    min_reference_lesions: int = Field(100, ge=1, description="ignore an out-of-fold reference of fewer lesions")
+
+    def image_cuts(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("min_colour_spread", "max_dark_fraction", "max_bright_fraction",
+                                              "min_sharpness", "min_skin_fraction")}
+
+
 class LimitsConfig(_Strict):
     max_upload_bytes: int = Field(15 * 2**20, gt=0, description="per image file; larger → 413")
     max_request_bytes: int = Field(32 * 2**20, gt=0, description="whole request body; larger → 413")
     max_pixels: int = Field(40_000_000, gt=0, description="decoded pixels per image (decompression-bomb guard)")
+    max_side: int = Field(10_000, gt=0, description="pixels on the longer side; more → 413 (checked from the header)")
+    max_aspect_ratio: float = Field(5.0, ge=1, description="longer side / shorter side; more → 422 (from the header)")
     min_side: int = Field(16, ge=1, description="images smaller than this on either side are refused")
     allowed_content_types: list[str] = Field(
         default_factory=lambda: ["image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp"])
@@ -76,6 +105,13 @@ class WorkersConfig(_Strict):
     workers: int = Field(2, ge=1, description="analyses running at once (threads)")
     queue_size: int = Field(16, ge=0, description="analyses allowed to wait; beyond → 503 + Retry-After")
     queue_timeout_s: float = Field(30.0, gt=0, description="a queued analysis waiting longer gets 503")
+    request_timeout_s: float = Field(60.0, gt=0, description=(
+        "budget per analysis request from its first byte: a body still arriving after it → 408, an answer not "
+        "ready within it → 503 + Retry-After (nothing audited)"))
+    max_connections: int = Field(500, ge=1, description=(
+        "open connections uvicorn accepts (`dermfusion serve`); beyond, its bare 503 — keep it well above "
+        "workers + queue_size, so clients normally get the service's 503 + Retry-After"))
+    backlog: int = Field(2048, ge=1, description="connections waiting to be accepted by the listening socket")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
 
 
@@ -85,11 +121,31 @@ class AuthConfig(_Strict):
     protect_metrics: bool = False
 
 
+def user_data_dir(env: dict | None = None) -> Path:
+    """This user's dermfusion data folder: $XDG_DATA_HOME/dermfusion (else ~/.local/share/dermfusion); on Windows
+    %LOCALAPPDATA%\\dermfusion, on macOS ~/Library/Application Support/dermfusion."""
+    env = os.environ if env is None else env
+    if sys.platform == "win32" and env.get("LOCALAPPDATA"):
+        return Path(env["LOCALAPPDATA"]) / "dermfusion"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "dermfusion"
+    xdg = env.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"  # XDG: ignore relative
+    return base / "dermfusion"
+
+
+def default_audit_url() -> str:
+    """SQLite in the user's data folder (not the current directory): sqlite:///<data dir>/audit.db."""
+    return f"sqlite:///{user_data_dir() / 'audit.db'}"
+
+
 class AuditConfig(_Strict):
-    db_url: str = "sqlite:///dermfusion_audit.db"
+    db_url: str = Field(default_factory=default_audit_url, description=(
+        "SQLAlchemy URL; default sqlite:///$XDG_DATA_HOME/dermfusion/audit.db (~/.local/share/dermfusion/audit.db)"))
     required: bool = Field(True, description="fail the request (503) when the audit record cannot be written")
     store_images: bool = False
-    image_dir: str = "dermfusion_images"
+    image_dir: str = Field(default_factory=lambda: str(user_data_dir() / "images"),
+                           description="where store_images puts uploads (default: the data folder's images/)")
 
 
 class DriftConfig(_Strict):
@@ -107,6 +163,7 @@ class ExplainConfig(_Strict):
 class ServiceConfig(_Strict):
     triage: TriageConfig = Field(default_factory=TriageConfig)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -85,8 +85,11 @@ class DriftMonitor:
 
 
 def observations_from_audit(rows: list[dict]) -> list[dict]:
+    """Drift observations of audited analyses; "cannot assess" answers are left out (as in the live window)."""
     out = []
     for r in rows:
+        if r.get("action") == "cannot_assess":
+            continue
         obs = {f"{m}.{k}": v for m, st in (r.get("input_stats") or {}).items() for k, v in st.items()}
         if r.get("top_probability") is not None:
             obs["confidence"] = float(r["top_probability"])

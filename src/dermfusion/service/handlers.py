@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .docs import SECURITY_HEADERS
 from .inputs import InputError
 from .pool import Overloaded
 from .requests import clean_errors
@@ -56,5 +57,7 @@ def install_handlers(app: FastAPI, state: ServiceState) -> None:
     async def _internal(request: Request, exc: Exception):
         m.rejected.labels("internal_error").inc()
         log.error("internal error in request %s: %s", rid(request), type(exc).__name__, exc_info=exc)
+        # answered by the outermost error middleware, past ours: add the headers every response carries here
+        extra = {**SECURITY_HEADERS, **({"X-Request-ID": rid(request)} if rid(request) else {})}
         return error_body(500, "internal_error", "internal error; the request id identifies it in the server log",
-                          rid(request))
+                          rid(request), headers=extra)

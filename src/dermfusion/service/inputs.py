@@ -48,10 +48,19 @@ def decode_upload(up: Upload, lim: LimitsConfig) -> tuple[Image.Image, str]:
                          "upload a JPEG or PNG photo", up.modality) from None
     except Exception:  # noqa: BLE001 — any parser failure is the file's fault
         raise InputError(400, "invalid_image", f"{name}: corrupt or unreadable image", up.modality) from None
+    # every cost of decoding (pixels, each side, the intermediate buffers of a thin strip) is bounded here, from
+    # the header alone: PIL has read nothing but the header yet
     if w * h > lim.max_pixels:
         raise InputError(413, "decompression_bomb" if len(up.data) < w * h // 100 else "too_many_pixels",
                          f"{name}: {w}×{h} = {w * h:,} pixels exceeds the limit of {lim.max_pixels:,} "
                          "(possible decompression bomb); downscale the image", up.modality)
+    if max(w, h) > lim.max_side:
+        raise InputError(413, "image_too_large", f"{name}: {w}×{h} exceeds the limit of {lim.max_side:,} px per "
+                         "side; downscale the image", up.modality)
+    if min(w, h) and max(w, h) / min(w, h) > lim.max_aspect_ratio:
+        raise InputError(422, "bad_aspect_ratio", f"{name}: {w}×{h} is too elongated (aspect ratio above "
+                         f"{lim.max_aspect_ratio:g}); upload a photo of the lesion, cropped roughly square",
+                         up.modality)
     if min(w, h) < lim.min_side:
         raise InputError(422, "image_too_small", f"{name}: {w}×{h} is too small (min {lim.min_side} px per side)",
                          up.modality)

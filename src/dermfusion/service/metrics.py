@@ -14,6 +14,8 @@ def endpoint_label(path: str) -> str:
         return path
     if path.startswith("/static/"):
         return "/static"
+    if path.startswith("/docs/"):
+        return "/docs"
     return "other"
 
 
@@ -37,6 +39,8 @@ class Metrics:
         self.risk = Histogram("dermfusion_risk_score", "risk score (0-100)",
                               buckets=(5, 10, 15, 20, 30, 40, 50, 60, 80, 100), registry=r)
         self.rejected = Counter("dermfusion_rejected_total", "requests refused, by error code", ["code"], registry=r)
+        self.cannot_assess = Counter("dermfusion_cannot_assess_total", "analyses answered 'cannot assess', by reason "
+                                     "(evaluation.quality_gate.REASONS)", ["reason"], registry=r)
         self.in_flight = Gauge("dermfusion_analyses_in_flight", "analyses running or queued", registry=r)
         self.drift = Gauge("dermfusion_input_drift_psi", "population stability index vs the bundle reference",
                            ["signal"], registry=r)
@@ -44,6 +48,13 @@ class Metrics:
         self.model_info = Gauge("dermfusion_model_info", "the loaded model (value 1)",
                                 ["name", "version", "hash", "task"], registry=r)
         self.ready = Gauge("dermfusion_ready", "1 when the model is loaded and warmed", registry=r)
+        self.audit_writable = Gauge("dermfusion_audit_writable", "1 when the audit store took the last probe write "
+                                    "(/readyz)", registry=r)
+        self.backend = Gauge("dermfusion_backend", "inference backend of each network member (value 1)",
+                             ["member", "backend"], registry=r)
+        self.backend_failures = Gauge("dermfusion_backend_failures", "fast backends that failed to build or run "
+                                      "at start-up, per network member (it runs on a slower one)", ["member"],
+                                      registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,7 +1,10 @@
 """The ASGI middleware in front of every route: request id, authentication and the body-size cap *before* a body
-is read, the cheap overload refusal, latency / status metrics and a privacy-safe log line."""
+is read, admission of analyses (at most ``workers + queue_size`` in; beyond, a cheap 503 + Retry-After before the
+body is read), the body's arrival within the request's time budget (else 408), latency / status metrics and a
+privacy-safe log line."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -10,6 +13,7 @@ import uuid
 
 from fastapi.responses import Response
 
+from .docs import with_security_headers
 from .metrics import endpoint_label
 from .state import ServiceState, digest, error_body, key_fingerprint
 
@@ -30,8 +34,10 @@ class ServiceMiddleware:
         t0 = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         rid = headers.get("x-request-id", "")
-        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        supplied = bool(_REQUEST_ID.match(rid))
+        rid = rid if supplied else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        scope["state"]["request_id_supplied"] = supplied  # a client's id must be new (routes: 409 on reuse)
         scope["state"]["t0"] = t0
         path, method = scope.get("path", ""), scope.get("method", "GET")
         label = endpoint_label(path)
@@ -41,7 +47,8 @@ class ServiceMiddleware:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                message["headers"] = with_security_headers(list(message["headers"]) + [(b"x-request-id", rid.encode())],
+                                                           path)
             await send(message)
 
         async def respond(resp: Response):
@@ -76,37 +83,45 @@ class ServiceMiddleware:
                             415, "unsupported_media_type",
                             f"send multipart/form-data with image file fields 'clinical' and/or 'dermoscopic' and an "
                             f"optional 'metadata' JSON field (got content type {ctype.split(';')[0] or 'none'!r})", rid))
-                if path == "/v1/analyze" and st.ready and st.pool.pending >= st.pool.capacity:
-                    # refuse before parsing anything: under overload a refusal must be cheap
-                    while (await receive()).get("more_body", False):
-                        pass  # drain (not buffered) so the connection stays usable
+                budget = cfg.workers.request_timeout_s
+                admitted = path == "/v1/analyze"
+                if admitted and not st.pool.try_admit():
+                    # refuse before reading anything: under overload a refusal must be cheap — the body is drained
+                    # (not kept) so the client reads a 503 + Retry-After instead of a reset connection
+                    try:
+                        await asyncio.wait_for(_drain(receive), budget)
+                    except asyncio.TimeoutError:
+                        pass
                     st.metrics.rejected.labels("overloaded").inc()
                     return await respond(error_body(
-                        503, "overloaded", f"server busy: {st.pool.pending} analyses running or queued (limit "
+                        503, "overloaded", f"server busy: {st.pool.admitted} analyses running or queued (limit "
                         f"{st.pool.capacity}); retry after the Retry-After interval", rid,
                         headers={"Retry-After": str(st.pool.retry_after())}))
-                chunks, total = [], 0
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
+                try:
+                    left = max(0.0, budget - (time.perf_counter() - t0))
+                    try:  # the body must arrive within the request's time budget (no slow-loris slot holding)
+                        body = await asyncio.wait_for(_read_body(receive, limit), left)
+                    except asyncio.TimeoutError:
+                        st.metrics.rejected.labels("request_timeout").inc()
+                        return await respond(error_body(408, "request_timeout", f"the request body did not arrive "
+                                                        f"within {budget:g} s", rid, headers={"Connection": "close"}))
+                    if body is None:  # the client went away
                         return
-                    body = msg.get("body", b"")
-                    total += len(body)
-                    if total > limit:
+                    if len(body) > limit:
                         st.metrics.rejected.labels("payload_too_large").inc()
                         return await respond(error_body(413, "payload_too_large",
                                                         f"request body exceeds the limit of {limit:,} bytes", rid))
-                    chunks.append(body)
-                    if not msg.get("more_body", False):
-                        break
-                buffered = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                    buffered = [{"type": "http.request", "body": body, "more_body": False}]
 
-                async def replay():
-                    if buffered:
-                        return buffered.pop()
-                    return await receive()
+                    async def replay():
+                        if buffered:
+                            return buffered.pop()
+                        return await receive()
 
-                return await self.app(scope, replay, send_wrapper)
+                    return await self.app(scope, replay, send_wrapper)
+                finally:
+                    if admitted:
+                        st.pool.leave()
             return await self.app(scope, receive, send_wrapper)
         finally:
             dt = time.perf_counter() - t0
@@ -115,3 +130,24 @@ class ServiceMiddleware:
             st.metrics.requests.labels(label, str(status)).inc()
             if label not in ("/metrics", "/healthz", "/readyz", "/static"):
                 log.info("request %s %s %s -> %d in %.1f ms", rid, method, label, status, dt * 1000)
+
+
+async def _drain(receive) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+            return
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole body (None if the client disconnected); stops reading once past ``limit`` (the caller refuses)."""
+    chunks, total = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return None
+        body = msg.get("body", b"")
+        total += len(body)
+        chunks.append(body)
+        if total > limit or not msg.get("more_body", False):
+            return b"".join(chunks)

@@ -42,6 +42,9 @@ class ModelPass:
             self.weights = np.array([w for w, _ in mix], dtype=np.float64)
         else:
             self.networks, self.weights = [], np.zeros(0)
+        self.members = members_of(predictor)
+        self.backend_warnings: list[str] = []
+        self.backend_failures: list[int] = []
         primary = self.networks[0] if self.networks else None
         if primary is not None:
             self.modalities = list(primary.spec.modalities)
@@ -106,14 +109,22 @@ class ModelPass:
         """Each network's inference backend: ``auto`` = the fastest whose probabilities on the bundled real
         HAM10000 sample match fp32 eager (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %), else fp32; ``trained`` = as
         validated in training; any other name is used as given."""
-        chosen = []
-        for net in self.networks:
+        chosen, self.backend_warnings, self.backend_failures = [], [], []
+        for i, net in enumerate(self.networks):
             sample = sample_frame(net.spec)
+            failed = []
             if name == "auto":
                 net.choose_backend(sample)
                 log.info("backend check: %s", selection_text(net.selection, net.backend))
+                failed = [rec for rec in net.selection or [] if rec.get("error")]  # faults, not accuracy refusals
             elif name != "trained":
                 net.use_backend(name, sample)
+            for rec in failed:  # never silent: logged, in /readyz and in dermfusion_backend_failures
+                reason = (str(rec.get("reason", "")).splitlines() or ["failed"])[0][:200]
+                msg = f"member {i} ({net.bundle.name}): backend {rec['name']} failed ({reason}); using {net.backend}"
+                log.warning("backend fallback: %s", msg)
+                self.backend_warnings.append(msg)
+            self.backend_failures.append(len(failed))
             chosen.append(net.backend)
         if chosen:
             log.info("inference backend: %s", ", ".join(sorted(set(chosen))))
@@ -131,6 +142,25 @@ def sample_frame(spec, n: int = 32) -> pd.DataFrame:
         if c not in df.columns:
             df[c] = float("nan")
     return df
+
+
+def members_of(predictor) -> list[dict]:
+    """Every bundle whose output goes into the answer — each fold of a run, each member of an ensemble or stack,
+    or the one bundle — as ``{"name", "version", "hash"}``, in the predictor's order (recorded in every audit row)."""
+    out: list[dict] = []
+
+    def walk(p):
+        members = getattr(p, "members", None)
+        if members:
+            for m in members:
+                walk(m)
+            return
+        b = getattr(p, "bundle", None)
+        if b is not None:
+            out.append({"name": b.name, "version": b.version, "hash": b.content_hash})
+
+    walk(predictor)
+    return out
 
 
 def inputs_of(predictor) -> tuple[list[str], list[str], list[str]]:

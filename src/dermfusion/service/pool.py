@@ -27,6 +27,7 @@ class InferencePool:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dermfusion-infer")
         self._sem: asyncio.Semaphore | None = None
         self.pending = 0            # running + waiting (only touched on the event loop)
+        self.admitted = 0           # analysis requests let in by the middleware and not yet answered
         self.running = 0
         self._avg_s = 0.5           # running mean of service time, for Retry-After
 
@@ -35,8 +36,19 @@ class InferencePool:
         return self.workers + self.queue_size
 
     def retry_after(self) -> int:
-        waiting = max(0, self.pending - self.workers)
+        waiting = max(0, max(self.pending, self.admitted) - self.workers)
         return max(1, math.ceil((waiting + 1) * self._avg_s / self.workers))
+
+    def try_admit(self) -> bool:
+        """Let one more analysis request in (before its body is read) unless ``capacity`` are in already: the
+        bound on bodies held in memory and on work queued. Pair with ``leave`` (event loop only)."""
+        if self.admitted >= self.capacity:
+            return False
+        self.admitted += 1
+        return True
+
+    def leave(self) -> None:
+        self.admitted -= 1
 
     async def run(self, fn: Callable[[], T]) -> tuple[T, float]:
         """Run ``fn`` in a worker thread; returns (result, seconds waited in the queue)."""

@@ -1,5 +1,6 @@
-"""Reading a request's parts into checked inputs: an uploaded image (content type, size) and the metadata JSON
-(parsed and validated, errors reported without echoing the input)."""
+"""Reading a request's parts into checked inputs: the form's fields (each known, each at most once), an uploaded
+image (content type, size) and the metadata JSON (size and nesting bounded before parsing, then validated) —
+errors reported without echoing the input."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,30 @@ import json
 from fastapi import UploadFile
 from pydantic import ValidationError
 
+from ..tasks import MODALITIES
 from .config import ServiceConfig
 from .inputs import InputError, Upload
-from .schemas import PatientMetadata
+from .schemas import MONET_CONCEPTS, PatientMetadata
 
 MAX_METADATA_CHARS = 16_384
+MAX_METADATA_DEPTH = 8          # the schema needs 3 ({"concepts": {"dermoscopic": {name: score}}})
 FORM_FIELDS = {"clinical", "dermoscopic", "metadata"}
+# the only parts of an error location that may be shown back: names the API defines, never the client's own keys
+_SAFE_LOC = (set(PatientMetadata.model_fields) | set(MODALITIES) | FORM_FIELDS | set(MONET_CONCEPTS)
+             | {"query", "header", "path", "explain", "format"})
+
+
+def check_form(form) -> None:
+    """Every field of the multipart form known and sent at most once — a second copy never silently wins."""
+    keys = [k for k, _ in form.multi_items()]
+    unknown = {k for k in keys if k not in FORM_FIELDS}
+    if unknown:
+        raise InputError(422, "unknown_field", f"{len(unknown)} unknown form field(s); expected 'clinical', "
+                         "'dermoscopic' (image files) and 'metadata' (JSON)")
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise InputError(422, "duplicate_field", f"form field(s) {', '.join(repr(k) for k in repeated)} sent more "
+                         "than once; send each at most once", repeated[0])
 
 
 async def read_upload(modality: str, up: UploadFile, config: ServiceConfig) -> Upload:
@@ -29,21 +48,50 @@ async def read_upload(modality: str, up: UploadFile, config: ServiceConfig) -> U
     return Upload(modality, data, ctype)
 
 
-def parse_metadata(raw: str | None) -> PatientMetadata:
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays / objects in JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_metadata(raw: str | None, concepts: frozenset[str] | None = None) -> PatientMetadata:
+    """The metadata field as validated ``PatientMetadata``; ``concepts``: the concept names accepted
+    (``schemas.known_concepts``), None = any well-formed name."""
     if raw is None or not raw.strip():
         return PatientMetadata()
     if len(raw) > MAX_METADATA_CHARS:
         raise InputError(422, "invalid_metadata", f"metadata is longer than {MAX_METADATA_CHARS} characters", "metadata")
+    if json_depth(raw) > MAX_METADATA_DEPTH:
+        raise InputError(422, "invalid_metadata", f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep "
+                         "(a flat object with a 'concepts' object of per-image scores is expected)", "metadata")
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
         raise InputError(422, "invalid_metadata", f"metadata is not valid JSON ({e.msg} at position {e.pos})",
                          "metadata") from None
+    except RecursionError:  # the depth check above makes this unreachable; kept as the last line of defence
+        raise InputError(422, "invalid_metadata", "metadata is nested too deeply", "metadata") from None
     if not isinstance(obj, dict):
         raise InputError(422, "invalid_metadata", "metadata must be a JSON object, e.g. {\"age\": 55, \"site\": \"trunk\"}",
                          "metadata")
     try:
-        return PatientMetadata.model_validate(obj)
+        return PatientMetadata.model_validate(obj, context={"concepts": concepts} if concepts is not None else None)
     except ValidationError as e:
         details = clean_errors(e.errors())
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
@@ -51,10 +99,12 @@ def parse_metadata(raw: str | None) -> PatientMetadata:
 
 
 def clean_errors(errors) -> list[dict]:
-    """Pydantic errors without the offending input echoed back (it may be anything)."""
+    """Pydantic / FastAPI errors without the offending input echoed back (it may be anything): no ``input``, and
+    of the location only the names the API defines (a client's own key is shown as ``*``)."""
     out = []
     for e in errors:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",))
+        loc = ".".join(str(x) if isinstance(x, int) or x in _SAFE_LOC else "*" for x in e.get("loc", ())
+                       if x != "body")
         msg = e.get("msg", "invalid")
         msg = msg.removeprefix("Value error, ")
         out.append({"field": loc or "metadata", "message": msg, "type": e.get("type", "")})

@@ -14,19 +14,20 @@ from fastapi.staticfiles import StaticFiles
 
 from ..card import render_html, render_markdown
 from ..tasks import MODALITIES
+from .guards import Ticket, request_id_claim, run_within
 from .inputs import InputError, Upload
-from .requests import FORM_FIELDS, parse_metadata, read_upload
-from .schemas import AnalyzeResponse, ErrorResponse, Health, ModelInfo
+from .requests import check_form, parse_metadata, read_upload
+from .schemas import AnalyzeResponse, ErrorResponse, Health, ModelInfo, known_concepts
 from .state import ServiceState, ready_analyzer, served_model_card, store_images, write_audit
-from .triage import class_name
+from .triage import CANNOT_ASSESS, class_name
 
 WEB_DIR = Path(__file__).parent / "web"
 
 
 def add_routes(app: FastAPI, state: ServiceState) -> None:
     config, metrics = state.config, state.metrics
-    api_key = APIKeyHeader(name=config.auth.header, auto_error=False,
-                           description="required when the service is configured with API keys")
+    api_key = APIKeyHeader(name=config.auth.header, auto_error=False, description="this service's API key")
+    auth = [Security(api_key)] if state.key_digests else []  # declared in OpenAPI only when it is enforced
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz():
@@ -35,13 +36,18 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
 
     @app.get("/readyz", response_model=Health, responses={503: {"model": Health}}, tags=["operations"])
     async def readyz():
-        """Readiness: model loaded and warmed, audit store reachable."""
+        """Readiness: model loaded and warmed, and the audit store takes a write (a committed probe row).
+        ``warnings``: e.g. a fast inference backend that failed at start-up."""
+        warnings = list(state.analyzer.model_pass.backend_warnings) if state.analyzer is not None else []
         if not state.ready:
-            return JSONResponse({"status": state.status, "ready": False, "detail": state.detail}, status_code=503)
-        if config.audit.required and (state.audit is None or not await asyncio.to_thread(state.audit.ping)):
-            return JSONResponse({"status": "degraded", "ready": False, "detail": "audit store unreachable"},
+            return JSONResponse({"status": state.status, "ready": False, "detail": state.detail,
+                                 "warnings": warnings}, status_code=503)
+        writable, why = await asyncio.to_thread(state.audit_keeper.check)
+        metrics.audit_writable.set(1 if writable else 0)
+        if config.audit.required and not writable:
+            return JSONResponse({"status": "degraded", "ready": False, "detail": why, "warnings": warnings},
                                 status_code=503)
-        return {"status": "ready", "ready": True}
+        return {"status": "ready", "ready": True, "warnings": warnings + ([why] if why else [])}
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics_endpoint():
@@ -54,7 +60,7 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
-    @app.get("/v1/model", response_model=ModelInfo, tags=["analysis"], dependencies=[Security(api_key)],
+    @app.get("/v1/model", response_model=ModelInfo, tags=["analysis"], dependencies=auth,
              responses={503: {"model": ErrorResponse}})
     async def model_info():
         """The loaded model: task, classes, version, calibration, thresholds."""
@@ -68,6 +74,7 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             "metadata_fields": an.metadata_fields, "concepts": an.concepts,
             "calibration": an.calibration, "calibrated": an.calibrated,
             "thresholds": config.triage.model_dump(), "uncertainty": config.uncertainty.model_dump(),
+            "quality": an.gate.describe(),
             "limits": {k: v for k, v in config.limits.model_dump().items()},
             "explanations": an.can_explain, "drift_reference": state.drift.enabled,
             "auth_required": bool(state.key_digests), "backends": an.backends, "disclaimer": config.disclaimer,
@@ -77,7 +84,7 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
                             "description": "the model card (JSON by default)"},
                       404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
-    @app.get("/v1/model-card", tags=["analysis"], dependencies=[Security(api_key)], responses=card_responses)
+    @app.get("/v1/model-card", tags=["analysis"], dependencies=auth, responses=card_responses)
     async def model_card(format: str = Query("json", pattern="^(json|html|md)$",
                                              description="json (default), html (a self-contained page) or md")):
         """The model card of the served model: details, intended use, training data, metrics with 95% CIs,
@@ -91,16 +98,24 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             return Response(render_markdown(card), media_type="text/markdown; charset=utf-8")
         return Response(render_html(card), media_type="text/html; charset=utf-8")
 
-    @app.get("/v1/model-card.html", tags=["analysis"], dependencies=[Security(api_key)],
+    @app.get("/v1/model-card.html", tags=["analysis"], dependencies=auth,
              response_class=Response, responses=card_responses)
     async def model_card_html():
         """The model card as one self-contained HTML page (same as ``/v1/model-card?format=html``)."""
         return await model_card("html")
 
-    @app.post("/v1/analyze", response_model=AnalyzeResponse, tags=["analysis"], dependencies=[Security(api_key)],
-              responses={400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                         415: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-                         503: {"model": ErrorResponse, "description": "busy (Retry-After) or not ready"}})
+    one_image = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "anyOf": [{"required": ["clinical"]}, {"required": ["dermoscopic"]}],
+        "description": "at least one of the image files 'clinical' and 'dermoscopic'; each field at most once"}}}}}
+
+    @app.post("/v1/analyze", response_model=AnalyzeResponse, tags=["analysis"], dependencies=auth,
+              openapi_extra=one_image,
+              form_limits={"max_files": 16, "max_fields": 16, "max_part_size": config.limits.max_request_bytes},
+              responses={400: {"model": ErrorResponse}, 408: {"model": ErrorResponse},
+                         409: {"model": ErrorResponse, "description": "X-Request-ID already used"},
+                         413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                         503: {"model": ErrorResponse, "description": "busy, over the time budget (Retry-After) "
+                                                                     "or not ready"}})
     async def analyze(
         request: Request,
         clinical: Optional[UploadFile] = File(None, description="clinical close-up photo (JPEG, PNG, WebP, TIFF)"),
@@ -113,17 +128,13 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         """Analyse one lesion: at least one image; metadata optional."""
         rid = request.state.request_id
         an = ready_analyzer(state)
-        form = await request.form()
-        unknown = sorted(set(form.keys()) - FORM_FIELDS)
-        if unknown:
-            raise InputError(422, "unknown_field", f"unknown form field(s) {', '.join(repr(u[:40]) for u in unknown)}; "
-                             "expected 'clinical', 'dermoscopic' (image files) and 'metadata' (JSON)", unknown[0][:40])
+        check_form(await request.form())  # parsed already (cached): only known fields, each at most once
         uploads: dict[str, Upload] = {}
         for modality, up in (("clinical", clinical), ("dermoscopic", dermoscopic)):
             if up is None:
                 continue
             uploads[modality] = await read_upload(modality, up, config)
-        meta = parse_metadata(metadata)
+        meta = parse_metadata(metadata, known_concepts(an.concepts))
         if not uploads:
             raise InputError(400, "no_image", "no image: upload at least one image file as form field "
                              + " or ".join(f"'{m}'" for m in MODALITIES)
@@ -131,8 +142,14 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         t_req = request.state.t0
         client = getattr(request.state, "client", None)
 
+        ticket = Ticket()
+
         def work():
+            if ticket.abandoned:  # a worker came free only after the budget was spent
+                return None
             analysis = an.analyze(uploads, meta, request_id=rid, explain=explain, client=client)
+            if not ticket.commit():  # the client has its 503 already: record nothing
+                return None
             t = time.perf_counter()
             stored = store_images(config, rid, analysis.images) if analysis.images else False
             analysis.audit["images_stored"] = stored
@@ -141,19 +158,26 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             analysis.response["timings_ms"]["audit_ms"] = round((time.perf_counter() - t) * 1000, 2)
             return analysis
 
-        analysis, waited = await state.pool.run(work)
+        budget = config.workers.request_timeout_s
+        async with request_id_claim(state, rid, getattr(request.state, "request_id_supplied", False)):
+            analysis, waited = await run_within(state.pool, work, ticket, budget - (time.perf_counter() - t_req),
+                                                budget)
         resp = analysis.response
         resp["timings_ms"]["queue_ms"] = round(waited * 1000, 2)
         resp["timings_ms"]["total_ms"] = round((time.perf_counter() - t_req) * 1000, 2)
         metrics.queue_wait.observe(waited)
         metrics.inference.observe(resp["timings_ms"].get("analysis_ms", 0) / 1000)
-        metrics.predictions.labels(resp["primary_diagnosis"]["code"]).inc()
         metrics.actions.labels(resp["action"]).inc()
-        metrics.confidence.observe(resp["uncertainty"]["top_probability"])
-        metrics.risk.observe(resp["risk_score"])
-        if resp["review_recommended"]:
-            metrics.reviews.inc()
-        state.drift.observe(analysis.observation)
+        if resp["action"] == CANNOT_ASSESS:  # counted by reason; kept out of the prediction and drift figures
+            for reason in sorted({r["code"] for r in resp["quality"]["reasons"]}):
+                metrics.cannot_assess.labels(reason).inc()
+        else:
+            metrics.predictions.labels(resp["primary_diagnosis"]["code"]).inc()
+            metrics.confidence.observe(resp["uncertainty"]["top_probability"])
+            metrics.risk.observe(resp["risk_score"])
+            if resp["review_recommended"]:
+                metrics.reviews.inc()
+            state.drift.observe(analysis.observation)
         return resp
 
     @app.get("/", include_in_schema=False)

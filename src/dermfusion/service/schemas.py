@@ -7,12 +7,30 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..data.features import AGE_RANGE, MISSING_TOKENS, SITE_ALIASES, SITES, canonical_site
+from ..evaluation.quality_gate import REASONS
 from ..tasks import MODALITIES
 
-Action = Literal["monitor", "routine_referral", "urgent_referral"]
+Action = Literal["monitor", "routine_referral", "urgent_referral", "cannot_assess"]
+
+
+# the MONET concepts of MILK10k (``MONET_<name>`` columns): with the served model's own concept names, the only
+# concept names a request may carry, so no free text reaches the audit trail through them
+MONET_CONCEPTS = ("ulceration_crust", "hair", "vessels", "erythema", "pigmented",
+                  "gel_water_drop_fluid_dermoscopy_liquid", "skin_markings_pen_ink_purple_pen")
+
+
+def known_concepts(model_concepts=()) -> frozenset[str]:
+    """Concept names a request may send: the MONET set and those of the model's ``concept_<modality>_<name>``
+    columns — the enumeration ``PatientMetadata`` checks names against (validation context ``concepts``)."""
+    names = set(MONET_CONCEPTS)
+    for col in model_concepts:
+        for m in MODALITIES:
+            if col.startswith(f"concept_{m}_"):
+                names.add(col[len(f"concept_{m}_"):])
+    return frozenset(names)
 
 
 class _Model(BaseModel):
@@ -74,25 +92,28 @@ class PatientMetadata(_Model):
             return None
         site = canonical_site(v)
         if not site:
-            raise ValueError(f"unknown site {v[:40]!r}; use one of: {', '.join(SITES)}")
+            raise ValueError(f"unknown site; use one of: {', '.join(SITES)}")  # the input is never echoed
         return site
 
     @field_validator("concepts")
     @classmethod
-    def _concepts(cls, v):
+    def _concepts(cls, v, info: ValidationInfo):
         if v is None:
             return None
+        known = (info.context or {}).get("concepts")  # the service passes known_concepts(model's)
         out = {}
         for modality, scores in v.items():
             if modality not in MODALITIES:
-                raise ValueError(f"concept scores are keyed by image type ({', '.join(MODALITIES)}), got {modality[:40]!r}")
+                raise ValueError(f"concept scores are keyed by image type ({', '.join(MODALITIES)})")
             clean = {}
             for name, score in scores.items():
                 key = name.strip().lower().removeprefix("monet_").replace(" ", "_").replace("-", "_")
                 if not key or not all(ch.isalnum() or ch == "_" for ch in key) or len(key) > 64:
-                    raise ValueError(f"invalid concept name {name[:40]!r}")
+                    raise ValueError(f"invalid concept name in {modality} (letters, digits and _ only)")
+                if known is not None and key not in known:
+                    raise ValueError(f"unknown concept name in {modality}; known: {', '.join(sorted(known))}")
                 if not 0.0 <= score <= 1.0:
-                    raise ValueError(f"concept score {modality}.{key} = {score} is outside [0, 1]")
+                    raise ValueError(f"concept score {modality}.{key} is outside [0, 1]")
                 clean[key] = float(score)
             out[modality] = clean
         return out
@@ -137,15 +158,32 @@ class ClassProbability(_Model):
 class ModelRef(_Model):
     name: str
     version: str
-    hash: str
+    hash: str = Field(..., description="content hash of the served bundle (a run: its first fold's)")
     task: str
     kind: str
+    members: list[dict] = Field(default_factory=list, description=(
+        "every bundle whose output goes into the answer (each fold of a run, each ensemble member): name, "
+        "version, hash — recorded in every audit row"))
 
 
 class Uncertainty(_Model):
     normalized_entropy: float = Field(..., description="entropy / ln(number of classes), 0 = certain, 1 = uniform")
     top_probability: float
     margin: float = Field(..., description="top − second probability")
+
+
+class QualityReason(_Model):
+    code: Literal[tuple(REASONS)]  # type: ignore[valid-type]  # blank, underexposed, …, model_unsure
+    message: str = Field(..., description="e.g. 'dermoscopic image: image too blurred (sharpness 0.4 < 2)'")
+
+
+class QualityReport(_Model):
+    assessable: bool = Field(..., description="false → action is cannot_assess: image not assessable, retake it")
+    reasons: list[QualityReason] = Field(default_factory=list)
+    measures: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per image type: colour_spread, dark_fraction, bright_fraction, "
+                                          "sharpness, skin_fraction (evaluation.quality_gate)")
+    min_top_probability: Optional[float] = Field(None, description="the model check's cut (None: check off)")
 
 
 class InputSummary(_Model):
@@ -198,11 +236,13 @@ class AnalyzeResponse(_Model):
     primary_diagnosis: ClassProbability
     risk_score: float = Field(..., ge=0, le=100, description="100 × calibrated probability of a malignant class")
     risk_classes: list[str] = Field(..., description="the classes counted as malignant")
-    action: Action
+    action: Action = Field(..., description="cannot_assess: the input failed the quality gate (see quality) — "
+                                            "no referral advice; the differential is not to be used")
     action_reasons: list[str]
     review_recommended: bool
     review_reasons: list[str]
     uncertainty: Uncertainty
+    quality: Optional[QualityReport] = None
     inputs: InputSummary
     warnings: list[str] = Field(default_factory=list)
     explanations: Explanations
@@ -227,6 +267,7 @@ class ModelInfo(_Model):
     calibrated: bool
     thresholds: dict
     uncertainty: dict
+    quality: dict = Field(default_factory=dict, description="the cannot-assess gate's cut-offs")
     limits: dict
     explanations: bool
     drift_reference: bool
@@ -239,3 +280,5 @@ class Health(_Model):
     status: str
     ready: Optional[bool] = None
     detail: Optional[str] = None
+    warnings: list[str] = Field(default_factory=list, description="e.g. a fast inference backend that failed at "
+                                                                  "start-up (the member runs on fp32 instead)")

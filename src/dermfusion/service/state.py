@@ -14,7 +14,6 @@ from ..card import card_for_service
 from ..errors import DermfusionError
 from ..inference import load_run
 from .analyzer import Analyzer
-from .audit import AuditStore
 from .config import ServiceConfig
 from .drift import DriftMonitor
 from .inputs import InputError
@@ -42,6 +41,10 @@ class ServiceState:
     detail: str | None = None
     key_digests: list[bytes] = field(default_factory=list)
     model_card: dict | None = None
+    audit_keeper: object | None = None  # health.AuditKeeper: opens (and reopens) ``audit``, probes it for /readyz
+    verified: dict = field(default_factory=dict)      # {bundle dir: bundle.Integrity}, checked at start
+    integrity: list = field(default_factory=list)     # the served predictor's bundles, verified
+    request_ids: set = field(default_factory=set)     # client-supplied request ids in flight (guards)
 
 
 def digest(key: str) -> bytes:
@@ -89,14 +92,10 @@ def served_model_card(state: ServiceState) -> dict:
 
 
 def ensure_audit(state: ServiceState):
-    if state.audit is None:
-        try:
-            state.audit = AuditStore(state.config.audit.db_url)
-            log.info("audit store: %s", state.audit.describe())
-        except Exception as e:  # noqa: BLE001
-            log.error("audit store unavailable: %s", type(e).__name__)
-            if state.config.audit.required:
-                raise AuditUnavailable("the audit store cannot be reached") from None
+    """The open audit store; None while it is not (``audit.required`` → AuditUnavailable) — the keeper
+    (``health.AuditKeeper``) keeps reopening it, a request never waits for that."""
+    if state.audit is None and state.config.audit.required:
+        raise AuditUnavailable("the audit store cannot be reached; retry shortly")
     return state.audit
 
 
@@ -106,7 +105,12 @@ def write_audit(state: ServiceState, record: dict) -> None:
         if store is not None:
             store.write(record)
     except Exception as e:  # noqa: BLE001
+        if type(e).__name__ == "IntegrityError":  # the id was audited meanwhile by another process (guards: 409 first)
+            raise InputError(409, "duplicate_request_id", "this X-Request-ID is already recorded in the audit "
+                             "trail; send a new id per request") from None
         log.error("audit write failed for request %s: %s", record.get("request_id"), type(e).__name__)
+        if state.audit_keeper is not None:
+            state.audit_keeper.failed()  # /readyz probes afresh
         if state.config.audit.required:
             raise AuditUnavailable("the analysis could not be recorded in the audit trail, so no result is "
                                    "returned; retry shortly") from None

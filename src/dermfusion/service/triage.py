@@ -6,18 +6,24 @@ Deliberately simple and configurable (service.yaml), so a clinical team can read
 - urgent referral when the risk score or any listed class probability reaches its urgent cut;
   routine referral likewise; otherwise monitor;
 - review recommended when the model is uncertain (normalised entropy high, top probability low)
-  or an input the model uses was missing. Review never *lowers* the action.
+  or an input the model uses was missing. Review never *lowers* the action;
+- the "cannot assess" gate overrules all of it: an image that fails a quality check (blank, badly exposed,
+  blurred, not skin) or a model answer less confident than the training lesions' (``QualityGate``) gets the
+  action ``cannot_assess`` — "image not assessable — retake" — and no referral advice.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..evaluation.quality_gate import REASONS, confidence_threshold, image_findings, image_measures, model_findings
 from ..tasks import TaskSpec
-from .config import TriageConfig, UncertaintyConfig
+from .config import QualityConfig, TriageConfig, UncertaintyConfig
 
-ACTIONS = ("monitor", "routine_referral", "urgent_referral")
+CANNOT_ASSESS = "cannot_assess"
+ACTIONS = ("monitor", "routine_referral", "urgent_referral", CANNOT_ASSESS)
+RETAKE = "image not assessable — retake"
 
 
 @dataclass
@@ -80,6 +86,50 @@ def decide(task: TaskSpec, probs: np.ndarray, triage: TriageConfig, unc: Uncerta
         names = ", ".join(m.replace("_", " ") for m in missing_metadata)
         review.append(f"missing input: {names} not given (the model uses {'it' if len(missing_metadata) == 1 else 'them'})")
     return TriageDecision(risk, action, reasons, bool(review), review, h, hn, top, margin)
+
+
+class QualityGate:
+    """The service's side of the "cannot assess" gate: the ``quality`` settings' cut-offs, and the model check's
+    cut from the served bundle's out-of-fold reference (``drift_reference.json``: ``quality_gate``) unless the
+    settings fix one."""
+
+    def __init__(self, config: QualityConfig, reference: dict | None = None):
+        self.config = config
+        ref = (reference or {}).get("quality_gate")
+        self.min_top_probability, self.source = None, "off (quality.model_check: false)"
+        if not config.model_check:
+            return
+        if config.min_top_probability is not None:
+            self.min_top_probability, self.source = config.min_top_probability, "service config"
+            return
+        self.min_top_probability = confidence_threshold(ref, config.oof_rejection_rate, config.min_reference_lesions)
+        self.source = (f"bundle out-of-fold reference ({ref['n']} lesions, rate {config.oof_rejection_rate:g})"
+                       if self.min_top_probability is not None else
+                       "off: the bundle has no out-of-fold reference of at least "
+                       f"{config.min_reference_lesions} lesions (set quality.min_top_probability)")
+
+    def check_images(self, images: dict) -> tuple[list[tuple[str, str]], dict[str, dict[str, float]]]:
+        """(findings, measures per image type) for the images the model analyses."""
+        if not self.config.enabled or not images:
+            return [], {}
+        measures = {m: image_measures(img) for m, img in images.items()}
+        cuts = self.config.image_cuts()
+        return [(code, f"{m} image: {msg}") for m, ms in measures.items()
+                for code, msg in image_findings(ms, **cuts)], measures
+
+    def check_model(self, probs) -> list[tuple[str, str]]:
+        return model_findings(probs, self.min_top_probability) if self.config.enabled else []
+
+    def describe(self) -> dict:
+        return {**self.config.model_dump(), "min_top_probability": self.min_top_probability,
+                "min_top_probability_source": self.source, "reasons": dict(REASONS)}
+
+
+def cannot_assess(decision: TriageDecision, findings: list[tuple[str, str]]) -> TriageDecision:
+    """The gate overrules the triage policy: no referral advice on an input the model cannot assess."""
+    messages = [msg for _, msg in findings]
+    return replace(decision, action=CANNOT_ASSESS, action_reasons=messages, review_recommended=True,
+                   review_reasons=[f"{RETAKE}: {msg}" for msg in messages])
 
 
 def class_name(task, c: str) -> str:

@@ -15,7 +15,8 @@ from .checkpoint import write_dir_atomic
 def write_fold_bundle(trainer, model, metrics: dict) -> Path:
     """The fold's bundle (kind "network") for ``trainer`` (a ``FoldTrainer``) with ``model``'s weights."""
     cfg = trainer.cfg
-    config = {"kind": "network", "task": trainer.task.name, "name": f"{cfg.name}_fold{trainer.fold}",
+    name = f"{cfg.name}_fold{trainer.fold}" if trainer.fold >= 0 else f"{cfg.name}_full"  # fold -1: all lesions
+    config = {"kind": "network", "task": trainer.task.name, "name": name,
               "model": {"name": cfg.model.name, **cfg.model_kwargs()},
               "feature_spec": trainer.spec.to_dict(),
               "preprocess": {m: p.to_dict() for m, p in trainer.preprocess.items()},

@@ -9,6 +9,7 @@ import warnings
 import torch
 from torch import nn
 
+from ...explain.explainer import Explainer
 from ...models.fast_attention import fast_attention_
 from ...runtime.device import native_bf16
 from .base import BackendError, BackendRunner, as_device, eager_runner
@@ -37,6 +38,7 @@ class CastEncoder(nn.Module):
 
 def _copy_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     m = copy.deepcopy(model).to(device).eval()
+    Explainer.remove_from(m)  # a copy of an explained model (the service's first member): no hooks, fused attention
     for p in m.parameters():  # inference copies never train; makes the matmul layouts independent of autograd
         p.requires_grad_(False)
     return m

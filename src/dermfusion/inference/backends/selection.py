@@ -122,7 +122,7 @@ def select_backend(model: nn.Module, sample_batch: dict, candidates: Sequence[st
                 if rec["latency_ms"] < best_ms:
                     best_name, best_runner, best_ms = name, runner, rec["latency_ms"]
         except Exception as e:  # noqa: BLE001 — a failing candidate must never take the service down
-            rec["reason"] = f"{type(e).__name__}: {e}"
+            rec["reason"], rec["error"] = f"{type(e).__name__}: {e}", True  # a fault, not a failed accuracy check
         report.append(rec)
     return BackendSelection(best_name, best_runner, report)
 

@@ -7,6 +7,7 @@
     urgent_referral: "Urgent referral",
     routine_referral: "Routine referral",
     monitor: "Monitor",
+    cannot_assess: "Image not assessable — retake",
   };
   const $ = (id) => document.getElementById(id);
   const form = $("analyze-form");
@@ -70,7 +71,18 @@
     }
   }
 
+  // A result belongs to the inputs it was computed from: it goes as soon as an image is chosen, dropped or
+  // removed, a new analysis starts, or an analysis fails — never left on screen beside other inputs.
+  function clearResults() {
+    $("results").hidden = true;
+    for (const id of ["action-reasons", "review-reasons", "warning-list", "differential", "heatmaps", "fusion"]) {
+      $(id).replaceChildren();
+    }
+    for (const id of ["action", "risk-score", "primary", "heatmap-note", "result-meta"]) $(id).textContent = "";
+  }
+
   function showPreview(m) {
+    clearResults();
     const input = $(m), img = $("preview-" + m), zone = $("drop-" + m);
     const clear = document.querySelector(`[data-clear="${m}"]`);
     if (previews[m]) { URL.revokeObjectURL(previews[m]); delete previews[m]; }
@@ -118,7 +130,7 @@
 
   form.addEventListener("reset", () => {
     setTimeout(() => { for (const m of MODALITIES) showPreview(m); }, 0);
-    $("results").hidden = true;
+    clearResults();
     $("form-error").textContent = "";
     for (const id of ["age", "skin_tone", "site", "concepts"]) setError(id, "");
   });
@@ -158,6 +170,7 @@
     e.preventDefault();
     const err = $("form-error");
     err.textContent = "";
+    clearResults();
     const fd = new FormData();
     let nImages = 0, bad = false;
     for (const m of MODALITIES) {
@@ -186,6 +199,7 @@
       }
       render(body);
     } catch (ex) {
+      clearResults();
       err.textContent = "The service could not be reached. Check the connection and try again.";
     } finally {
       btn.disabled = false;
@@ -194,6 +208,7 @@
   });
 
   function showServerError(r, body) {
+    clearResults();
     const err = $("form-error");
     const e = (body && body.error) || {};
     let msg = e.message || `The service answered ${r.status}.`;
@@ -251,6 +266,8 @@
 
   function render(res) {
     $("results").hidden = false;
+    // "cannot assess": the reasons and a retake request only — no risk, differential or heat maps (CSS hides them)
+    $("results").classList.toggle("not-assessable", res.action === "cannot_assess");
     const card = $("action-card");
     card.className = "card action-card " + res.action;
     $("action").textContent = ACTION_TEXT[res.action] || res.action;
