@@ -9,17 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evaluation.report_html import LABELS
+
 
 N_BOOTSTRAP = 200
-METRIC_LABELS = {
-    "official": "Official score", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro F1",
-    "accuracy": "Accuracy", "top2_accuracy": "Top-2 accuracy", "top3_accuracy": "Top-3 accuracy",
-    "milk10k_score": "MILK10k score (Dice, p > 0.5)", "macro_auroc": "Macro AUROC",
-    "melanoma_sensitivity": "Melanoma sensitivity", "melanoma_specificity": "Melanoma specificity",
-    "malignant_sensitivity": "Malignant sensitivity", "malignant_specificity": "Malignant specificity",
-    "ece": "Expected calibration error", "brier": "Brier score", "log_loss": "Log loss",
-    "official_raw": "Official score (raw probabilities)", "nested_cut_score": "Official score (nested cut-tuned)",
-}
+METRIC_LABELS = {**LABELS,  # the evaluation report's names, plus the calibration block's two
+                 "official_raw": "Official score (raw probabilities)",
+                 "nested_cut_score": "Official score (nested cut-tuned)"}
 CARD_METRICS = ("official", "balanced_accuracy", "macro_f1", "accuracy", "macro_auroc", "melanoma_sensitivity",
                 "melanoma_specificity", "malignant_sensitivity", "malignant_specificity", "ece", "brier", "log_loss")
 
