@@ -82,7 +82,8 @@ class ServiceMiddleware:
                         return await respond(error_body(
                             415, "unsupported_media_type",
                             f"send multipart/form-data with image file fields 'clinical' and/or 'dermoscopic' and an "
-                            f"optional 'metadata' JSON field (got content type {ctype.split(';')[0] or 'none'!r})", rid))
+                            f"optional 'metadata' JSON field (the request's content type is not multipart/form-data)",
+                            rid))
                 budget = cfg.workers.request_timeout_s
                 admitted = path == "/v1/analyze"
                 if admitted and not st.pool.try_admit():

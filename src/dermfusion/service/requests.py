@@ -39,7 +39,7 @@ async def read_upload(modality: str, up: UploadFile, config: ServiceConfig) -> U
     ctype = (up.content_type or "").split(";")[0].strip().lower()
     if ctype not in lim.allowed_content_types:
         raise InputError(415, "unsupported_media_type",
-                         f"{modality} image: content type {ctype or 'none'!r} is not accepted; send one of "
+                         f"{modality} image: its content type is not accepted; send one of "
                          f"{', '.join(lim.allowed_content_types)}", modality)
     data = await up.read(lim.max_upload_bytes + 1)
     if len(data) > lim.max_upload_bytes:
