@@ -55,3 +55,15 @@ def tabular_run(tmp_path_factory, ham_sample) -> Path:
     train_cv(load_config("milk10k_logreg", ["task=isic2018", "name=ham_logreg", "calibration.eval_size=null"]),
              ham_sample, out)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (timings and tiny models; two cores stay free for the rest); restored after.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch  # only the tests that ask for it pay for importing torch here
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -13,12 +13,7 @@ from dermfusion.export.onnx import synthetic_batch
 from perf_helpers import tiny_batch, tiny_trimodal
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_count_flops_splits_encoders_and_fusion():

@@ -13,12 +13,7 @@ from dermfusion.models.fast_attention import FastMultiheadAttention, fast_attent
 from perf_helpers import tiny_batch, tiny_trimodal
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("need_weights", [False, True])

@@ -77,15 +77,20 @@ def serve(tmp_path):
         s.close()
 
 
-@pytest.mark.slow
-def test_serve_a_network_run_directory(serve, network_run, fixture_dir):
-    s = serve(network_run)
+def _analyze_when_ready(s: "Served", fixture_dir) -> dict:
+    """Wait for /readyz, then analyse the fixture lesion with metadata; the 200 answer's body."""
     s.wait_ready()
     image = (fixture_dir / "images" / FIXTURE_IMAGE).read_bytes()
     r = httpx.post(s.url + "/v1/analyze", files={"dermoscopic": ("lesion.jpg", image, "image/jpeg")},
                    data={"metadata": json.dumps({"age": 60, "sex": "male", "site": "back"})}, timeout=120)
     assert r.status_code == 200, r.text
-    body = r.json()
+    return r.json()
+
+
+@pytest.mark.slow
+def test_serve_a_network_run_directory(serve, network_run, fixture_dir):
+    s = serve(network_run)
+    body = _analyze_when_ready(s, fixture_dir)
     assert abs(sum(d["probability"] for d in body["differential"]) - 1) < 1e-6 and body["calibrated"]
     assert body["model"]["hash"] == (network_run / "fold_0" / "bundle" / "HASH").read_text().strip()
     info = httpx.get(s.url + "/v1/model", timeout=30).json()
@@ -97,12 +102,7 @@ def test_serve_a_network_run_directory(serve, network_run, fixture_dir):
 @pytest.mark.slow
 def test_serve_a_tabular_run_directory(serve, tabular_run, fixture_dir):
     s = serve(tabular_run)
-    s.wait_ready()
-    image = (fixture_dir / "images" / FIXTURE_IMAGE).read_bytes()
-    r = httpx.post(s.url + "/v1/analyze", files={"dermoscopic": ("lesion.jpg", image, "image/jpeg")},
-                   data={"metadata": json.dumps({"age": 60, "sex": "male", "site": "back"})}, timeout=120)
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = _analyze_when_ready(s, fixture_dir)
     assert body["model"]["kind"] == "tabular"
     assert body["model"]["hash"] == (tabular_run / "bundle" / "HASH").read_text().strip(), "the calibrated refit"
     assert body["inputs"]["metadata_used"]["age"] == 60

@@ -140,12 +140,7 @@ def torchrun(script: Path, args: list[str], cwd: Path, timeout: float = 120) -> 
     return res
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

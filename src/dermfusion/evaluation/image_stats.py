@@ -61,6 +61,14 @@ def srgb_to_lab(rgb_u8: np.ndarray) -> np.ndarray:
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
+DARK_L, BRIGHT_L = 15.0, 95.0   # L* below: near-black (vignette, underexposure); above: clipped white / glare
+
+
+def laplacian(x: np.ndarray) -> np.ndarray:
+    """The 5-point Laplacian of a 2-D array, on its interior ((H-2)×(W-2))."""
+    return 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+
+
 def prepare(img: Image.Image, size: int = STATS_SIZE) -> np.ndarray:
     """The image as the statistics see it: RGB uint8 H×W×3, short side `size` px."""
     return np.asarray(resize_short_side(img.convert("RGB"), size), dtype=np.uint8)
@@ -85,8 +93,8 @@ def image_statistics(rgb_u8: np.ndarray) -> dict[str, float]:
     yb = 0.5 * (planes["red"] + planes["green"]) - planes["blue"]
     out["colourfulness"] = float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
     L = lab[..., 0]
-    out["dark_fraction"], out["bright_fraction"] = float((L < 15).mean()), float((L > 95).mean())
-    lap = 4 * L[1:-1, 1:-1] - L[:-2, 1:-1] - L[2:, 1:-1] - L[1:-1, :-2] - L[1:-1, 2:]
+    out["dark_fraction"], out["bright_fraction"] = float((L < DARK_L).mean()), float((L > BRIGHT_L).mean())
+    lap = laplacian(L)
     out["sharpness"] = float(np.abs(lap).mean()) if lap.size else 0.0
     return out
 

@@ -23,10 +23,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .image_stats import srgb_to_lab
+from .image_stats import BRIGHT_L, DARK_L, laplacian, srgb_to_lab
 
 GATE_SIZE = 224            # the model's input side: checks see the image at (at most) that resolution
-DARK_L, BRIGHT_L = 15.0, 95.0   # L* below: near-black (vignette, underexposure); above: clipped white / glare
 # L*a*b* hue angle atan2(b*, a*): magenta-pink (dermoscopy under polarised light, down to ≈ −50° per image in
 # HAM10000) through red (≈ 0°) and brown to yellow (≈ 90°); blue, cyan and green lie outside
 SKIN_HUE_DEG = (-70.0, 100.0)
@@ -66,7 +65,7 @@ def image_measures(img: Image.Image) -> dict[str, float]:
     dark, bright = L < DARK_L, L > BRIGHT_L
     ok = ~(dark | bright)
     # Laplacian only where the pixel and its 4 neighbours are well exposed (a vignette's rim is no sharpness)
-    lap = 4 * L[1:-1, 1:-1] - L[:-2, 1:-1] - L[2:, 1:-1] - L[1:-1, :-2] - L[1:-1, 2:]
+    lap = laplacian(L)
     inner = ok[1:-1, 1:-1] & ok[:-2, 1:-1] & ok[2:, 1:-1] & ok[1:-1, :-2] & ok[1:-1, 2:]
     sharp = float(lap[inner].var()) if inner.sum() > 16 else 0.0
     hue = np.degrees(np.arctan2(b, a))
