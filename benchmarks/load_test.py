@@ -107,8 +107,9 @@ async def run_level(url: str, n: int, concurrency: int, images: list[bytes], api
                     r = await post(client, data, meta)
                 rec["status"] = r.status_code
                 if r.status_code == 200:
-                    rec["server_ms"] = r.json()["timings_ms"].get("analysis_ms")
-                    rec["queue_ms"] = r.json()["timings_ms"].get("queue_ms")
+                    rec["timings"] = r.json()["timings_ms"]
+                    rec["server_ms"] = rec["timings"].get("analysis_ms")
+                    rec["queue_ms"] = rec["timings"].get("queue_ms")
                 elif r.status_code == 503:
                     rec["retry_after"] = r.headers.get("retry-after")
             except httpx.TimeoutException:
@@ -148,6 +149,8 @@ async def run_level(url: str, n: int, concurrency: int, images: list[bytes], api
         "latency_ms_ok": {f"p{q}": _r(pct(lat_ok, q)) for q in (50, 95, 99)},
         "latency_ms_503": {f"p{q}": _r(pct(lat_503, q)) for q in (50, 99)},
         "server_analysis_ms_p50": _r(pct(server, 50)),
+        "server_steps_ms_p50": {k: _r(pct([r["timings"][k] for r in results if k in r.get("timings", {})], 50))
+                                for k in sorted({k for r in results for k in r.get("timings", {})})},
     }
 
 
@@ -172,9 +175,12 @@ def main(argv=None) -> int:
                     help="clients honour 503 Retry-After (sleep ≤ --max-wait s, ≤ 5 retries) instead of counting it")
     ap.add_argument("--max-wait", type=float, default=1.0)
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--images", type=Path, help="folder of .jpg images to upload (default: the committed 96 px "
+                    "fixture images; use real full-size dermoscopic images for a realistic decode / gate cost)")
+    ap.add_argument("--backend", default="auto", help="server inference backend (when started here)")
     args = ap.parse_args(argv)
 
-    images = [p.read_bytes() for p in sorted((FIXTURE / "images").glob("*.jpg"))]
+    images = [p.read_bytes() for p in sorted((args.images or FIXTURE / "images").glob("*.jpg"))][:200]
     tmp = Path(tempfile.mkdtemp(prefix="dermfusion-load-"))
     proc = None
     url = args.url
@@ -186,7 +192,7 @@ def main(argv=None) -> int:
             cfg.write_text(json.dumps({
                 "workers": {"workers": args.workers, "queue_size": args.queue, "queue_timeout_s": 20,
                             **({"torch_threads": args.torch_threads} if args.torch_threads else {})},
-                "audit": {"db_url": f"sqlite:///{tmp}/audit.db"}}))
+                "audit": {"db_url": f"sqlite:///{tmp}/audit.db"}, "backend": args.backend}))
             from socket import socket
             with socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -194,7 +200,8 @@ def main(argv=None) -> int:
             proc = start_server(bundle, port, cfg, tmp / "server.log")
             url = f"http://127.0.0.1:{port}"
             setup = {"bundle": str(bundle), "workers": args.workers, "queue_size": args.queue,
-                     "torch_threads": args.torch_threads}
+                     "torch_threads": args.torch_threads, "backend": args.backend,
+                     "images": str(args.images or "fixture")}
         wait_ready(url, proc)
         headers = {"X-API-Key": args.api_key} if args.api_key else {}
         for i in range(args.warmup):
@@ -213,7 +220,8 @@ def main(argv=None) -> int:
                   f"latency p50/p95/p99 {res['latency_ms_all']['p50']}/{res['latency_ms_all']['p95']}/"
                   f"{res['latency_ms_all']['p99']} ms (200s: {res['latency_ms_ok']['p50']}/"
                   f"{res['latency_ms_ok']['p95']}/{res['latency_ms_ok']['p99']}) · "
-                  f"{res['throughput_ok_per_s']} analyses/s · server analysis p50 {res['server_analysis_ms_p50']} ms",
+                  f"{res['throughput_ok_per_s']} analyses/s · server analysis p50 {res['server_analysis_ms_p50']} ms\n"
+                  f"    server steps p50 (ms): " + ", ".join(f"{k} {v}" for k, v in res["server_steps_ms_p50"].items()),
                   flush=True)
         metrics = httpx.get(url + "/metrics", timeout=10).text
         report["server_rejections"] = {line.split("{")[1].split("}")[0]: float(line.split()[-1])

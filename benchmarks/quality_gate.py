@@ -16,6 +16,8 @@ blank, uniform-colour, degraded and non-skin images.
   cut, exactly as ``dermfusion train`` stores it (``evaluation.quality_gate.confidence_reference``);
   ``--predictions``: calibrated probabilities of a model for the ``--csv`` images (column ``image`` or
   ``image_id`` + one column per class) → the model check's FRR at each stored OOF level, and the combined FRR.
+- ``--bundle`` with a familiarity reference (``embedding_reference.npz``; ``dermfusion bundle reference``): the
+  familiarity check's scores and FRR on the ``--csv`` images, and its verdict on every negative.
 - negatives: synthetic blank / uniform-colour / noise images, real test images degraded (blurred, under- and
   overexposed), and every 2-D scikit-image sample that loads offline — all reported, none dropped. With
   ``--bundle`` the negatives also go through that model (``load_run``) for the model check.
@@ -134,16 +136,39 @@ def model_probs(bundle: Path, images: list) -> np.ndarray:
         _PREDICTORS[bundle] = load_run(bundle, device="cpu")
     pred = _PREDICTORS[bundle]
     with tempfile.TemporaryDirectory(prefix="qgate-") as d:
-        rows = []
-        for i, img in enumerate(images):
-            if isinstance(img, Image.Image):
-                path = Path(d) / f"{i}.png"
-                img.convert("RGB").save(path)
-                img = path
-            rows.append({"lesion_id": f"img{i}", "dataset": "bench", "patient_id": "", "split": "", "fold": -1,
-                         "image_clinical": "", "image_dermoscopic": str(img), "age": float("nan"), "sex": "",
-                         "skin_tone": "", "site": ""})
-        return np.asarray(pred.predict_proba(pd.DataFrame(rows)), dtype=np.float64)
+        return np.asarray(pred.predict_proba(_rows(images, d)), dtype=np.float64)
+
+
+def _rows(images: list, d: str) -> pd.DataFrame:
+    rows = []
+    for i, img in enumerate(images):
+        if isinstance(img, Image.Image):
+            path = Path(d) / f"{i}.png"
+            img.convert("RGB").save(path)
+            img = path
+        rows.append({"lesion_id": f"img{i}", "dataset": "bench", "patient_id": "", "split": "", "fold": -1,
+                     "image_clinical": "", "image_dermoscopic": str(img), "age": float("nan"), "sex": "",
+                     "skin_tone": "", "site": ""})
+    return pd.DataFrame(rows)
+
+
+def model_unfamiliarity(bundle: Path, images: list) -> tuple[np.ndarray, float, dict] | None:
+    """(unfamiliarity scores, the default cut, the reference) of the first network of ``bundle`` — None when it
+    has no familiarity reference (``dermfusion bundle reference``)."""
+    from dermfusion.evaluation.embedding_reference import read_reference, score_threshold, unfamiliarity
+    from dermfusion.inference import load_run
+    from dermfusion.inference.familiarity import layer_statistics
+
+    if bundle not in _PREDICTORS:
+        _PREDICTORS[bundle] = load_run(bundle, device="cpu")
+    pred = _PREDICTORS[bundle]
+    net = pred.mixture()[0][1]
+    ref = read_reference(net.bundle.path)
+    if ref is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="qgate-") as d:
+        stats, _, _ = layer_statistics(net, _rows(images, d), ref["modality"] or "dermoscopic")
+    return unfamiliarity(ref, stats), score_threshold(ref), ref
 
 
 def main(argv=None) -> int:
@@ -192,7 +217,7 @@ def main(argv=None) -> int:
         print(f"    refused: {key} ({', '.join(f)})")
     report["test"] = {"n": n, "per_check": per, "image_frr": float(img_rej.mean())}
 
-    thr = None
+    thr, model_rej = None, None
     if args.oof:
         oof, classes = probs_frame(args.oof)
         ref = confidence_reference(oof[classes].to_numpy())
@@ -230,13 +255,42 @@ def main(argv=None) -> int:
                       f"{m_rej.sum()} ({100 * m_rej.mean():.2f} %), image checks {img_rej.sum()}, "
                       f"combined {comb.sum()} / {n} = {100 * comb.mean():.2f} % refused → {100 * (1 - comb.mean()):.2f} % pass")
                 entry.update(model_frr=float(m_rej.mean()), combined_frr=float(comb.mean()))
+                model_rej = m_rej
+
+    fam_cut = None
+    if args.bundle:
+        t = time.time()
+        fam = model_unfamiliarity(args.bundle, list(te_df["path"]))
+        if fam is None:
+            print(f"\n## familiarity check: {args.bundle} has no embedding_reference.npz (dermfusion bundle reference)")
+        else:
+            scores, fam_cut, ref = fam
+            f_rej = scores > fam_cut
+            before = img_rej | (model_rej if model_rej is not None else False)
+            print(f"\n## familiarity check ({time.time() - t:.0f} s): reference {ref['n']} lesions ({ref['source']}), "
+                  f"layers {', '.join(ref['layer_names'])}")
+            print("  cross-fitted reference scores, quantiles " + ", ".join(
+                f"{100 * lv:g} %: {qv:.2f}" for lv, qv in zip(ref["levels"], ref["quantiles"])))
+            print("  test image scores, quantiles " + ", ".join(
+                f"{100 * lv:g} %: {qv:.2f}" for lv, qv in zip(ref["levels"], np.quantile(scores, ref["levels"]))))
+            print(f"  cut {fam_cut:.2f} (largest reference score × quality.familiarity_margin 1): refuses "
+                  f"{f_rej.sum()} / {n} test images ({100 * f_rej.mean():.2f} %); all checks together "
+                  f"{(f_rej | before).sum()} = {100 * (f_rej | before).mean():.2f} % refused → "
+                  f"{100 * (1 - (f_rej | before).mean()):.2f} % pass")
+            for key in te_df["key"][f_rej][:10]:
+                print(f"    refused: {key}")
+            report["familiarity"] = {"cut": fam_cut, "n_reference": ref["n"], "source": ref["source"],
+                                     "test_frr": float(f_rej.mean()), "all_checks_frr": float((f_rej | before).mean()),
+                                     "test_quantiles": np.quantile(scores, ref["levels"]).tolist(),
+                                     "reference_quantiles": list(map(float, ref["quantiles"]))}
 
     negs = negatives(list(te_df["path"].map(Path)))
     ok_imgs = [img for _, img in negs if img is not None]
     probs = model_probs(args.bundle, ok_imgs) if args.bundle and ok_imgs else None
+    fam_neg = model_unfamiliarity(args.bundle, ok_imgs) if args.bundle and ok_imgs and fam_cut is not None else None
     print("\n## negatives (each must be refused)" + (f"; model: {args.bundle}" if args.bundle else ""))
     print(f"  {'image':<44} {'spread':>6} {'dark':>5} {'bright':>6} {'sharp':>7} {'skin':>5}"
-          + ("  top-p" if probs is not None else "") + "  → refused by")
+          + ("  top-p" if probs is not None else "") + ("  unfam" if fam_neg is not None else "") + "  → refused by")
     neg_rows, j = [], 0
     for name, img in negs:
         if img is None:
@@ -250,11 +304,18 @@ def main(argv=None) -> int:
             top = float(probs[j].max())
             if thr is not None and top < thr:
                 codes.append("model_unsure")
+        unfam = None
+        if fam_neg is not None:
+            unfam = float(fam_neg[0][j])
+            if unfam > fam_cut:
+                codes.append("unfamiliar")
         j += 1
         print(f"  {name:<44} {m['colour_spread']:6.1f} {m['dark_fraction']:5.2f} {m['bright_fraction']:6.2f} "
               f"{m['sharpness']:7.1f} {m['skin_fraction']:5.2f}" + (f"  {top:.3f}" if top is not None else "")
+              + (f"  {unfam:5.2f}" if unfam is not None else "")
               + f"  {', '.join(codes) if codes else 'PASSED (not refused)'}")
-        neg_rows.append({"image": name, "loaded": True, **m, "top_probability": top, "refused_by": codes})
+        neg_rows.append({"image": name, "loaded": True, **m, "top_probability": top, "unfamiliarity": unfam,
+                         "refused_by": codes})
     loaded = [r for r in neg_rows if r["loaded"]]
     refused = sum(bool(r["refused_by"]) for r in loaded)
     print(f"  refused {refused} of {len(loaded)} negatives ({len(neg_rows) - len(loaded)} samples not loadable)")

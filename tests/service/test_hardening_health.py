@@ -283,7 +283,7 @@ def test_backend_fallback_is_visible(tmp_path, tiny_bundle, monkeypatch, caplog)
         raise RuntimeError("simulated backend fault")
 
     monkeypatch.setitem(BACKENDS, "broken", broken)
-    monkeypatch.setattr(network, "default_candidates", lambda device: ["int8", "broken"])
+    monkeypatch.setattr(network, "default_candidates", lambda device, model=None: ["int8", "broken"])
     app = create_app(tiny_bundle, _cfg(tmp_path / "a.db"), predictor=load_predictor(tiny_bundle))
     with caplog.at_level(logging.WARNING, logger="dermfusion.service"), TestClient(app) as c:
         an = app.state.svc.analyzer
@@ -367,7 +367,7 @@ def test_absent_age_is_reported_absent(tmp_path, tiny_bundle, tiny_predictor, fi
     img = Image.open(fixture_images[0]).convert("RGB")
 
     def meta_rows(**fields):
-        _, _, _, contrib = mp.run({"dermoscopic": img}, PatientMetadata(**fields).manifest_fields(), True)
+        _, _, _, contrib, _ = mp.run({"dermoscopic": img}, PatientMetadata(**fields).manifest_fields(), True)
         return {d["name"]: d for d in contrib["metadata"]}
 
     rows = meta_rows(sex="female")

@@ -6,6 +6,7 @@ Uses only the committed fixtures (no ../shared, no network)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,7 +119,8 @@ def test_outcome_is_audited_counted_and_kept_out_of_drift(app_client):
     info = c.get("/v1/model").json()["quality"]
     # the tiny bundle's reference holds 48 lesions (< min_reference_lesions): the model check is off, and says so
     assert info["enabled"] and info["min_top_probability"] is None and "off" in info["min_top_probability_source"]
-    assert set(info["reasons"]) == {"blank", "underexposed", "overexposed", "blurred", "not_skin", "model_unsure"}
+    assert set(info["reasons"]) == {"blank", "underexposed", "overexposed", "blurred", "not_skin", "model_unsure",
+                                     "unfamiliar"}
 
 
 def test_model_check_from_config(tmp_path, tiny_bundle, tiny_predictor, fixture_image_bytes):
@@ -212,3 +214,69 @@ def test_web_page_shows_not_assessable(tmp_path, tiny_bundle, tiny_predictor, fi
         assert page.is_visible("#differential") and page.locator("#differential li").count() == 7
         assert errors == []
         b.close()
+
+
+# --------------------------------------------------------------------------------------- familiarity check
+@pytest.fixture(scope="module")
+def familiar_bundle(tmp_path_factory, tiny_bundle, ham_sample):
+    """The tiny bundle with a familiarity reference fitted on the 48 fixture lesions (`dermfusion bundle
+    reference`, the CLI way); a copy, so the other tests' bundle stays without one."""
+    from typer.testing import CliRunner
+
+    from dermfusion.cli import app
+
+    bundle = tmp_path_factory.mktemp("familiar") / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = bundle.parent / "manifest.parquet"
+    ham_sample.to_parquet(manifest)
+    run = CliRunner().invoke(app, ["bundle", "reference", str(bundle), "--manifest", str(manifest), "--all-rows"])
+    assert run.exit_code == 0, run.output
+    assert (bundle / "embedding_reference.npz").is_file() and "layers blocks.0, blocks.1" in run.output.replace("\n", " ")
+    return bundle
+
+
+def test_reference_is_covered_by_the_bundle_hash(familiar_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermfusion.cli import app
+
+    assert CliRunner().invoke(app, ["bundle", "verify", str(familiar_bundle)]).exit_code == 0
+    assert "embedding_reference.npz" in (familiar_bundle / "SHA256SUMS").read_text()
+    tampered = tmp_path / "tampered"
+    shutil.copytree(familiar_bundle, tampered)
+    with open(tampered / "embedding_reference.npz", "ab") as f:
+        f.write(b"\0")
+    run = CliRunner().invoke(app, ["bundle", "verify", str(tampered)])
+    assert run.exit_code == 1 and "embedding_reference.npz" in run.output
+
+
+@pytest.mark.parametrize("margin,refused", [(0.01, True), (100.0, False)])
+def test_familiarity_check_through_the_api(tmp_path, familiar_bundle, fixture_image_bytes, margin, refused):
+    from dermfusion.evaluation.embedding_reference import read_reference, score_threshold
+
+    app = create_app(familiar_bundle, _config(tmp_path, quality={"familiarity_margin": margin}))
+    with TestClient(app) as c:
+        body = _analyze(c, fixture_image_bytes, "lesion.jpg", "image/jpeg")
+        info = c.get("/v1/model").json()["quality"]
+    q = body["quality"]
+    cut = score_threshold(read_reference(familiar_bundle), margin)
+    assert q["max_unfamiliarity"] == pytest.approx(cut) and info["max_unfamiliarity"] == pytest.approx(cut)
+    assert "48 lesions" in info["familiarity_reference"]
+    assert q["unfamiliarity"] is not None and q["unfamiliarity"] > 0
+    if refused:  # a cut far below any real score: the image is refused as unlike the training lesions
+        _refused(body, "unfamiliar")
+        assert "image unlike the lesions the model was trained on" in body["action_reasons"][0]
+    else:
+        assert body["action"] in ACTIONS and q["assessable"]
+
+
+def test_familiarity_check_off_without_a_reference_or_when_switched_off(app_client, tmp_path, familiar_bundle,
+                                                                         fixture_image_bytes):
+    c, _, _ = app_client  # the tiny bundle has no reference: the check is off and /v1/model says why
+    info = c.get("/v1/model").json()["quality"]
+    assert info["max_unfamiliarity"] is None and "dermfusion bundle reference" in info["familiarity_reference"]
+    assert _analyze(c, fixture_image_bytes, "l.jpg", "image/jpeg")["quality"]["unfamiliarity"] is None
+    app = create_app(familiar_bundle, _config(tmp_path, quality={"familiarity_check": False, "familiarity_margin": 0.01}))
+    with TestClient(app) as c2:
+        body = _analyze(c2, fixture_image_bytes, "l.jpg", "image/jpeg")
+    assert body["action"] in ACTIONS and body["quality"]["unfamiliarity"] is None

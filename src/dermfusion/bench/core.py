@@ -32,6 +32,7 @@ BACKEND_PRECISION: dict[str, dict] = {
     "fp32": {}, "onnx": {},
     "bf16": _BF16_ALL, "compile": _BF16_ALL, "autocast": _BF16_ALL,
     "int8": {("encoders", "linear"): "int8"}, "onnx-int8": {("encoders", "linear"): "int8"},
+    "onnx-qdq": {("encoders", k): "int8" for k in KINDS},
 }
 
 

@@ -162,11 +162,12 @@ def bench_model(model: nn.Module, *, backends: Sequence[str] = DEFAULT_BACKENDS,
         try:
             t0 = time.perf_counter()
             opts = dict((backend_options or {}).get(backend, {}))
-            runner = prepare_backend(model, backend, device=device,
-                                     sample_batch=timing[batch_sizes[0]] if backend == "compile" else None, **opts)
+            sample = timing[batch_sizes[0]] if backend == "compile" else \
+                eval_batches[0] if backend == "onnx-qdq" and eval_batches else None  # qdq: calibration fallback
+            runner = prepare_backend(model, backend, device=device, sample_batch=sample, **opts)
             rec["prepare_s"] = round(time.perf_counter() - t0, 2)
             rec["info"] = {k: v for k, v in runner.info.items() if k != "onnx_path"}
-            timer = PartTimer(runner.module if backend not in {"compile", "onnx"} else None, device)
+            timer = PartTimer(runner.module if backend not in {"compile", "onnx", "onnx-qdq"} else None, device)
             rec["batches"] = {}
             eval_times: list[float] = []
             eval_encs: list[float] = []

@@ -9,6 +9,8 @@
   HASH               sha256 of SHA256SUMS: the content hash shown by the API and in audits
   model_card.*       optional model card (json, md, html; ``card``) — documentation, not hashed
   drift_reference.json  optional input / output statistics of the validation lesions (service drift baseline)
+  embedding_reference.npz  optional: the "cannot assess" gate's familiarity reference (hashed: it changes answers)
+  backend_check.json optional: each CPU's inference-backend check at load (speed, agreement) — not hashed
   oof.csv            a stack's / ensemble's out-of-fold predictions (written beside it by `stack` / `ensemble`)
 
 The content hash covers every file of the directory except ``UNHASHED_FILES`` (the two hash files, documentation,
@@ -74,7 +76,7 @@ class Bundle:
 # documentation, evaluation and monitoring data (written after training, changing no prediction: the out-of-fold
 # predictions `stack` / `ensemble` keep beside their bundle too) and the hash files themselves
 UNHASHED_FILES = frozenset({"HASH", SUMS_FILE, "metrics.json", "drift_reference.json", "oof.csv",
-                            "model_card.json", "model_card.md", "model_card.html"})
+                            "model_card.json", "model_card.md", "model_card.html", "backend_check.json"})
 # bundles of format 1 (no SHA256SUMS) left calibration.json out of the hash too
 _LEGACY_UNHASHED = (UNHASHED_FILES - {SUMS_FILE}) | {"calibration.json"}
 
@@ -235,6 +237,24 @@ def update_calibration(path: str | Path, calibration: dict) -> None:
     verify_bundle(path, skip={"calibration.json"})
     _write_atomic(path / "calibration.json", json.dumps(calibration, indent=2))
     seal_bundle(path)
+
+
+def update_file(path: str | Path, name: str, write: Callable[[Path], object]) -> str:
+    """Write one covered file of a bundle (``write(path / name)``) and re-seal it — after checking that nothing
+    else in it changed; the new content hash."""
+    path = Path(path)
+    verify_bundle(path, skip={name})
+    write(path / name)
+    return seal_bundle(path)
+
+
+def upgrade_seal(path: str | Path) -> tuple[str, bool]:
+    """A bundle of format 1 gets SHA256SUMS — after its legacy hash is verified, so the new seal blesses exactly
+    what was written; (content hash, whether it was upgraded). A format-2 bundle is only verified."""
+    integ = verify_bundle(path)
+    if not integ.legacy:
+        return integ.hash, False
+    return seal_bundle(path), True
 
 
 def is_bundle(path: str | Path) -> bool:

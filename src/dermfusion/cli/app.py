@@ -1,15 +1,15 @@
 """The ``dermfusion`` command: every verb, registered here explicitly.
 
-Each verb lives in the module of its stage (``data``, ``train``, ``predict``, ``evaluate``, ``combine``, ``perf``,
-``service``, ``card``, ``shift``, ``demo``) as a plain function; this module wraps each in the one-line
-user-error guard (``common.user_errors``) and adds it to the typer app. The verb modules import only typer and
-the console at module level — the stages load when a verb runs — so ``dermfusion --help`` is quick.
+Each verb lives in the module of its stage (``data``, ``bundle``, ``train``, ``predict``, ``evaluate``, ``gate``,
+``combine``, ``perf``, ``service``, ``card``, ``shift``, ``demo``) as a plain function; this module wraps each in the
+one-line user-error guard (``common.user_errors``) and adds it to the typer app. The verb modules import only typer
+and the console at module level — the stages load when a verb runs — so ``dermfusion --help`` is quick.
 """
 from __future__ import annotations
 
 import typer
 
-from . import card, combine, data, demo, evaluate, perf, predict, service, shift, train
+from . import bundle, card, combine, data, demo, evaluate, gate, perf, predict, service, shift, train
 from .common import user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -17,6 +17,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "calibrated differential, risk score and triage.")
 import_app = typer.Typer(no_args_is_help=True, help="Import a public dataset into a lesion manifest.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect manifests.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Check a bundle's integrity; add the quality gate's reference.")
 
 # (typer app, verb, function) in the order `dermfusion --help` lists them
 VERBS = [
@@ -28,6 +29,7 @@ VERBS = [
     (app, "train", train.train_cmd),
     (app, "predict", predict.predict_cmd),
     (app, "evaluate", evaluate.evaluate_cmd),
+    (app, "gate", gate.gate_cmd),
     (app, "calibrate", combine.calibrate_cmd),
     (app, "stack", combine.stack_cmd),
     (app, "ensemble", combine.ensemble_cmd),
@@ -39,9 +41,13 @@ VERBS = [
     (app, "serve", service.serve_cmd),
     (app, "drift", service.drift_cmd),
     (app, "demo", demo.demo_cmd),
+    (bundle_app, "verify", bundle.verify_cmd),
+    (bundle_app, "seal", bundle.seal_cmd),
+    (bundle_app, "reference", bundle.reference_cmd),
 ]
 app.add_typer(import_app, name="import")
 app.add_typer(data_app, name="data")
+app.add_typer(bundle_app, name="bundle")
 for _group, _name, _fn in VERBS:
     _group.command(_name)(user_errors(_fn))
 

@@ -69,11 +69,16 @@ def bench_cmd(
     device: str = typer.Option("cpu", help="cpu | cuda"),
     batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="comma-separated batch sizes"),
     backends: str = typer.Option("fp32,bf16,autocast,int8,onnx,onnx-int8", help="comma-separated: fp32, bf16, "
-                                 "autocast, int8, onnx, onnx-int8, compile (fp32 eager always runs: it is the "
-                                 "reference)"),
+                                 "autocast, int8, onnx, onnx-int8, onnx-qdq, compile (fp32 eager always runs: it "
+                                 "is the reference)"),
     images: Optional[Path] = typer.Option(None, help="image folder for the accuracy check and preprocessing "
                                           "timing (default: the bundled 33-image HAM10000 sample, cycled)"),
     accuracy_n: int = typer.Option(64, "--accuracy-n", help="lesions for the accuracy check vs fp32 (0 = skip)"),
+    calibration_images: Optional[Path] = typer.Option(None, "--calibration-images", help="image folder whose images "
+                                                      "calibrate onnx-qdq's activation ranges (use training images, "
+                                                      "not the --images checked against; default: the check's own "
+                                                      "first batch)"),
+    calibration_n: int = typer.Option(128, "--calibration-n", help="images taken from --calibration-images"),
     repeats: int = typer.Option(10, help="timed calls per batch size (fewer when --budget runs out)"),
     budget: float = typer.Option(20.0, help="seconds at most per backend and batch size"),
     threads: Optional[int] = typer.Option(None, help="torch / ONNX Runtime threads (default: all cores)"),
@@ -106,8 +111,14 @@ def bench_cmd(
             ebs = min(max(sizes), accuracy_n)
             frame = lesion_frame(paths[: (accuracy_n // ebs) * ebs], model.feature_spec.modalities)
             eval_batches = real_batches(model, frame, pre, ebs)
+        options = {}
+        if calibration_images is not None and "onnx-qdq" in names:
+            cal_paths = _image_paths(calibration_images, calibration_n)
+            cal_frame = lesion_frame(cal_paths, model.feature_spec.modalities)
+            options["onnx-qdq"] = {"calibration_batches": real_batches(model, cal_frame, pre, 16)}
         result = bench_model(model, backends=names, batch_sizes=sizes, device=device, eval_batches=eval_batches,
                              repeats=repeats, budget_s=budget, image_paths=paths, preprocess=pre,
+                             backend_options=options,
                              name=label, log=lambda msg: console.print(f"[dim]{msg}[/]"))
     print_result(result)
     if markdown_out:

@@ -182,13 +182,20 @@ def batch_from_inputs(images: dict, metadata: dict, spec: FeatureSpec, preproces
     """A one-lesion Batch from in-memory inputs (the API path): `images` maps modality -> PIL RGB image
     (absent modalities are simply not in the dict), `metadata` holds manifest-style fields
     (age, sex, skin_tone, site, concept_<modality>_<name> …; missing keys = unknown)."""
-    row = {"age": float("nan"), "sex": "", "skin_tone": "", "site": "", **{k: v for k, v in metadata.items() if v is not None}}
-    frame = pd.DataFrame([row])
-    for c in spec.concepts:
-        if c not in frame.columns:
-            frame[c] = float("nan")
-    numeric, numeric_present = spec.encode_numeric(frame)
-    concepts, concepts_present = spec.encode_concepts(frame)
+    if spec.numeric or spec.categorical or spec.concepts:
+        row = {"age": float("nan"), "sex": "", "skin_tone": "", "site": "",
+               **{k: v for k, v in metadata.items() if v is not None}}
+        frame = pd.DataFrame([row])
+        for c in spec.concepts:
+            if c not in frame.columns:
+                frame[c] = float("nan")
+        numeric, numeric_present = spec.encode_numeric(frame)
+        concepts, concepts_present = spec.encode_concepts(frame)
+        categorical = spec.encode_categorical(frame)
+    else:  # an image-only model: no one-row DataFrame (~1 ms of a request's ~20)
+        numeric = concepts = np.zeros((1, 0), np.float32)
+        numeric_present = concepts_present = np.zeros((1, 0), bool)
+        categorical = np.zeros((1, 0), np.int64)
     tensors, present = {}, []
     for m in spec.modalities:
         pre = preprocess[m]
@@ -203,4 +210,4 @@ def batch_from_inputs(images: dict, metadata: dict, spec: FeatureSpec, preproces
     return {"images": tensors, "image_present": torch.tensor([present]),
             "concepts": torch.from_numpy(concepts), "concepts_present": torch.from_numpy(concepts_present),
             "numeric": torch.from_numpy(numeric), "numeric_present": torch.from_numpy(numeric_present),
-            "categorical": torch.from_numpy(spec.encode_categorical(frame)), "lesion_id": ["request"]}
+            "categorical": torch.from_numpy(categorical), "lesion_id": ["request"]}

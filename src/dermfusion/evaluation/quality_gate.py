@@ -10,6 +10,8 @@ on two kinds of cheap evidence, the image checks doing most of the work:
   white pixels), blur (variance of the Laplacian of L* on the well-exposed pixels), skin-likeness (share of the
   coloured well-exposed pixels whose hue lies in the magenta-pink → red → brown → yellow range of skin and lesions;
   near-grey pixels — very pale skin under white light — count neither way, and a grey image has no skin);
+- **familiarity** (``embedding_reference``): how unlike the reference lesions the image is in the network's
+  intermediate layers — what tells a skin-coloured photo of a cat or a cup of coffee from a lesion;
 - **the model's own confidence**: a top calibrated probability below what the training run's out-of-fold
   lesions reach. Its quantiles are computed at training time beside the drift reference
   (`confidence_reference`, stored in ``drift_reference.json``); `confidence_threshold` turns them into a cut
@@ -40,6 +42,7 @@ REASONS = {
     "blurred": "image too blurred",
     "not_skin": "image does not look like skin",
     "model_unsure": "model unsure: out of distribution",
+    "unfamiliar": "image unlike the lesions the model was trained on",
 }
 MEASURES = ("colour_spread", "dark_fraction", "bright_fraction", "sharpness", "skin_fraction")
 
@@ -139,3 +142,12 @@ def model_findings(probs, min_top_probability: float | None) -> list[tuple[str, 
         return [("model_unsure", f"{REASONS['model_unsure']} (top class probability {top:.2f} < "
                                  f"{min_top_probability:.2f}, below what the training lesions reach)")]
     return []
+
+
+def familiarity_findings(score: float | None, cut: float | None) -> list[tuple[str, str]]:
+    """The familiarity check (``evaluation.embedding_reference``): refused when the image's unfamiliarity score
+    exceeds the cut."""
+    if score is None or cut is None or not np.isfinite(score) or score <= cut:
+        return []
+    return [("unfamiliar", f"{REASONS['unfamiliar']} (unfamiliarity {score:.2f} > {cut:.2f}; a typical lesion "
+                           "scores about 1)")]

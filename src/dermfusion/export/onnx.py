@@ -45,6 +45,9 @@ from ..explain.explainer import Explainer
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import load_network
 from ..models.fast_attention import fast_attention_
+from ..models.layer_stats import LayerStats
+from .static_padding import static_same_padding_
+from .synthetic import synthetic_batch
 
 OPSET = 18
 IMAGE_PREFIX = "image_"
@@ -98,10 +101,12 @@ def input_specs(model: nn.Module) -> list[InputSpec]:
 class OnnxFusionWrapper(nn.Module):
     """Positional tensors in (``input_specs`` order) -> (probabilities, logits)."""
 
-    def __init__(self, model: nn.Module, names: Sequence[str]):
+    def __init__(self, model: nn.Module, names: Sequence[str], stats_modality: str | None = None):
         super().__init__()
         self.model, self.names = model, list(names)
         self.modalities = list(model.feature_spec.modalities)
+        # with a modality: a third output, that image's layer statistics (the service's familiarity check)
+        self.stats = LayerStats(model, stats_modality) if stats_modality else None
 
     def forward(self, *inputs: torch.Tensor):
         x = dict(zip(self.names, inputs))
@@ -109,31 +114,12 @@ class OnnxFusionWrapper(nn.Module):
         for k in ("concepts", "concepts_present", "numeric", "numeric_present", "categorical"):
             if k in x:
                 batch[k] = x[k]
-        logits = self.model(batch)["logits"].float()
-        return torch.softmax(logits, dim=-1), logits
-
-
-def synthetic_batch(model: nn.Module, batch_size: int = 3, seed: int = 0, missing_image: bool = True) -> dict:
-    """A random Batch for ``model``'s inputs; with ``missing_image`` the first row lacks its first image."""
-    spec = model.feature_spec
-    dc = model.data_config
-    g = torch.Generator().manual_seed(seed)
-    b, m = batch_size, len(spec.modalities)
-    present = torch.ones(b, m, dtype=torch.bool)
-    if missing_image and m > 1:
-        present[0, 0] = False
-    images = {}
-    for j, mod in enumerate(spec.modalities):
-        img = torch.randn(b, *dc[mod]["input_size"], generator=g)
-        images[mod] = torch.where(present[:, j, None, None, None], img, torch.zeros_like(img))
-    k, n = len(spec.concepts), len(spec.numeric)
-    sizes = list(spec.categorical_sizes.values())
-    cat = torch.stack([torch.randint(0, s, (b,), generator=g) for s in sizes], 1) if sizes \
-        else torch.zeros(b, 0, dtype=torch.long)
-    return {"images": images, "image_present": present,
-            "concepts": torch.rand(b, k, generator=g), "concepts_present": torch.rand(b, k, generator=g) > 0.3,
-            "numeric": torch.rand(b, n, generator=g) * 80, "numeric_present": torch.rand(b, n, generator=g) > 0.2,
-            "categorical": cat, "lesion_id": [f"synthetic_{i}" for i in range(b)]}
+        if self.stats is None:
+            logits = self.model(batch)["logits"].float()
+            return torch.softmax(logits, dim=-1), logits
+        with self.stats:
+            logits = self.model(batch)["logits"].float()
+        return torch.softmax(logits, dim=-1), logits, self.stats.take()
 
 
 _DTYPES = {"float32": (np.float32, torch.float32), "bool": (np.bool_, torch.bool), "int64": (np.int64, torch.long)}
@@ -168,7 +154,7 @@ def _example_args(batch: dict, specs: Sequence[InputSpec]) -> tuple:
 
 
 def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[InputSpec], opset: int,
-                  exporter: str = "auto") -> str:
+                  exporter: str = "auto", outputs: Sequence[str] = OUTPUT_NAMES) -> str:
     """Export with ``exporter`` ("dynamo", "torchscript", or "auto": dynamo, then TorchScript); returns which worked."""
     if exporter not in {"auto", "dynamo", "torchscript"}:
         raise ValueError(f"exporter must be auto, dynamo or torchscript, not {exporter!r}")
@@ -185,7 +171,7 @@ def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[I
                 warnings.simplefilter("ignore")
                 # forward(*inputs): one var-positional argument, hence the extra tuple level
                 prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=names,
-                                         output_names=list(OUTPUT_NAMES),
+                                         output_names=list(outputs),
                                          dynamic_shapes=(tuple({0: batch} for _ in specs),), opset_version=opset,
                                          optimize=True, verbose=False)
                 prog.save(str(path))
@@ -198,11 +184,11 @@ def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[I
             for lg, lv in zip(quiet, levels):
                 lg.setLevel(lv)
     try:
-        axes = {n: {0: "batch"} for n in [*names, *OUTPUT_NAMES]}
+        axes = {n: {0: "batch"} for n in [*names, *outputs]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=names,
-                              output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
+                              output_names=list(outputs), dynamic_axes=axes, opset_version=opset,
                               do_constant_folding=True)
         return "torchscript"
     except Exception as e:  # noqa: BLE001
@@ -290,13 +276,14 @@ def check_parity(model: nn.Module, path: str | Path, batch_sizes: Sequence[int] 
 def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | None = None,
                 preprocess: dict | None = None, metadata: dict | None = None, opset: int = OPSET,
                 check: bool = True, atol: float = 1e-4, batch_sizes: Sequence[int] = (1, 3),
-                exporter: str = "auto") -> ExportResult:
+                exporter: str = "auto", layer_stats: str | None = None) -> ExportResult:
     """Write ``model`` (a dermfusion network, float32) to ``out`` (a .onnx file); see the module doc.
 
     ``preprocess`` defaults to the model's ``data_config``. With ``check`` the graph is compared with
     PyTorch at ``batch_sizes`` and :class:`ExportParityError` raised beyond ``atol``. ``exporter``:
     "dynamo" (torch.export), "torchscript" (the legacy tracer; faster to run), or "auto" (dynamo,
-    falling back to TorchScript).
+    falling back to TorchScript). ``layer_stats``: an image modality whose encoder's layer statistics
+    (``models.layer_stats``) become a third output, ``layer_stats`` (what the service's familiarity check reads).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -307,10 +294,14 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     graph_model = copy.deepcopy(model)
     Explainer.remove_from(graph_model)  # an explained model's copy: no recording hooks, fused attention back on
     fast_attention_(graph_model)
-    wrapper = OnnxFusionWrapper(graph_model, [s.name for s in specs]).eval()
     example = synthetic_batch(model, 2, seed=0)
+    static_same_padding_(graph_model, example)  # the graph takes one image size: TF "same" padding made constant
+    wrapper = OnnxFusionWrapper(graph_model, [s.name for s in specs], layer_stats).eval()
+    outputs = [*OUTPUT_NAMES, "layer_stats"] if wrapper.stats is not None and wrapper.stats.available else OUTPUT_NAMES
+    if wrapper.stats is not None and not wrapper.stats.available:
+        wrapper.stats = None
     with torch.no_grad():
-        exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset, exporter)
+        exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset, exporter, outputs)
     if preprocess is None:
         preprocess = {m: {"size": int(c["input_size"][-1]), "mean": list(c["mean"]), "std": list(c["std"]),
                           "interpolation": c.get("interpolation", "bicubic")} for m, c in model.data_config.items()}
@@ -319,7 +310,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
              "dermfusion.preprocess": preprocess,
              "dermfusion.feature_spec": model.feature_spec.to_dict(),
              "dermfusion.inputs": [s.to_dict() for s in specs],
-             "dermfusion.outputs": list(OUTPUT_NAMES)}
+             "dermfusion.outputs": list(outputs)}
     if classes is not None:
         props["dermfusion.classes"] = list(classes)
     props.update(metadata or {})

@@ -68,3 +68,4 @@ def embedding_features(bundle, rows: pd.DataFrame, modality: str, description: s
             out.append(feats.float().reshape(len(feats), -1).cpu().numpy())
             prog.advance(task, len(feats))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+

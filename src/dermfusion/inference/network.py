@@ -3,6 +3,8 @@ weights strictly, and predicts in batches (test-time augmentation, an inference 
 from __future__ import annotations
 
 import importlib.util
+import json
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ from ..data.dataset import LesionDataset, collate
 from ..data.loading import BatchLoader
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import load_network
-from ..runtime.device import autocast_dtype, move_batch, native_bf16, resolve_device
+from ..runtime.device import autocast_dtype, cpu_name, move_batch, native_bf16, resolve_device
 from .backends import list_backends, prepare_backend, select_backend
 from .predict_loop import predict_probs
 from .predictor import Predictor
@@ -55,16 +57,19 @@ class NetworkPredictor(Predictor):
         """The first rows of a manifest as one model batch on this predictor's device."""
         return move_batch(next(iter(self.loader(sample.head(SELECTION_ROWS)))), self.device)
 
-    def choose_backend(self, sample: pd.DataFrame, candidates=None) -> str:
+    def choose_backend(self, sample: pd.DataFrame, candidates=None, options: dict | None = None) -> str:
         """Pick the fastest backend whose probabilities on ``sample`` (real lesions) match fp32 eager
-        (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %); fp32 eager is the fallback. Returns its name."""
-        cands = candidates if candidates is not None else default_candidates(self.device)
-        sel = select_backend(self.model, self.sample_batch(sample), cands, device=self.device)
+        (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %); fp32 eager is the fallback. Returns its name. ``options``
+        go to every candidate's factory (e.g. ``layer_stats``: the service's familiarity check)."""
+        cands = candidates if candidates is not None else default_candidates(self.device, self.model)
+        sel = select_backend(self.model, self.sample_batch(sample), cands, device=self.device,
+                             backend_options={c: dict(options or {}) for c in cands})
         self.amp, self.backend, self.selection = None, sel.name, sel.candidates
         self.runner = self.model if sel.name == "fp32" else sel.runner
+        write_backend_check(self.bundle, sel.name, sel.candidates, len(sample.head(SELECTION_ROWS)))
         return sel.name
 
-    def use_backend(self, name: str, sample: pd.DataFrame | None = None) -> None:
+    def use_backend(self, name: str, sample: pd.DataFrame | None = None, options: dict | None = None) -> None:
         """Run with backend ``name`` (no accuracy check: a caller's explicit choice, or another rank's)."""
         if name == self.backend and self.runner is not None:
             return
@@ -73,7 +78,7 @@ class NetworkPredictor(Predictor):
             return
         batch = self.sample_batch(sample) if sample is not None and len(sample) else None
         self.runner, self.amp, self.backend = prepare_backend(self.model, name, device=self.device,
-                                                              sample_batch=batch), None, name
+                                                              sample_batch=batch, **(options or {})), None, name
 
     def loader(self, df: pd.DataFrame) -> DataLoader:
         ds = LesionDataset(df, self.task, self.spec, self.preprocess, train=False, with_targets=False)
@@ -94,18 +99,39 @@ class NetworkPredictor(Predictor):
 
 
 
-def default_candidates(device) -> list[str]:
+def default_candidates(device, model=None) -> list[str]:
     """Backends worth trying: on CPU bf16 where it is native (AMX / AVX-512 BF16; emulated bf16 on an
-    AVX2-only CPU is many times slower than fp32, not worth a check), int8 and, with onnxruntime
-    installed, ONNX Runtime int8 (the fastest passing backend for ViT-S/16 and open_clip ViT-B/16 pairs in
-    BENCHMARKS.md; preparing it exports the model once, ~30 s for a ViT-B pair); bf16 on CUDA."""
+    AVX2-only CPU is many times slower than fp32, not worth a check), int8, and with onnxruntime installed ONNX
+    Runtime int8 (the fastest passing backend for ViT-S/16 and open_clip ViT-B/16 pairs in BENCHMARKS.md),
+    ONNX Runtime float32 (exact; 3-5x fp32 eager for the fine-tuned EfficientNet-Lite0) and, for a convolutional
+    encoder (more than a patch embedding's convolutions), static int8 (``onnx-qdq``). Preparing an ONNX backend
+    exports the model once (~30 s for a ViT-B pair, ~5 s for Lite0). bf16 on CUDA."""
     device = torch.device(device)
     if device.type != "cpu":
         return ["bf16"]
-    onnx = ["onnx-int8"] if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx") else []
+    onnx = ["onnx-int8", "onnx"] if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx") \
+        else []
+    if onnx and model is not None and sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 4:
+        onnx.append("onnx-qdq")
     return (["bf16"] if native_bf16(device) else []) + ["int8"] + onnx
 
 
 def load_network_bundle(bundle: Bundle, **options) -> NetworkPredictor:
     """The "network" kind's loader (``inference.load``): uses the network options, ignores others."""
     return NetworkPredictor(bundle, **{k: v for k, v in options.items() if k in NETWORK_OPTIONS})
+
+
+def write_backend_check(bundle: Bundle, chosen: str, candidates: list[dict], lesions: int) -> None:
+    """The backend check's figures, written into the bundle as ``backend_check.json`` (documentation: not covered
+    by the hash) — per CPU, so one bundle served on two machines keeps both. Skipped on a read-only bundle."""
+    path = bundle.path / "backend_check.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[cpu_name()] = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "chosen": chosen,
+                            "lesions_checked": lesions,
+                            "candidates": [{k: v for k, v in c.items() if k != "error"} for c in candidates]}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=float))
+        tmp.replace(path)
+    except OSError:  # a read-only model store: the figures are still logged and in /readyz
+        pass

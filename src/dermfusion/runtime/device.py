@@ -29,6 +29,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), with its matrix-unit features: benchmark rows and backend
+    checks name the machine they were measured on."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        import platform
+
+        name = platform.processor() or platform.machine() or name
+    feats = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2"})
+    return f"{name} ({', '.join(feats)})" if feats else name
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 runs on matrix units here: a CUDA GPU that supports it, or a CPU with AMX or AVX-512 BF16.
     Without them (e.g. an AVX2-only AMD EPYC) CPU bf16 is emulated: measured ~15x *slower* than fp32 for a

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .. import __version__
 from ..evaluation.drift_reference import image_stats, observation, read_reference_stats
+from ..evaluation.embedding_reference import read_reference
 from ..explain import center_crop_box, overlay_heatmap, png_base64
 from ..explain.overlay import display_size
 from ..inference.predictor import Predictor
@@ -57,7 +58,8 @@ class Analyzer:
         self.calibration = dict(self.bundle.calibration or {})
         self.calibrated = bool(self.calibration)
         path = getattr(self.bundle, "path", None)
-        self.gate = QualityGate(self.config.quality, read_reference_stats(path) if path else None)
+        self.gate = QualityGate(self.config.quality, read_reference_stats(path) if path else None,
+                                familiarity_reference(predictor))
         self.ready = False
         self.backends: list[str] = []
 
@@ -125,12 +127,14 @@ class Analyzer:
 
         t = time.perf_counter()
         want_maps = explain and self.can_explain and not findings
-        probs, maps, methods, contrib = self.model_pass.run(images, metadata_used, want_maps)
+        watch = self.gate.familiarity_modality if quality_gate and not findings else None
+        probs, maps, methods, contrib, layer_stats = self.model_pass.run(images, metadata_used, want_maps, watch)
         timings["inference_ms"] = (time.perf_counter() - t) * 1000
+        unfamiliarity = self.gate.unfamiliarity(layer_stats) if watch else None
         probs = np.clip(probs, 0.0, 1.0)
         probs = probs / probs.sum() if probs.sum() > 0 else probs
         task = self.task
-        findings += self.gate.check_model(probs) if quality_gate else []
+        findings += (self.gate.check_familiarity(unfamiliarity) + self.gate.check_model(probs)) if quality_gate else []
         decision = decide(task, probs, self.config.triage, self.config.uncertainty, missing_images, missing_meta)
         if findings:  # "cannot assess" overrules triage, and there is nothing to explain
             decision, want_maps, contrib = cannot_assess(decision, findings), False, {}
@@ -174,7 +178,8 @@ class Analyzer:
             "uncertainty": {"normalized_entropy": decision.normalized_entropy, "top_probability": decision.top_probability,
                             "margin": decision.margin},
             "quality": {"assessable": not findings, "reasons": [{"code": c, "message": m} for c, m in findings],
-                        "measures": measures, "min_top_probability": self.gate.min_top_probability},
+                        "measures": measures, "min_top_probability": self.gate.min_top_probability,
+                        "unfamiliarity": unfamiliarity, "max_unfamiliarity": self.gate.max_unfamiliarity},
             "inputs": {"modalities_received": received, "modalities_used": used, "modalities_missing": missing_images,
                        "metadata_used": public_metadata(metadata_used), "metadata_missing": missing_meta,
                        "image_sha256": {m: uploads[m].sha256 for m in received},
@@ -204,7 +209,7 @@ class Analyzer:
     # ------------------------------------------------------------------------------------- warm-up
     def choose_backends(self) -> list[str]:
         """Each network's inference backend (``config.backend``; see ``ModelPass.choose_backends``)."""
-        self.backends = self.model_pass.choose_backends(self.config.backend)
+        self.backends = self.model_pass.choose_backends(self.config.backend, self.gate.familiarity_modality)
         return self.backends
 
     def warmup(self) -> float:
@@ -223,3 +228,11 @@ class Analyzer:
         self.analyze(uploads, PatientMetadata(), request_id="warmup", explain=True, quality_gate=False)
         self.ready = True
         return time.perf_counter() - t
+
+
+def familiarity_reference(predictor) -> dict | None:
+    """The familiarity reference of the network whose layers the service watches (the first one, as in
+    ``ModelPass.run``): a fold ensemble is checked against its first fold's validation lesions."""
+    mix = predictor.mixture() if hasattr(predictor, "mixture") else []
+    first = mix[0][1] if mix else predictor
+    return read_reference(getattr(getattr(first, "bundle", None), "path", None))

@@ -51,6 +51,7 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
     """
     config = config or ServiceConfig()
     metrics = Metrics()
+    metrics.low_confidence_cut.set(config.uncertainty.min_top_probability)
     state = ServiceState(config=config, metrics=metrics,
                          pool=InferencePool(config.workers.workers, config.workers.queue_size,
                                             config.workers.queue_timeout_s),

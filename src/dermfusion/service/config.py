@@ -69,7 +69,9 @@ class QualityConfig(_Strict):
     ``cannot_assess`` ("image not assessable — retake") instead of a referral. Image cut-offs are on the centre
     square the model sees (≤ 224 px, CIE L*a*b*); defaults were chosen on the 5,984 HAM10000 training images and
     pass ≥ 99 % of the 1,512 ISIC 2018 test images (BENCHMARKS.md). The model check compares the top calibrated
-    probability with the served bundle's out-of-fold quantiles (``drift_reference.json``)."""
+    probability with the served bundle's out-of-fold quantiles (``drift_reference.json``); the familiarity check
+    compares the image's intermediate-layer statistics with the bundle's reference lesions
+    (``embedding_reference.npz``, ``evaluation.embedding_reference``)."""
 
     enabled: bool = True
     min_colour_spread: float = Field(2.0, ge=0, description="blank / one colour: largest L*a*b* channel std below this")
@@ -84,6 +86,11 @@ class QualityConfig(_Strict):
     min_top_probability: Optional[float] = Field(None, ge=0, le=1, description=(
         "a fixed cut instead of the bundle's out-of-fold one (needed for bundles without that reference)"))
     min_reference_lesions: int = Field(100, ge=1, description="ignore an out-of-fold reference of fewer lesions")
+    familiarity_check: bool = Field(True, description=(
+        "refuse an image unlike the bundle's reference lesions inside the network (embedding_reference.npz: "
+        "intermediate-layer statistics; catches skin-coloured photos of other things)"))
+    familiarity_margin: float = Field(1.0, gt=0, description=(
+        "the cut: this × the largest cross-fitted unfamiliarity score of the reference lesions"))
 
     def image_cuts(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in ("min_colour_spread", "max_dark_fraction", "max_bright_fraction",

@@ -33,6 +33,12 @@ class Metrics:
         self.predictions = Counter("dermfusion_predictions_total", "primary diagnosis per analysis", ["class"],
                                    registry=r)
         self.actions = Counter("dermfusion_actions_total", "recommended action per analysis", ["action"], registry=r)
+        self.analyses = Counter("dermfusion_analyses_total", "analyses answered (every action, cannot_assess "
+                                "included): the denominator of the clinical rates", registry=r)
+        self.low_confidence = Counter("dermfusion_low_confidence_total", "assessable analyses whose top calibrated "
+                                      "probability is below uncertainty.min_top_probability", registry=r)
+        self.low_confidence_cut = Gauge("dermfusion_low_confidence_threshold", "uncertainty.min_top_probability: "
+                                        "the cut behind dermfusion_low_confidence_total", registry=r)
         self.reviews = Counter("dermfusion_review_recommended_total", "analyses flagged for human review", registry=r)
         self.confidence = Histogram("dermfusion_prediction_confidence", "top calibrated probability",
                                     buckets=tuple(i / 10 for i in range(1, 11)), registry=r)

@@ -10,7 +10,9 @@ predictor (tabular, stacks) gets a one-row manifest and its own ``predict_proba`
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from ..explain import Explainer
 from ..inference.backends import selection_text
 from ..inference.network import NetworkPredictor
 from ..inference.predictor import Predictor
+from ..models.layer_stats import LayerStats
 from ..runtime.device import move_batch
 from ..tasks import MODALITIES
 
@@ -59,23 +62,33 @@ class ModelPass:
     def is_network(self) -> bool:
         return bool(self.networks)
 
-    def run(self, images: dict, metadata: dict, want_maps: bool):
-        """(calibrated probabilities C, heat maps {modality: grid}, methods, fusion contributions of the lesion)."""
+    def run(self, images: dict, metadata: dict, want_maps: bool, stats_modality: str | None = None):
+        """(calibrated probabilities C, heat maps {modality: grid}, methods, fusion contributions of the lesion,
+        the first network's layer statistics of ``stats_modality``'s image — 1×S, or None — for the gate's
+        familiarity check)."""
         if not self.networks:
-            return self._predict_generic(images, metadata), {}, {}, {}
-        raw, maps, methods, contrib = [], {}, {}, {}
+            return self._predict_generic(images, metadata), {}, {}, {}, None
+        raw, maps, methods, contrib, stats = [], {}, {}, {}, None
         for i, net in enumerate(self.networks):
             batch = batch_from_inputs({m: img for m, img in images.items() if m in net.spec.modalities},
                                       metadata, net.spec, net.preprocess)
             batch = move_batch(batch, net.device)
             fast = getattr(net, "runner", None)
             fast = fast if fast is not None and fast is not net.model else None
+            watch = stats_modality if i == 0 and stats_modality in images else None
+            # the layer statistics come from whichever pass runs first: the fast backend's, else the eager model's
+            probe = LayerStats(fast.module if fast is not None else net.model, watch) \
+                if watch and (fast is None or fast.module is not None) else None
             p = None
             if fast is not None:  # the selected backend gives the probabilities, explained or not
-                with torch.no_grad():
-                    p = torch.softmax(fast(batch)["logits"].float(), -1)[0].cpu().numpy()
+                with torch.no_grad(), probe if probe is not None else nullcontext():
+                    out = fast(batch)
+                p = torch.softmax(out["logits"].float(), -1)[0].cpu().numpy()
+                if watch and out.get("layer_stats") is not None:
+                    stats = np.asarray(out["layer_stats"], dtype=np.float64)
             if i == 0 and (want_maps or fast is None):  # the eager model explains (maps need gradients / hooks)
-                res = self.explainer.run(batch, explain=want_maps)
+                with probe if probe is not None and fast is None else nullcontext():
+                    res = self.explainer.run(batch, explain=want_maps)
                 p = res.probs[0] if p is None else p
                 maps = {m: rows[0] for m, rows in res.maps.items() if rows and rows[0] is not None}
                 methods = res.methods
@@ -83,9 +96,12 @@ class ModelPass:
             elif p is None:
                 with torch.no_grad():
                     p = torch.softmax(net.model(batch)["logits"].float(), -1)[0].cpu().numpy()
+            if probe is not None and stats is None:
+                taken = probe.take()
+                stats = None if taken is None else taken.cpu().numpy().astype(np.float64)
             raw.append(np.asarray(p, dtype=np.float64))
         mixed = np.tensordot(self.weights, np.stack(raw), axes=1)  # the predictor's own combination of raw output
-        return self.predictor.calibration.apply(mixed[None])[0], maps, methods, contrib
+        return self.predictor.calibration.apply(mixed[None])[0], maps, methods, contrib, stats
 
     def _predict_generic(self, images: dict, metadata: dict) -> np.ndarray:
         """Any other predictor: a one-row manifest with the images in a temporary folder."""
@@ -105,20 +121,25 @@ class ModelPass:
             probs = self.predictor.predict_proba(df)
         return np.asarray(probs, dtype=np.float64)[0]
 
-    def choose_backends(self, name: str) -> list[str]:
+    def choose_backends(self, name: str, stats_modality: str | None = None) -> list[str]:
         """Each network's inference backend: ``auto`` = the fastest whose probabilities on the bundled real
         HAM10000 sample match fp32 eager (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %), else fp32; ``trained`` = as
-        validated in training; any other name is used as given."""
+        validated in training; any other name is used as given. ``stats_modality``: the first network's backend
+        also gives that image's layer statistics (the quality gate's familiarity check)."""
         chosen, self.backend_warnings, self.backend_failures = [], [], []
         for i, net in enumerate(self.networks):
             sample = sample_frame(net.spec)
             failed = []
+            options = {"layer_stats": stats_modality} if i == 0 and stats_modality else {}
+            # ONNX Runtime sessions get every core: one session serves all workers (its runs share the pool), and
+            # with `workers.torch_threads: 1` a one-thread session would double a lone request's latency
+            options["threads"] = available_cores()
             if name == "auto":
-                net.choose_backend(sample)
+                net.choose_backend(sample, options=options)
                 log.info("backend check: %s", selection_text(net.selection, net.backend))
                 failed = [rec for rec in net.selection or [] if rec.get("error")]  # faults, not accuracy refusals
             elif name != "trained":
-                net.use_backend(name, sample)
+                net.use_backend(name, sample, options)
             for rec in failed:  # never silent: logged, in /readyz and in dermfusion_backend_failures
                 reason = (str(rec.get("reason", "")).splitlines() or ["failed"])[0][:200]
                 msg = f"member {i} ({net.bundle.name}): backend {rec['name']} failed ({reason}); using {net.backend}"
@@ -129,6 +150,10 @@ class ModelPass:
         if chosen:
             log.info("inference backend: %s", ", ".join(sorted(set(chosen))))
         return chosen
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def sample_frame(spec, n: int = 32) -> pd.DataFrame:

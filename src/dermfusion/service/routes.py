@@ -168,12 +168,15 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         metrics.queue_wait.observe(waited)
         metrics.inference.observe(resp["timings_ms"].get("analysis_ms", 0) / 1000)
         metrics.actions.labels(resp["action"]).inc()
+        metrics.analyses.inc()
         if resp["action"] == CANNOT_ASSESS:  # counted by reason; kept out of the prediction and drift figures
             for reason in sorted({r["code"] for r in resp["quality"]["reasons"]}):
                 metrics.cannot_assess.labels(reason).inc()
         else:
             metrics.predictions.labels(resp["primary_diagnosis"]["code"]).inc()
             metrics.confidence.observe(resp["uncertainty"]["top_probability"])
+            if resp["uncertainty"]["top_probability"] < config.uncertainty.min_top_probability:
+                metrics.low_confidence.inc()
             metrics.risk.observe(resp["risk_score"])
             if resp["review_recommended"]:
                 metrics.reviews.inc()

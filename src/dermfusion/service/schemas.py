@@ -184,6 +184,10 @@ class QualityReport(_Model):
         default_factory=dict, description="per image type: colour_spread, dark_fraction, bright_fraction, "
                                           "sharpness, skin_fraction (evaluation.quality_gate)")
     min_top_probability: Optional[float] = Field(None, description="the model check's cut (None: check off)")
+    unfamiliarity: Optional[float] = Field(None, description=(
+        "how unlike the bundle's reference lesions the image is inside the network (≈ 1 typical; None: not "
+        "checked — no reference, or an image check already refused it)"))
+    max_unfamiliarity: Optional[float] = Field(None, description="the familiarity check's cut (None: check off)")
 
 
 class InputSummary(_Model):

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..evaluation.quality_gate import REASONS, confidence_threshold, image_findings, image_measures, model_findings
+from ..evaluation.embedding_reference import score_threshold, unfamiliarity
+from ..evaluation.quality_gate import (REASONS, confidence_threshold, familiarity_findings, image_findings,
+                                       image_measures, model_findings)
 from ..tasks import TaskSpec
 from .config import QualityConfig, TriageConfig, UncertaintyConfig
 
@@ -93,8 +95,12 @@ class QualityGate:
     cut from the served bundle's out-of-fold reference (``drift_reference.json``: ``quality_gate``) unless the
     settings fix one."""
 
-    def __init__(self, config: QualityConfig, reference: dict | None = None):
+    def __init__(self, config: QualityConfig, reference: dict | None = None, familiarity: dict | None = None):
         self.config = config
+        self.familiarity, self.max_unfamiliarity = None, None
+        if config.familiarity_check and familiarity is not None:
+            self.familiarity = familiarity
+            self.max_unfamiliarity = score_threshold(familiarity, config.familiarity_margin)
         ref = (reference or {}).get("quality_gate")
         self.min_top_probability, self.source = None, "off (quality.model_check: false)"
         if not config.model_check:
@@ -120,9 +126,26 @@ class QualityGate:
     def check_model(self, probs) -> list[tuple[str, str]]:
         return model_findings(probs, self.min_top_probability) if self.config.enabled else []
 
+    @property
+    def familiarity_modality(self) -> str | None:
+        """The image whose layer statistics the familiarity check needs (None: the check is off)."""
+        return self.familiarity.get("modality") or None if self.familiarity and self.config.enabled else None
+
+    def unfamiliarity(self, stats) -> float | None:
+        return None if stats is None or self.familiarity is None else float(unfamiliarity(self.familiarity,
+                                                                                          stats)[0])
+
+    def check_familiarity(self, score: float | None) -> list[tuple[str, str]]:
+        return familiarity_findings(score, self.max_unfamiliarity) if self.config.enabled else []
+
     def describe(self) -> dict:
+        fam = self.familiarity
         return {**self.config.model_dump(), "min_top_probability": self.min_top_probability,
-                "min_top_probability_source": self.source, "reasons": dict(REASONS)}
+                "min_top_probability_source": self.source, "max_unfamiliarity": self.max_unfamiliarity,
+                "familiarity_reference": (f"{fam['n']} lesions ({fam['source']})" if fam else
+                                          "none: the bundle has no embedding_reference.npz (dermfusion bundle "
+                                          "reference adds one)" if self.config.familiarity_check else "off"),
+                "reasons": dict(REASONS)}
 
 
 def cannot_assess(decision: TriageDecision, findings: list[tuple[str, str]]) -> TriageDecision:

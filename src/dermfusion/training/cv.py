@@ -21,8 +21,10 @@ from ..console import console
 from ..data.manifest import ManifestError, targets
 from ..evaluation.calibration import calibrate_oof, Calibration, fit_prior_adjustment, training_prior
 from ..evaluation.drift_reference import compute_reference_stats, write_reference_stats
+from ..evaluation.embedding_reference import EmbeddingReferenceError
 from ..evaluation.metrics import balanced_accuracy
 from ..inference import load_predictor
+from ..inference.familiarity import write_familiarity_reference
 from ..models.registry import check_model_settings
 from ..runtime.device import compute_threads
 from ..runtime.distributed import current, run_collectively
@@ -109,6 +111,7 @@ def _train_network_cv(cfg, members, task, df, out: Path, fold_ids: list[int], pr
             oof = average_oof(oofs, task)
             oof.to_csv(out / "oof.csv", index=False)
             summary.update(_oof_summary(cfg, task, df, oof, out, [r.bundle for r in results]))
+        write_familiarity_references(df, results)
         if profile:
             summary["profile"] = {r.fold: _profile(r.history) for r in per_member[0]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -177,6 +180,24 @@ def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
     write_calibrated_oof(task, oof, res["calibration"]["fitted"], out / "oof_calibrated.csv")
     write_drift_references(task, lab, oof, bundles, res["calibration"]["fitted"])
     return res
+
+
+def write_familiarity_references(df: pd.DataFrame, results, max_rows: int = 1000) -> None:
+    """Each network bundle gets the "cannot assess" gate's familiarity reference (``embedding_reference.npz``):
+    a fold bundle from its validation lesions, a full-data refit from (a sample of) its training lesions. A model
+    whose encoder has no known layers, or too few lesions, gets none — the service then says the check is off."""
+    for r in results:
+        rows = df[df["fold"] == r.fold] if r.fold >= 0 else df
+        if len(rows) > max_rows:
+            rows = rows.sample(n=max_rows, random_state=0)
+        source = f"validation fold {r.fold}" if r.fold >= 0 else "training lesions (in-sample)"
+        try:
+            ref = write_familiarity_reference(r.bundle, rows, source)
+        except (EmbeddingReferenceError, ValueError, RuntimeError) as e:
+            console.print(f"[yellow]no familiarity reference for {r.bundle}:[/] {e}")
+            continue
+        if ref is not None:
+            console.print(f"familiarity reference: {ref['n']} lesions ({source}) → {r.bundle}/embedding_reference.npz")
 
 
 def write_calibrated_oof(task, oof: pd.DataFrame, calibration: dict, path: Path) -> Path:

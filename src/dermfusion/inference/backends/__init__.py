@@ -19,12 +19,14 @@ Backends (``BACKENDS``):
             activations are quantised per call, attention softmax stays float32. CPU only.
   onnx      ONNX Runtime (float32) on the exported model (``dermfusion.export``).
   onnx-int8 ONNX Runtime with the encoders' MatMul weights int8 (per channel), dynamic activations.
+  onnx-qdq  ONNX Runtime static int8: convolutions + matmuls, weights per channel, activations calibrated on
+            real images (``onnx_static``); first convolution and the head kept in float32.
   compile   ``torch.compile`` (inductor, frozen weights) of the float32 model under bf16 autocast: bf16
             GEMMs, float32 residual stream (plain float32 on a CPU without bf16 units). The first call per batch shape compiles (~25 s for a ViT-B
             pair on 2 cores), later calls are fast.
 
-Modules: ``base`` (registry, ``BackendRunner``), ``eager`` (the torch backends), ``onnx_runtime`` (the ONNX
-Runtime ones), ``selection`` (prepare, compare, time, select). The attention rewrite the fast backends rely on
+Modules: ``base`` (registry, ``BackendRunner``), ``eager`` (the torch backends), ``onnx_runtime`` and
+``onnx_static`` (the ONNX Runtime ones), ``selection`` (prepare, compare, time, select). The attention rewrite the fast backends rely on
 is ``models.fast_attention``.
 """
 from .base import (BACKENDS, CPU_ONLY, BackendError, BackendFactory, BackendRunner, UnknownBackendError, as_device,
@@ -32,13 +34,14 @@ from .base import (BACKENDS, CPU_ONLY, BackendError, BackendFactory, BackendRunn
 from .eager import (CastEncoder, autocast_backend, bf16_backend, bf16_model, compile_backend, fp32_backend,
                     int8_backend)
 from .onnx_runtime import onnx_backend, onnx_int8_backend
+from .onnx_static import onnx_qdq_backend
 from .selection import (BackendSelection, compare_probs, prepare_backend, probs_over, select_backend, selection_text,
                         time_runner)
 
 # the built-in backends, registered here explicitly, in the order `select_backend` tries them
 for _name, _factory in (("fp32", fp32_backend), ("bf16", bf16_backend), ("autocast", autocast_backend),
                         ("int8", int8_backend), ("compile", compile_backend), ("onnx", onnx_backend),
-                        ("onnx-int8", onnx_int8_backend)):
+                        ("onnx-int8", onnx_int8_backend), ("onnx-qdq", onnx_qdq_backend)):
     register_backend(_name)(_factory)
 
 __all__ = ["BACKENDS", "CPU_ONLY", "BackendError", "BackendFactory", "BackendRunner", "BackendSelection", "CastEncoder",

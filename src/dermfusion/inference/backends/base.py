@@ -12,7 +12,7 @@ from ...errors import DermfusionError
 
 BackendFactory = Callable[..., "BackendRunner"]
 BACKENDS: dict[str, BackendFactory] = {}
-CPU_ONLY = {"int8", "onnx", "onnx-int8"}
+CPU_ONLY = {"int8", "onnx", "onnx-int8", "onnx-qdq"}
 
 
 class UnknownBackendError(DermfusionError, KeyError):

@@ -19,7 +19,7 @@ from .base import BackendError, BackendRunner, as_device
 
 
 def onnx_backend(model: nn.Module, device="cpu", sample_batch: dict | None = None, onnx_path=None,
-          threads: int | None = None, exporter: str = "auto", **_) -> BackendRunner:
+          threads: int | None = None, exporter: str = "auto", layer_stats: str | None = None, **_) -> BackendRunner:
     """ONNX Runtime (float32) on ``onnx_path``, or on a fresh export of ``model`` to a temporary folder,
     deleted once the session holds the graph in memory."""
     device = as_device(device)
@@ -37,7 +37,7 @@ def onnx_backend(model: nn.Module, device="cpu", sample_batch: dict | None = Non
         onnx_path = cleanup_dir / "model.onnx"
         t0 = time.perf_counter()
         try:
-            export_onnx(model, onnx_path, check=False, exporter=exporter)
+            export_onnx(model, onnx_path, check=False, exporter=exporter, layer_stats=layer_stats)
         except BaseException:
             shutil.rmtree(cleanup_dir, ignore_errors=True)
             raise
@@ -48,12 +48,16 @@ def onnx_backend(model: nn.Module, device="cpu", sample_batch: dict | None = Non
         if cleanup_dir is not None:
             shutil.rmtree(cleanup_dir, ignore_errors=True)
     names = [i.name for i in sess.get_inputs()]
+    outputs = [o.name for o in sess.get_outputs()]
     modalities = list(getattr(model, "modalities", []))
 
     def fn(batch: dict) -> dict:
         feeds = batch_to_onnx_inputs(batch, modalities, names)
-        probs, logits = sess.run(["probabilities", "logits"], feeds)
-        return {"logits": torch.from_numpy(logits), "probabilities": torch.from_numpy(probs)}
+        res = dict(zip(outputs, sess.run(outputs, feeds)))
+        out = {"logits": torch.from_numpy(res["logits"]), "probabilities": torch.from_numpy(res["probabilities"])}
+        if "layer_stats" in res:  # the familiarity check's input (export_onnx(layer_stats=…))
+            out["layer_stats"] = res["layer_stats"]
+        return out
 
     if cleanup_dir is None:
         info["onnx_path"] = str(onnx_path)
@@ -62,7 +66,7 @@ def onnx_backend(model: nn.Module, device="cpu", sample_batch: dict | None = Non
 
 def onnx_int8_backend(model: nn.Module, device="cpu", sample_batch: dict | None = None, threads: int | None = None,
                exporter: str = "torchscript", quantize_fusion: bool = False, reduce_range: bool | None = None,
-               **_) -> BackendRunner:
+               layer_stats: str | None = None, **_) -> BackendRunner:
     """ONNX Runtime with the encoders' MatMul weights quantised to int8 (per channel, dynamic activations).
 
     Fusion and head MatMuls stay float32 (excluded by module scope); 2-D linears export as Gemm and
@@ -84,7 +88,7 @@ def onnx_int8_backend(model: nn.Module, device="cpu", sample_batch: dict | None 
     tmp = Path(tempfile.mkdtemp(prefix="dermfusion_onnx_int8_"))
     try:  # the session holds the quantised graph in memory: the files (fp32 + int8) go afterwards
         t0 = time.perf_counter()
-        export_onnx(model, tmp / "fp32.onnx", check=False, exporter=exporter)
+        export_onnx(model, tmp / "fp32.onnx", check=False, exporter=exporter, layer_stats=layer_stats)
         exclude = []
         if not quantize_fusion:  # keep fusion + heads in float32: few FLOPs, most of the decision
             # TorchScript node names carry the module scope, "/model/<child of the network>/…"; encoders are
