@@ -24,11 +24,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
-from ..evaluation.drift_reference import read_reference_stats
 from .analyzer import Analyzer
 from .config import ServiceConfig, load_service_config
+from .deployment import Deployment, RegistryWatcher, install
 from .docs import add_docs
-from .drift import DriftMonitor
 from .handlers import install_handlers
 from .health import AuditKeeper
 from .integrity import BundleIntegrityError, verify_predictor, verify_served
@@ -43,8 +42,10 @@ log = logging.getLogger("dermfusion.service")
 
 
 def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = None, *, predictor=None,
-               analyzer: Analyzer | None = None, warm_in_background: bool = False, warmup: bool = True) -> FastAPI:
-    """Build the app. Give a bundle path (loaded at startup), or a ready ``predictor`` / ``analyzer``.
+               analyzer: Analyzer | None = None, warm_in_background: bool = False, warmup: bool = True,
+               registry: str | Path | None = None) -> FastAPI:
+    """Build the app. Give a bundle path (loaded at startup), a ready ``predictor`` / ``analyzer``, or a model
+    ``registry`` directory (or ``config.registry.dir``): its promoted version answers, its shadow runs beside it.
 
     ``warm_in_background``: start serving /healthz at once and report /readyz 503 until the model is
     loaded and warmed (for ``dermfusion serve``); otherwise startup waits for it (tests).
@@ -58,13 +59,21 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
                          bundle_path=Path(bundle) if bundle else None, analyzer=analyzer)
     state.key_digests = [digest(k) for k in config.auth.api_keys if k]
     state.audit_keeper = AuditKeeper(state)
+    registry = registry or config.registry.dir
+    if registry is not None and (bundle or predictor is not None or analyzer is not None):
+        raise ValueError("serve either a bundle or a model registry, not both")
+    if registry is not None:
+        state.registry = RegistryWatcher(state, registry, config.registry.poll_s, warmup=warmup)
 
     def load() -> None:
         try:
             if config.workers.torch_threads:
                 torch.set_num_threads(config.workers.torch_threads)
             state.audit_keeper.start()  # never fatal: retried with backoff while /readyz says why
-            if state.analyzer is None:
+            if state.registry is not None:
+                state.registry.refresh(force=True)  # the promoted (and shadow) version: verified, loaded, warmed
+                state.registry.start()
+            elif state.analyzer is None:
                 pred = predictor
                 if pred is None:
                     if state.bundle_path is None:
@@ -72,12 +81,13 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
                     pred = load_served_predictor(state.bundle_path, config.device)
                 state.analyzer = Analyzer(pred, config)
             an = state.analyzer
-            state.integrity = verify_predictor(an.predictor, state.verified)  # the hashes audited = verified
-            ref = read_reference_stats(an.bundle.path) if an.bundle.path else None
-            state.drift = DriftMonitor(ref, config.drift.window, config.drift.min_samples)
+            if state.registry is None:
+                state.integrity = verify_predictor(an.predictor, state.verified)  # the hashes audited = verified
+                install(state, Deployment(an))
             ref_ = an.model_ref
-            metrics.model_info.labels(ref_["name"], ref_["version"], ref_["hash"][:16], ref_["task"]).set(1)
-            if warmup:
+            if state.registry is not None:
+                pass  # each registry version is warmed when it is loaded (RegistryWatcher.analyzer)
+            elif warmup:
                 secs = an.warmup()
                 log.info("model %s (%s) loaded and warmed in %.2f s", ref_["name"], ref_["hash"][:12], secs)
             else:
@@ -112,6 +122,8 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
         finally:
             state.pool.shutdown()
             state.audit_keeper.close()
+            if state.registry is not None:
+                state.registry.close()
 
     app = FastAPI(title="dermfusion triage API", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Multi-modal skin-lesion decision support: clinical and/or dermoscopic image + "
@@ -140,9 +152,10 @@ def server_options(config: ServiceConfig) -> dict:
 
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory dermfusion.service.app:app_from_env`` (or gunicorn):
-    DERMFUSION_BUNDLE (required) and DERMFUSION_SERVICE_CONFIG (optional service.yaml)."""
-    bundle = os.environ.get("DERMFUSION_BUNDLE")
-    if not bundle:
-        raise RuntimeError("set DERMFUSION_BUNDLE to the bundle directory to serve")
-    return create_app(bundle, load_service_config(os.environ.get("DERMFUSION_SERVICE_CONFIG") or None),
-                      warm_in_background=True)
+    DERMFUSION_BUNDLE or DERMFUSION_REGISTRY (or ``registry.dir`` in the config), and DERMFUSION_SERVICE_CONFIG
+    (optional service.yaml)."""
+    bundle, registry = os.environ.get("DERMFUSION_BUNDLE"), os.environ.get("DERMFUSION_REGISTRY")
+    config = load_service_config(os.environ.get("DERMFUSION_SERVICE_CONFIG") or None)
+    if not bundle and not registry and not config.registry.dir:
+        raise RuntimeError("set DERMFUSION_BUNDLE to the bundle directory to serve (or DERMFUSION_REGISTRY)")
+    return create_app(bundle or None, config, warm_in_background=True, registry=registry or None)

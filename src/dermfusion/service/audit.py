@@ -18,8 +18,8 @@ import contextlib
 import threading
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, Integer, String, create_engine, event, inspect, select,
-                        text, update)
+from sqlalchemy import (JSON, Boolean, DateTime, Float, Integer, String, UniqueConstraint, create_engine, event,
+                        inspect, select, text, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -56,6 +56,45 @@ class AuditRecord(_Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     client: Mapped[str | None] = mapped_column(String(32), nullable=True)   # API-key fingerprint, not the key
     images_stored: Mapped[bool] = mapped_column(Boolean, default=False)
+    registry_version: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the answering one
+    model_role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # promoted | canary (registry only)
+
+
+class ShadowRecord(_Base):
+    """A prediction made but not returned: the shadow version's, or — when a canary answered — the promoted
+    version's. Same request id as the answer's row; compared with it once a diagnosis is confirmed."""
+    __tablename__ = f"{TABLE}_shadow"
+    __table_args__ = (UniqueConstraint("request_id", "registry_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    registry_version: Mapped[str] = mapped_column(String(64), index=True)
+    model_role: Mapped[str] = mapped_column(String(16))     # shadow | promoted (the canary answered instead)
+    model_hash: Mapped[str] = mapped_column(String(64))
+    task: Mapped[str] = mapped_column(String(50))
+    outputs: Mapped[dict] = mapped_column(JSON)
+    primary_class: Mapped[str] = mapped_column(String(32))
+    top_probability: Mapped[float] = mapped_column(Float)
+    risk_score: Mapped[float] = mapped_column(Float)
+    action: Mapped[str] = mapped_column(String(32))
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+FEEDBACK_CONFIRMATIONS = ("histology", "follow_up", "consensus", "confocal")
+
+
+class FeedbackRecord(_Base):
+    """A clinician's confirmed diagnosis for an audited request: enumerated values only, never free text. Append-only
+    (a later confirmation, e.g. histology after follow-up, is a new row; reports use the latest)."""
+    __tablename__ = "dermfusion_feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    diagnosis: Mapped[str] = mapped_column(String(32))
+    confirmation: Mapped[str] = mapped_column(String(16))
+    client: Mapped[str | None] = mapped_column(String(32), nullable=True)   # API-key fingerprint or "cli:<user>"
 
 
 class AuditProbe(_Base):
@@ -67,6 +106,8 @@ class AuditProbe(_Base):
 
 
 COLUMNS = [c.name for c in AuditRecord.__table__.columns]
+SHADOW_COLUMNS = [c.name for c in ShadowRecord.__table__.columns]
+FEEDBACK_COLUMNS = [c.name for c in FeedbackRecord.__table__.columns]
 
 
 def _sqlite_pragmas(dbapi_conn, _record):
@@ -137,6 +178,45 @@ class AuditStore:
         obj = AuditRecord(**{k: v for k, v in rec.items() if k in COLUMNS and k != "id"})
         with self._locked(), Session(self.engine) as s, s.begin():
             s.add(obj)
+
+    def write_shadow(self, record: dict) -> None:
+        """A prediction made but not returned (``ShadowRecord``)."""
+        rec = {k: v for k, v in record.items() if k in SHADOW_COLUMNS and k != "id"}
+        rec.setdefault("created_at", datetime.now(timezone.utc))
+        with self._locked(), Session(self.engine) as s, s.begin():
+            s.add(ShadowRecord(**rec))
+
+    def write_feedback(self, request_id: str, diagnosis: str, confirmation: str, client: str | None = None) -> dict:
+        """Record a confirmed diagnosis (the caller validated the enums against the audited row's task)."""
+        if confirmation not in FEEDBACK_CONFIRMATIONS:
+            raise ValueError(f"confirmation must be one of {', '.join(FEEDBACK_CONFIRMATIONS)}")
+        rec = {"request_id": request_id, "created_at": datetime.now(timezone.utc), "diagnosis": diagnosis,
+               "confirmation": confirmation, "client": client}
+        with self._locked(), Session(self.engine) as s, s.begin():
+            s.add(FeedbackRecord(**rec))
+        return rec
+
+    def confirmed_cases(self) -> list[dict]:
+        """Every audited request with a confirmed diagnosis (the latest feedback row): the answer's row, its
+        unreturned predictions (``shadows``) and the diagnosis — the input of the performance report."""
+        with Session(self.engine) as s:
+            latest: dict[str, FeedbackRecord] = {}
+            for f in s.scalars(select(FeedbackRecord).order_by(FeedbackRecord.created_at, FeedbackRecord.id)):
+                latest[f.request_id] = f
+            if not latest:
+                return []
+            ids = list(latest)
+            out: dict[str, dict] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                for r in s.scalars(select(AuditRecord).where(AuditRecord.request_id.in_(chunk))):
+                    f = latest[r.request_id]
+                    out[r.request_id] = {"row": {c: getattr(r, c) for c in COLUMNS}, "shadows": [],
+                                         "diagnosis": f.diagnosis, "confirmation": f.confirmation}
+                for r in s.scalars(select(ShadowRecord).where(ShadowRecord.request_id.in_(chunk))):
+                    if r.request_id in out:
+                        out[r.request_id]["shadows"].append({c: getattr(r, c) for c in SHADOW_COLUMNS})
+            return list(out.values())
 
     def recent(self, limit: int = 500, since: datetime | None = None, model_hash: str | None = None) -> list[dict]:
         """Newest first."""

@@ -167,6 +167,14 @@ class ExplainConfig(_Strict):
     colormap: str = "jet"
 
 
+class RegistryConfig(_Strict):
+    """Serve from a model registry (``dermfusion registry``) instead of one bundle: its promoted version answers,
+    its shadow version (if any) is run and audited beside it, or answers a canary share."""
+    dir: Optional[str] = Field(None, description="registry directory (dermfusion serve --registry DIR); null = off")
+    poll_s: float = Field(2.0, gt=0, description="how often registry.json is checked for a promotion / rollback made "
+                                                 "with the CLI (the admin endpoints apply theirs at once)")
+
+
 class ServiceConfig(_Strict):
     triage: TriageConfig = Field(default_factory=TriageConfig)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
@@ -177,6 +185,7 @@ class ServiceConfig(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     device: str = "cpu"
     backend: str = Field("auto", description="auto = the fastest backend matching fp32 eager on real images "
                                              "(fp32 if none) | trained | fp32 | bf16 | autocast | int8 | onnx | "

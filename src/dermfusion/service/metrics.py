@@ -5,7 +5,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ENDPOINTS = ("/v1/analyze", "/v1/model", "/v1/model-card", "/v1/model-card.html", "/healthz", "/readyz", "/metrics",
-             "/", "/docs", "/openapi.json")
+             "/", "/docs", "/openapi.json", "/v1/feedback", "/v1/performance", "/v1/admin/promote",
+             "/v1/admin/rollback", "/v1/admin/shadow", "/v1/admin/registry")
 
 
 def endpoint_label(path: str) -> str:
@@ -61,6 +62,13 @@ class Metrics:
         self.backend_failures = Gauge("dermfusion_backend_failures", "fast backends that failed to build or run "
                                       "at start-up, per network member (it runs on a slower one)", ["member"],
                                       registry=r)
+        self.registry_version = Gauge("dermfusion_registry_version", "registry versions loaded: promoted (1), shadow (1) "
+                                      "or canary (its share)", ["version", "role"], registry=r)
+        self.answers = Counter("dermfusion_answers_total", "analyses answered, by registry version and role "
+                               "(promoted | canary; 'none' without a registry)", ["version", "role"], registry=r)
+        self.unreturned = Counter("dermfusion_unreturned_predictions_total", "predictions made and audited but not "
+                                  "returned (shadow; the promoted one under a canary), by version and outcome",
+                                  ["version", "outcome"], registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -18,7 +18,8 @@ from .guards import Ticket, request_id_claim, run_within
 from .inputs import InputError, Upload
 from .requests import check_form, parse_metadata, read_upload
 from .schemas import AnalyzeResponse, ErrorResponse, Health, ModelInfo, known_concepts
-from .state import ServiceState, ready_analyzer, served_model_card, store_images, write_audit
+from .lifecycle import run_unreturned
+from .state import ServiceState, current_deployment, ready_analyzer, served_model_card, store_images, write_audit
 from .triage import CANNOT_ASSESS, class_name
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -127,7 +128,8 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
     ):
         """Analyse one lesion: at least one image; metadata optional."""
         rid = request.state.request_id
-        an = ready_analyzer(state)
+        answer, unreturned = current_deployment(state).route(rid)  # one reference for the whole request
+        an = answer.analyzer
         check_form(await request.form())  # parsed already (cached): only known fields, each at most once
         uploads: dict[str, Upload] = {}
         for modality, up in (("clinical", clinical), ("dermoscopic", dermoscopic)):
@@ -154,8 +156,10 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             stored = store_images(config, rid, analysis.images) if analysis.images else False
             analysis.audit["images_stored"] = stored
             analysis.audit["latency_ms"] = (time.perf_counter() - t_req) * 1000
+            analysis.audit.update(registry_version=answer.version, model_role=answer.role)  # who answered
             write_audit(state, analysis.audit)
             analysis.response["timings_ms"]["audit_ms"] = round((time.perf_counter() - t) * 1000, 2)
+            run_unreturned(state, unreturned, uploads, meta, rid)  # shadow / the promoted one under a canary
             return analysis
 
         budget = config.workers.request_timeout_s
@@ -163,6 +167,8 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             analysis, waited = await run_within(state.pool, work, ticket, budget - (time.perf_counter() - t_req),
                                                 budget)
         resp = analysis.response
+        resp["model"].update(registry_version=answer.version, role=answer.role)
+        metrics.answers.labels(answer.version or "none", answer.role or "none").inc()
         resp["timings_ms"]["queue_ms"] = round(waited * 1000, 2)
         resp["timings_ms"]["total_ms"] = round((time.perf_counter() - t_req) * 1000, 2)
         metrics.queue_wait.observe(waited)

@@ -164,6 +164,9 @@ class ModelRef(_Model):
     members: list[dict] = Field(default_factory=list, description=(
         "every bundle whose output goes into the answer (each fold of a run, each ensemble member): name, "
         "version, hash — recorded in every audit row"))
+    registry_version: Optional[str] = Field(None, description="the model registry's version that answered (null "
+                                                              "when served without a registry)")
+    role: Optional[str] = Field(None, description="promoted | canary (null without a registry)")
 
 
 class Uncertainty(_Model):

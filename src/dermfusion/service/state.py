@@ -45,6 +45,8 @@ class ServiceState:
     verified: dict = field(default_factory=dict)      # {bundle dir: bundle.Integrity}, checked at start
     integrity: list = field(default_factory=list)     # the served predictor's bundles, verified
     request_ids: set = field(default_factory=set)     # client-supplied request ids in flight (guards)
+    deployment: object | None = None   # deployment.Deployment: what answers; a request reads it once, at its start
+    registry: object | None = None     # deployment.RegistryWatcher when serving from a model registry
 
 
 def digest(key: str) -> bytes:
@@ -76,6 +78,14 @@ def ready_analyzer(state: ServiceState) -> Analyzer:
         raise InputError(503, "not_ready", "the model is still loading; retry shortly"
                          if state.status != "error" else f"the model failed to load ({state.detail})")
     return state.analyzer
+
+
+def current_deployment(state: ServiceState):
+    """The deployment answering this request (read once per request: a swap never mixes versions within one)."""
+    dep = state.deployment
+    if not state.ready or dep is None:
+        ready_analyzer(state)  # the same 503 as every other route
+    return dep
 
 
 def served_model_card(state: ServiceState) -> dict:
