@@ -23,7 +23,7 @@ LEVELS: list[tuple[str, list[str]]] = [
     ("vocabulary", ["dermfusion.tasks", "dermfusion.console"]),
     ("foundations", ["dermfusion.config", "dermfusion.data", "dermfusion.runtime"]),
     ("models and measures", ["dermfusion.models", "dermfusion.evaluation", "dermfusion.explain"]),
-    ("bundles", ["dermfusion.bundle"]),
+    ("bundles, concept scores", ["dermfusion.bundle", "dermfusion.concepts"]),
     ("model cards", ["dermfusion.card"]),
     ("tabular experts, export", ["dermfusion.tabular", "dermfusion.export"]),
     ("inference", ["dermfusion.inference"]),

@@ -89,6 +89,13 @@ class CalibrationConfig(_Strict):
     eval_size: Optional[int] = None     # lesions in the set to be scored (MILK10k cuts)
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking (``training/tracking.py``; ``pip install 'dermfusion[tracking]'``). Off by default."""
+    mlflow: bool = False                # log params, fold metrics, OOF figures and the bundles to MLflow
+    uri: Optional[str] = None           # tracking URI; None = a local file store, file:RUN/mlruns (no network)
+    experiment: Optional[str] = None    # MLflow experiment name; None = the config's name
+
+
 class NetworkModelConfig(BaseModel):
     """A network from the model registry. Its other keys are the registered model's constructor settings
     (``fusion_dim``, ``encoder`` …): which ones exist depends on ``name``, so they are checked against the
@@ -131,6 +138,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # an ensemble recipe: one model per entry, each this config with the entry's dotted-key overrides
     # ({} = as written); `dermfusion train` trains them all into one run and `predict RUN` averages them
     members: list[dict[str, Any]] = Field(default_factory=list)

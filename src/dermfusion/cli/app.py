@@ -1,7 +1,7 @@
 """The ``dermfusion`` command: every verb, registered here explicitly.
 
-Each verb lives in the module of its stage (``data``, ``bundle``, ``train``, ``predict``, ``evaluate``, ``gate``,
-``combine``, ``perf``, ``service``, ``card``, ``shift``, ``demo``) as a plain function; this module wraps each in the
+Each verb lives in the module of its stage (``data``, ``bundle``, ``train``, ``concepts``, ``predict``, ``evaluate``, ``gate``,
+``combine``, ``perf``, ``service``, ``card``, ``shift``, ``demo``, ``lifecycle``) as a plain function; this module wraps each in the
 one-line user-error guard (``common.user_errors``) and adds it to the typer app. The verb modules import only typer
 and the console at module level — the stages load when a verb runs — so ``dermfusion --help`` is quick.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bundle, card, combine, data, demo, evaluate, gate, perf, predict, service, shift, train
+from . import bundle, card, combine, concepts, data, demo, evaluate, gate, lifecycle, perf, predict, service, shift, train
 from .common import user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -18,15 +18,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 import_app = typer.Typer(no_args_is_help=True, help="Import a public dataset into a lesion manifest.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect manifests.")
 bundle_app = typer.Typer(no_args_is_help=True, help="Check a bundle's integrity; add the quality gate's reference.")
+registry_app = typer.Typer(no_args_is_help=True, help="The model registry: register versions, promote, shadow / "
+                                                      "canary, roll back.")
 
 # (typer app, verb, function) in the order `dermfusion --help` lists them
 VERBS = [
     (import_app, "milk10k", data.import_milk10k_cmd),
     (import_app, "isic", data.import_isic_cmd),
     (import_app, "derm7pt", data.import_derm7pt_cmd),
+    (import_app, "pad-ufes-20", data.import_pad_ufes_cmd),
     (app, "folds", data.folds_cmd),
     (data_app, "check", data.data_check_cmd),
     (app, "train", train.train_cmd),
+    (app, "concepts", concepts.concepts_cmd),
     (app, "predict", predict.predict_cmd),
     (app, "evaluate", evaluate.evaluate_cmd),
     (app, "gate", gate.gate_cmd),
@@ -44,10 +48,18 @@ VERBS = [
     (bundle_app, "verify", bundle.verify_cmd),
     (bundle_app, "seal", bundle.seal_cmd),
     (bundle_app, "reference", bundle.reference_cmd),
+    (registry_app, "register", lifecycle.register_cmd),
+    (registry_app, "list", lifecycle.list_cmd),
+    (registry_app, "promote", lifecycle.promote_cmd),
+    (registry_app, "shadow", lifecycle.shadow_cmd),
+    (registry_app, "rollback", lifecycle.rollback_cmd),
+    (app, "feedback", lifecycle.feedback_cmd),
+    (app, "performance", lifecycle.performance_cmd),
 ]
 app.add_typer(import_app, name="import")
 app.add_typer(data_app, name="data")
 app.add_typer(bundle_app, name="bundle")
+app.add_typer(registry_app, name="registry")
 for _group, _name, _fn in VERBS:
     _group.command(_name)(user_errors(_fn))
 

@@ -18,7 +18,7 @@ from ..errors import DermfusionError, error_message
 # optional dependencies → the extra that installs them (a missing one is a one-line error, not a traceback)
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "sqlalchemy": "serve", "prometheus_client": "serve",
           "multipart": "serve", "python_multipart": "serve", "onnx": "export", "onnxruntime": "export",
-          "onnxscript": "export", "xgboost": "xgboost", "psycopg2": "postgres"}
+          "onnxscript": "export", "xgboost": "xgboost", "psycopg2": "postgres", "mlflow": "tracking"}
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:

@@ -1,4 +1,4 @@
-"""Data verbs: ``import milk10k | isic | derm7pt``, ``folds``, ``data check``."""
+"""Data verbs: ``import milk10k | isic | derm7pt | pad-ufes-20``, ``folds``, ``data check``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,6 +77,25 @@ def import_derm7pt_cmd(
         from ..tasks import DERM7PT
         df = assign_folds(df, DERM7PT, k=k, seed=seed)
     _save(df, out, str(meta))
+
+
+def import_pad_ufes_cmd(
+    metadata: Path = typer.Argument(..., help="PAD-UFES-20 metadata.csv (one row per image)"),
+    out: Path = typer.Option(...),
+    images: Optional[Path] = typer.Option(None, help="image folder holding <img_id> (default: next to the CSV)"),
+    dataset: str = typer.Option("pad_ufes_20", help="dataset name stored in the manifest"),
+    k: int = typer.Option(0, help="also assign k patient-grouped folds (0 = no folds)"),
+    seed: int = typer.Option(0),
+):
+    """Import PAD-UFES-20 (six classes, clinical photos; patient-grouped; biopsy → label provenance)."""
+    from ..data.importers import import_pad_ufes
+
+    df = import_pad_ufes(metadata, images, dataset=dataset)
+    if k:
+        from ..data.folds import assign_folds
+        from ..tasks import PAD_UFES_20
+        df = assign_folds(df, PAD_UFES_20, k=k, seed=seed)
+    _save(df, out, str(metadata))
 
 
 def folds_cmd(

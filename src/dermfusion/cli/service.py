@@ -33,6 +33,8 @@ def serve_cmd(
     device: Optional[str] = typer.Option(None, help="override device (cpu, cuda)"),
     log_level: str = typer.Option("info"),
     print_config: bool = typer.Option(False, "--print-config", help="print the default service.yaml and exit"),
+    registry: Optional[Path] = typer.Option(None, "--registry", help="serve a model registry's promoted version "
+                                            "(and its shadow) instead of one bundle; overrides registry.dir"),
 ):
     """Serve the triage API and the clinician web page (FastAPI + uvicorn)."""
     from ..service.config import default_config_yaml
@@ -40,8 +42,12 @@ def serve_cmd(
     if print_config:
         console.print(default_config_yaml(), markup=False, highlight=False, soft_wrap=True)
         return
-    if bundle is None:
-        fail("give a bundle or a training run directory: dermfusion serve BUNDLE_OR_RUN")
+    if registry is not None:
+        over_registry = {"dir": str(registry)}
+    else:
+        over_registry = None
+    if bundle is not None and registry is not None:
+        fail("serve either a bundle (BUNDLE_OR_RUN) or a registry (--registry DIR), not both")
     import logging
 
     import uvicorn
@@ -55,13 +61,26 @@ def serve_cmd(
         over["workers"] = {"workers": workers}
     if device is not None:
         over["device"] = device
+    if over_registry:
+        over["registry"] = over_registry
     cfg = _service_config(config, **over)
-    resolve_run(bundle)  # a wrong path fails here, in one line, not later in the background loader
+    if bundle is None and not cfg.registry.dir:
+        fail("give a bundle or a training run directory (dermfusion serve BUNDLE_OR_RUN), or --registry DIR")
+    if bundle is not None and cfg.registry.dir:
+        fail(f"serve either a bundle or the registry {cfg.registry.dir} (registry.dir in the config), not both")
+    if bundle is not None:
+        resolve_run(bundle)  # a wrong path fails here, in one line, not later in the background loader
+    else:
+        from ..bundle.registry import Registry
+
+        st = Registry(cfg.registry.dir).read()  # no registry / nothing promoted: one line now, not in the loader
+        if not st.get("promoted"):
+            fail(f"registry {cfg.registry.dir} has no promoted version: dermfusion registry promote VERSION")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     web_app = create_app(bundle, cfg, warm_in_background=True)
     auth = f"API key required ({len(cfg.auth.api_keys)} configured)" if cfg.auth.api_keys else "no authentication"
-    err_console.print(f"[bold]dermfusion serve[/]: {bundle} on http://{host}:{port} — {auth}; "
+    err_console.print(f"[bold]dermfusion serve[/]: {bundle or 'registry ' + str(cfg.registry.dir)} on http://{host}:{port} — {auth}; "
                       f"{cfg.workers.workers} worker(s), queue {cfg.workers.queue_size}")
     err_console.print(f"audit trail: {describe_url(cfg.audit.db_url)}"
                       + ("" if cfg.audit.required else " (not required)"), markup=False, highlight=False,

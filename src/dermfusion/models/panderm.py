@@ -8,6 +8,8 @@ encoder — or an error naming every key that did not fit.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -20,19 +22,25 @@ PANDERM_ARCHS = {
 # PanDerm fine-tuning code normalises with ImageNet statistics.
 PANDERM_DATA_CONFIG = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                            interpolation="bicubic", crop_pct=1.0)
-# Keys that only exist in a *pre-training* checkpoint (CAE decoder / regressor, EMA teacher, mask token).
-# They are dropped only when the caller opts in with ``ignore_pretraining_keys=True``.
+# Keys that only exist in a *pre-training* checkpoint: the CAE/CAEv2 latent regressor ("regresser", PanDerm's
+# spelling) with its position embeddings and input projection, the alignment (EMA target) encoder, the decoder,
+# teacher and mask token. They are dropped only when the caller opts in with ``ignore_pretraining_keys=True``, and
+# the dropped keys are listed (``model.dropped_pretraining_keys``) — never silently.
 PRETRAINING_ONLY_PREFIXES = (
+    "regresser.", "regressor.", "rd_pos_embed", "encoder_to_regresser", "encoder_to_regressor",
+    "alignment_encoder.", "pretext_neck.",
     "decoder.", "regressor_and_decoder.", "encoder_to_decoder.", "teacher.", "teacher_model.",
     "mask_token", "decoder_pos_embed", "projector.", "lm_head.", "norm_decoder.",
 )
 
 
 def panderm_checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module, *,
-                                 ignore_pretraining_keys: bool = False) -> dict[str, torch.Tensor]:
+                                 ignore_pretraining_keys: bool = False,
+                                 dropped: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Map a PanDerm/CAE/BEiT-style state dict onto timm ``VisionTransformer`` key names.
 
-    Unknown keys are passed through unchanged so the strict load that follows reports them.
+    Unknown keys are passed through unchanged so the strict load that follows reports them. With
+    ``ignore_pretraining_keys``, the pre-training-only keys are left out and appended to ``dropped``.
     """
     sd = strip_prefixes(state_dict, ("module.", "model.", "encoder."))
     if any("rel_pos_bias" in k or "relative_position" in k for k in sd):
@@ -42,6 +50,8 @@ def panderm_checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if ignore_pretraining_keys and k.startswith(PRETRAINING_ONLY_PREFIXES):
+            if dropped is not None:
+                dropped.append(k)
             continue
         if k.endswith(".attn.q_bias"):
             prefix = k[: -len("q_bias")]
@@ -94,14 +104,20 @@ def create_panderm_vit(arch: str, pretrained_path=None, *, ignore_pretraining_ke
     model = timm.create_model(arch, pretrained=False, **args)
     if pretrained_path is not None:
         raw = read_state_dict(pretrained_path)
-        sd = panderm_checkpoint_filter_fn(raw, model, ignore_pretraining_keys=ignore_pretraining_keys)
+        dropped: list[str] = []
+        sd = panderm_checkpoint_filter_fn(raw, model, ignore_pretraining_keys=ignore_pretraining_keys, dropped=dropped)
         try:
             load_state_dict_strict(model, sd, source=str(pretrained_path), allow_head_mismatch=allow_head_mismatch)
         except CheckpointMismatchError as e:
             if not ignore_pretraining_keys and any(k.startswith(PRETRAINING_ONLY_PREFIXES) for k in e.unexpected):
                 raise CheckpointMismatchError(
                     e.source, e.missing, e.unexpected, e.shape_mismatch,
-                    "this looks like a pre-training checkpoint (decoder/teacher/mask-token keys); pass "
+                    "this looks like a pre-training checkpoint (CAE regressor / alignment encoder / decoder / "
+                    "teacher / mask-token keys); pass "
                     "ignore_pretraining_keys=True to drop exactly those keys") from None
             raise
+        model.dropped_pretraining_keys = sorted(dropped)
+        if dropped:
+            logging.getLogger(__name__).info("%s: dropped %d pre-training-only key(s): %s", pretrained_path,
+                                             len(dropped), ", ".join(sorted(dropped)))
     return model

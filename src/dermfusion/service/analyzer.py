@@ -25,6 +25,7 @@ from ..explain import center_crop_box, overlay_heatmap, png_base64
 from ..explain.overlay import display_size
 from ..inference.predictor import Predictor
 from ..tasks import MODALITIES
+from .concept_scores import ConceptFiller
 from .config import ServiceConfig
 from .inputs import InputError, Upload, decode_upload, public_metadata
 from .model_pass import ModelPass
@@ -58,6 +59,7 @@ class Analyzer:
         self.calibration = dict(self.bundle.calibration or {})
         self.calibrated = bool(self.calibration)
         path = getattr(self.bundle, "path", None)
+        self.concept_filler = ConceptFiller(self.config.concepts)
         self.gate = QualityGate(self.config.quality, read_reference_stats(path) if path else None,
                                 familiarity_reference(predictor))
         self.ready = False
@@ -110,6 +112,9 @@ class Analyzer:
         fields = metadata.manifest_fields()
         model_fields = set(self.metadata_fields)
         metadata_used = {k: v for k, v in fields.items() if k in model_fields or k in self.concepts}
+        # concept scores the request lacks, from its images when a scorer is configured (concept_scores.py)
+        concepts_supplied, concepts_computed = self.concept_filler.fill(
+            {m: uploads[m].data for m in used}, metadata_used, self.concepts)
         given_meta = [k for k in ("age", "sex", "skin_tone", "site") if k in fields]
         ignored = [k for k in given_meta if k not in model_fields]
         if ignored:
@@ -183,7 +188,8 @@ class Analyzer:
             "inputs": {"modalities_received": received, "modalities_used": used, "modalities_missing": missing_images,
                        "metadata_used": public_metadata(metadata_used), "metadata_missing": missing_meta,
                        "image_sha256": {m: uploads[m].sha256 for m in received},
-                       "image_size": {m: list(images[m].size) for m in used}},
+                       "image_size": {m: list(images[m].size) for m in used},
+                       "concepts_supplied": concepts_supplied, "concepts_computed": concepts_computed},
             "warnings": warnings,
             "explanations": {"heatmaps": heatmaps, "fusion": fusion},
             "calibrated": self.calibrated,

@@ -2,7 +2,8 @@
 ``dermfusion serve``), wires the middleware, exception handlers and routes.
 
 Endpoints: ``POST /v1/analyze`` · ``GET /v1/model`` · ``GET /v1/model-card`` · ``GET /healthz`` · ``GET /readyz`` ·
-``GET /metrics`` · ``GET /`` (clinician page) · ``/docs`` + ``/openapi.json``.
+``GET /metrics`` · ``GET /`` (clinician page) · ``/docs`` + ``/openapi.json`` · the model lifecycle
+(``service.lifecycle``): ``POST /v1/feedback``, ``GET /v1/performance``, ``POST /v1/admin/{promote,rollback,shadow}``.
 
 Safety properties, each enforced in one place:
 - bad input is a 4xx JSON error saying what is wrong (``InputError`` / validation handlers), never a 500;
@@ -31,6 +32,7 @@ from .docs import add_docs
 from .handlers import install_handlers
 from .health import AuditKeeper
 from .integrity import BundleIntegrityError, verify_predictor, verify_served
+from .lifecycle import add_lifecycle_routes
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .pool import InferencePool
@@ -137,6 +139,7 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
     app.add_middleware(ServiceMiddleware, state=state)
     install_handlers(app, state)
     add_routes(app, state)
+    add_lifecycle_routes(app, state)  # feedback, performance, admin (promote / shadow / rollback)
     add_docs(app, app.title)  # Swagger UI from the package, not a CDN
     return app
 

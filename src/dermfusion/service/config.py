@@ -167,6 +167,18 @@ class ExplainConfig(_Strict):
     colormap: str = "jet"
 
 
+class ConceptScorerConfig(_Strict):
+    """Concept scores computed from the uploaded images when a request sends none (``dermfusion.concepts``); off
+    unless ``model`` names a scorer. Only for models that use concept scores; supplied scores are always kept."""
+    model: Optional[str] = Field(None, description="monet:<weights file> | open_clip:<dir> | open_clip:<arch> (with "
+                                                   "weights); null = off")
+    weights: Optional[str] = Field(None, description="local weights file for open_clip:<arch>")
+    concept_set: str = Field("milk10k", description="milk10k | seven_point | a YAML file of prompts")
+    mapping: Optional[str] = Field(None, description="monotone map onto MILK10k's scale (JSON from `dermfusion "
+                                                     "concepts --fit-mapping`)")
+    cache_dir: Optional[str] = Field(None, description="score cache by image sha256 (default: the user cache dir)")
+
+
 class RegistryConfig(_Strict):
     """Serve from a model registry (``dermfusion registry``) instead of one bundle: its promoted version answers,
     its shadow version (if any) is run and audited beside it, or answers a canary share."""
@@ -185,6 +197,7 @@ class ServiceConfig(_Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    concepts: ConceptScorerConfig = Field(default_factory=ConceptScorerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     device: str = "cpu"
     backend: str = Field("auto", description="auto = the fastest backend matching fp32 eager on real images "

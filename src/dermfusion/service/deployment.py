@@ -23,6 +23,7 @@ from .integrity import BundleIntegrityError, verify_predictor, verify_served
 from .state import load_served_predictor
 
 log = logging.getLogger("dermfusion.service")
+KEEP_OTHERS = 2  # loaded versions kept besides the promoted, shadow and rollback target (most recently used)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class RegistryWatcher:
     def __init__(self, state, root: str | Path, poll_s: float = 2.0, warmup: bool = True):
         self.state, self.registry, self.poll_s, self.warmup = state, Registry(root), poll_s, warmup
         self._cache: dict[str, Analyzer] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # one loader at a time: admin calls and the poller share the cache
         self._seen = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,7 +71,12 @@ class RegistryWatcher:
 
     def analyzer(self, version: str) -> Analyzer:
         """The analyzer of a registered version: cached, else verified (hashes as registered), loaded and warmed."""
+        with self._lock:
+            return self._analyzer(version)
+
+    def _analyzer(self, version: str) -> Analyzer:
         if version in self._cache:
+            self._cache[version] = self._cache.pop(version)  # most recently used last
             return self._cache[version]
         entry = self.registry.version(version)
         verified = verify_served(entry["bundle"])
@@ -113,7 +119,7 @@ class RegistryWatcher:
                 log.info("registry: version %s answers%s", dep.version, f"; {dep.shadow_version} as "
                          f"{'canary (share %.2f)' % dep.share if dep.share else 'shadow'}" if shadow else "")
             keep = {s["promoted"], sh.get("version"), previous_promoted(s["history"])}
-            for v in [v for v in self._cache if v not in keep]:
+            for v in [v for v in self._cache if v not in keep][:-KEEP_OTHERS or None]:
                 del self._cache[v]   # requests holding the old deployment keep their own reference
             self.error = None
             return changed

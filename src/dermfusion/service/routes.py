@@ -40,6 +40,8 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         """Readiness: model loaded and warmed, and the audit store takes a write (a committed probe row).
         ``warnings``: e.g. a fast inference backend that failed at start-up."""
         warnings = list(state.analyzer.model_pass.backend_warnings) if state.analyzer is not None else []
+        if state.registry is not None and state.registry.error:  # a registry change that could not be applied
+            warnings.append(state.registry.error)
         if not state.ready:
             return JSONResponse({"status": state.status, "ready": False, "detail": state.detail,
                                  "warnings": warnings}, status_code=503)

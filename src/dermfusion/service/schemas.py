@@ -18,7 +18,7 @@ Action = Literal["monitor", "routine_referral", "urgent_referral", "cannot_asses
 
 # the MONET concepts of MILK10k (``MONET_<name>`` columns): with the served model's own concept names, the only
 # concept names a request may carry, so no free text reaches the audit trail through them
-MONET_CONCEPTS = ("ulceration_crust", "hair", "vessels", "erythema", "pigmented",
+MONET_CONCEPTS = ("ulceration_crust", "hair", "vasculature_vessels", "vessels", "erythema", "pigmented",
                   "gel_water_drop_fluid_dermoscopy_liquid", "skin_markings_pen_ink_purple_pen")
 
 
@@ -201,6 +201,10 @@ class InputSummary(_Model):
     metadata_missing: list[str] = Field(default_factory=list)
     image_sha256: dict[str, str] = Field(default_factory=dict)
     image_size: dict[str, list[int]] = Field(default_factory=dict, description="[width, height] after EXIF rotation")
+    concepts_supplied: list[str] = Field(default_factory=list, description=(
+        "concept scores the model used as sent with the request (concept_<modality>_<name>)"))
+    concepts_computed: list[str] = Field(default_factory=list, description=(
+        "concept scores the service computed from the uploaded images (service config `concepts.model`)"))
 
 
 class Heatmap(_Model):

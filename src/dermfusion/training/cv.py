@@ -31,6 +31,7 @@ from ..runtime.distributed import current, run_collectively
 from ..tabular.train import train_tabular_cv
 from ..tasks import get_task
 from .engine import FoldTrainer
+from .tracking import check_tracking, log_run, tracking_uri
 from .val_metrics import epoch_metrics
 
 
@@ -57,6 +58,7 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
         members = member_configs(cfg)  # an ensemble recipe's members (or the config itself), all checked up front
         for m in members:
             check_model_settings(m.model.name, m.model_kwargs())
+        check_tracking(cfg)  # tracking on but mlflow missing: fail before training, not after
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
@@ -116,6 +118,9 @@ def _train_network_cv(cfg, members, task, df, out: Path, fold_ids: list[int], pr
             summary["profile"] = {r.fold: _profile(r.history) for r in per_member[0]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         write_run_cards(out, manifest=df, strict=False)  # model_card.{json,md,html} in each bundle (not hashed)
+        run_id = log_run(cfg, task, df, out, summary)  # MLflow, when tracking.mlflow is on
+        if run_id:
+            console.print(f"MLflow run {run_id} → {tracking_uri(cfg, out)}")
     ctx.barrier()
     return summary
 
