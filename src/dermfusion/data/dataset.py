@@ -76,9 +76,16 @@ class LesionDataset(Dataset):
         caches = {}
         if cache_dir:  # cache at a little above the input size so random crops still have detail
             for m in self.spec.modalities:
-                caches[m] = DecodeCache(cache_dir, int(round(pre[m].size * (1.15 if self.train else 1.0))))
+                caches[m] = DecodeCache(cache_dir, self._load_size(pre[m]))
                 caches[m].prime(self.paths[m])
         return caches
+
+    def _load_size(self, pre: Preprocess) -> int:
+        """The short side images are decoded to: a little above the input size for training's random crops; for
+        evaluation the resize before the centre crop (size / crop_pct)."""
+        if self.train:
+            return int(round(pre.size * 1.15))
+        return int(round(pre.size / min(pre.crop_pct, 1.0)))
 
     def size_of_epoch(self, epoch: int) -> int | None:
         """The schedule's input size for ``epoch`` (None: the preprocessing's own)."""
@@ -95,8 +102,7 @@ class LesionDataset(Dataset):
         path = self.paths[modality][i]
         if not path:
             return None
-        arr = load_rgb_array(path, cache, size=None if cache is not None else
-                             int(round(pre.size * (1.15 if self.train else 1.0))))
+        arr = load_rgb_array(path, cache, size=None if cache is not None else self._load_size(pre))
         arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
         return torch.from_numpy(arr).permute(2, 0, 1)
 

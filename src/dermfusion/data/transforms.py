@@ -24,17 +24,22 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bicubic"
     color_constancy: str = "none"   # none | shades_of_gray (see ShadesOfGray)
+    crop_pct: float = 1.0           # evaluation: resize the short side to size / crop_pct, then centre-crop size
 
     @classmethod
     def from_data_config(cls, cfg: dict, color_constancy: str = "none") -> "Preprocess":
+        """From an encoder's data config. ``resize_crop_pct`` (a foundation model's *published* evaluation crop,
+        e.g. PanDerm's 0.875) is honoured; timm's own ``crop_pct`` is not — this project's recipes were measured
+        with the whole image resized, and a silent change of their preprocessing would change their results."""
         size = cfg.get("input_size", (3, 224, 224))
         return cls(size=int(size[-1]), mean=tuple(float(x) for x in cfg.get("mean", cls.mean)),
                    std=tuple(float(x) for x in cfg.get("std", cls.std)),
-                   interpolation=str(cfg.get("interpolation", "bicubic")), color_constancy=color_constancy)
+                   interpolation=str(cfg.get("interpolation", "bicubic")), color_constancy=color_constancy,
+                   crop_pct=float(cfg.get("resize_crop_pct", 1.0)))
 
     def to_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
-                "color_constancy": self.color_constancy}
+                "color_constancy": self.color_constancy, "crop_pct": self.crop_pct}
 
 
 class ShadesOfGray(torch.nn.Module):
@@ -92,7 +97,8 @@ def train_transform(modality: str, pre: Preprocess, strength: float = 1.0) -> v2
 
 
 def eval_transform(pre: Preprocess) -> v2.Compose:
-    return v2.Compose([*_constancy(pre), v2.Resize(pre.size, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
+    resize = pre.size if pre.crop_pct >= 1.0 else int(round(pre.size / pre.crop_pct))
+    return v2.Compose([*_constancy(pre), v2.Resize(resize, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 

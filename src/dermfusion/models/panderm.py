@@ -20,8 +20,11 @@ PANDERM_ARCHS = {
     "vit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 # PanDerm fine-tuning code normalises with ImageNet statistics.
-PANDERM_DATA_CONFIG = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                           interpolation="bicubic", crop_pct=1.0)
+# PanDerm's published evaluation preprocessing (its code, as checked in the issue that asked for it): ImageNet mean,
+# std (0.228, 0.224, 0.225), bilinear resize of the short side to 224 / 0.875 = 256, then a 224 centre crop.
+# `resize_crop_pct` is the key dermfusion's Preprocess honours (timm's own `crop_pct` it ignores).
+PANDERM_DATA_CONFIG = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.228, 0.224, 0.225),
+                           interpolation="bilinear", crop_pct=0.875, resize_crop_pct=0.875)
 # Keys that only exist in a *pre-training* checkpoint: the CAE/CAEv2 latent regressor ("regresser", PanDerm's
 # spelling) with its position embeddings and input projection, the alignment (EMA target) encoder, the decoder,
 # teacher and mask token. They are dropped only when the caller opts in with ``ignore_pretraining_keys=True``, and
