@@ -88,3 +88,34 @@ def test_probe_layers_of_timm_encoders(name, expected):
     shared.encoders = torch.nn.ModuleDict({"clinical": enc, "dermoscopic": enc})
     assert not LayerStats(shared, "dermoscopic").available  # a shared encoder's calls cannot be told apart
     del timm
+
+
+def test_layer_stats_keep_only_their_own_threads_pass():
+    """Two requests through one model at once: each keeps the statistics of its own image."""
+    import threading
+
+    enc = torch.nn.Module()
+    enc.blocks = torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 1) for _ in range(2)])
+    model = torch.nn.Module()
+    model.encoders = torch.nn.ModuleDict({"dermoscopic": enc})
+    started, other_done = threading.Event(), threading.Event()
+
+    def other():
+        started.wait()
+        with torch.no_grad():
+            enc.blocks(torch.full((1, 3, 4, 4), 7.0))  # runs while the first probe's hooks are registered
+        other_done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    probe = LayerStats(model, "dermoscopic")
+    with torch.no_grad(), probe:
+        started.set()
+        other_done.wait(5)
+        assert probe.take() is None  # the other thread's pass was not recorded
+        x = torch.zeros(1, 3, 4, 4)
+        enc.blocks(x)
+    t.join()
+    with torch.no_grad():
+        ref = torch.cat([pooled_stats(enc.blocks[0](x)), pooled_stats(enc.blocks[1](enc.blocks[0](x)))], 1)
+    torch.testing.assert_close(probe.take(), ref)

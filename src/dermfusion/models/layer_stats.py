@@ -14,6 +14,8 @@ standard deviations (over H×W of a feature map, over the tokens of a token sequ
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -61,6 +63,8 @@ class LayerStats:
             model(batch)
         rows = ls.take()          # B×S, or None when the encoder never ran
 
+    Hooks fire in the thread that runs the forward pass; only that of the thread that entered the block is kept,
+    so concurrent requests through one model (the service's workers) never see each other's statistics.
     ``available`` is False (and nothing is hooked) when the model has no own encoder for ``modality`` (a shared
     encoder runs once per modality, so its calls could not be told apart) or no known layers."""
 
@@ -80,13 +84,15 @@ class LayerStats:
         return [n for n, _ in self.layers]
 
     def __enter__(self) -> "LayerStats":
-        self._out = {}
+        self._out, self._thread = {}, threading.get_ident()
         for i, (_, layer) in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._hook(i)))
         return self
 
     def _hook(self, i: int):
         def fn(_module, _inputs, output):
+            if threading.get_ident() != self._thread:  # another request's forward pass through the shared model
+                return
             out = output[0] if isinstance(output, (tuple, list)) else output
             self._out[i] = pooled_stats(out).detach()
         return fn
