@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -41,21 +40,12 @@ from PIL import Image, ImageFilter
 
 from dermfusion.evaluation.quality_gate import (MEASURES, REFERENCE_LEVELS, confidence_reference,
                                                 confidence_threshold, image_findings, image_measures)
+from dermfusion.runtime.device import cpu_model
 from dermfusion.service.config import load_service_config
 
 SKIMAGE_SAMPLES = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
                    "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms",
                    "moon", "page", "retina", "rocket", "skin", "text")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def read_images(csv: Path) -> pd.DataFrame:
@@ -127,16 +117,20 @@ def negatives(real: list[Path]) -> list[tuple[str, Image.Image]]:
 _PREDICTORS: dict = {}
 
 
-def model_probs(bundle: Path, images: list) -> np.ndarray:
-    """The bundle's calibrated probabilities (no test-time augmentation, as the service) for image files or
-    in-memory images (a one-image-per-row manifest)."""
+def _predictor(bundle: Path):
+    """The bundle's predictor, loaded once per run."""
     from dermfusion.inference import load_run
 
     if bundle not in _PREDICTORS:
         _PREDICTORS[bundle] = load_run(bundle, device="cpu")
-    pred = _PREDICTORS[bundle]
+    return _PREDICTORS[bundle]
+
+
+def model_probs(bundle: Path, images: list) -> np.ndarray:
+    """The bundle's calibrated probabilities (no test-time augmentation, as the service) for image files or
+    in-memory images (a one-image-per-row manifest)."""
     with tempfile.TemporaryDirectory(prefix="qgate-") as d:
-        return np.asarray(pred.predict_proba(_rows(images, d)), dtype=np.float64)
+        return np.asarray(_predictor(bundle).predict_proba(_rows(images, d)), dtype=np.float64)
 
 
 def _rows(images: list, d: str) -> pd.DataFrame:
@@ -156,13 +150,9 @@ def model_unfamiliarity(bundle: Path, images: list) -> tuple[np.ndarray, float, 
     """(unfamiliarity scores, the default cut, the reference) of the first network of ``bundle`` — None when it
     has no familiarity reference (``dermfusion bundle reference``)."""
     from dermfusion.evaluation.embedding_reference import read_reference, score_threshold, unfamiliarity
-    from dermfusion.inference import load_run
     from dermfusion.inference.familiarity import layer_statistics
 
-    if bundle not in _PREDICTORS:
-        _PREDICTORS[bundle] = load_run(bundle, device="cpu")
-    pred = _PREDICTORS[bundle]
-    net = pred.mixture()[0][1]
+    net = _predictor(bundle).mixture()[0][1]
     ref = read_reference(net.bundle.path)
     if ref is None:
         return None

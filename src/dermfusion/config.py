@@ -226,6 +226,21 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config {name} not found (built-in configs: {known})")
 
 
+def read_yaml_mapping(path: str | Path, error: type[Exception], what: str) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); ``error`` with a one-line message naming
+    ``what`` the file is when it is missing, not YAML, or not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{p}: expected a mapping at the top level")
+    return raw
+
+
 def load_raw(name: str | Path, overrides: list[str] | None = None) -> dict:
     raw = yaml.safe_load(resolve_config_path(name).read_text()) or {}
     return apply_overrides(raw, overrides or [])

@@ -22,7 +22,7 @@ from torch import nn
 from ..export.onnx import cpu_session
 from ..models.fast_attention import fast_attention_
 from ..runtime.device import cpu_flags as _all_cpu_flags
-from ..runtime.device import cpu_int8_dot_product, native_bf16
+from ..runtime.device import cpu_int8_dot_product, cpu_model, native_bf16  # noqa: F401 — cpu_model: bench's API
 
 KINDS = ("linear", "attention", "conv")
 # which dtype each backend computes (part, kind) in; parts: encoders | fusion
@@ -37,16 +37,6 @@ BACKEND_PRECISION: dict[str, dict] = {
 
 
 # ------------------------------------------------------------------------------------------ machine
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> list[str]:
     """The vector / matrix-unit flags worth reporting next to a benchmark."""
     return sorted(f for f in _all_cpu_flags() if f.startswith(("avx512", "amx")) or f in {"avx2", "fma"})

@@ -33,11 +33,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .. import __version__
-from ..config import nearest_hint
+from ..config import nearest_hint, read_yaml_mapping
 from ..errors import DermfusionError
 from ..tasks import TaskSpec
 from .fairness import UNKNOWN, slice_labels
@@ -90,14 +89,7 @@ CRITERIA = {
 
 def load_criteria(path: str | Path) -> GateCriteria:
     p = Path(path)
-    if not p.is_file():
-        raise GateCriteriaError(f"gate criteria {p} not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise GateCriteriaError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise GateCriteriaError(f"{p}: expected a mapping of criteria at the top level")
+    raw = read_yaml_mapping(p, GateCriteriaError, "gate criteria")
     try:
         return GateCriteria.model_validate(raw)
     except ValidationError as e:

@@ -105,8 +105,10 @@ class OnnxFusionWrapper(nn.Module):
         super().__init__()
         self.model, self.names = model, list(names)
         self.modalities = list(model.feature_spec.modalities)
-        # with a modality: a third output, that image's layer statistics (the service's familiarity check)
-        self.stats = LayerStats(model, stats_modality) if stats_modality else None
+        # with a modality whose encoder has known layers: a third output, that image's layer statistics (the
+        # service's familiarity check)
+        probe = LayerStats(model, stats_modality) if stats_modality else None
+        self.stats = probe if probe is not None and probe.available else None
 
     def forward(self, *inputs: torch.Tensor):
         x = dict(zip(self.names, inputs))
@@ -297,9 +299,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     example = synthetic_batch(model, 2, seed=0)
     static_same_padding_(graph_model, example)  # the graph takes one image size: TF "same" padding made constant
     wrapper = OnnxFusionWrapper(graph_model, [s.name for s in specs], layer_stats).eval()
-    outputs = [*OUTPUT_NAMES, "layer_stats"] if wrapper.stats is not None and wrapper.stats.available else OUTPUT_NAMES
-    if wrapper.stats is not None and not wrapper.stats.available:
-        wrapper.stats = None
+    outputs = [*OUTPUT_NAMES, "layer_stats"] if wrapper.stats is not None else OUTPUT_NAMES
     with torch.no_grad():
         exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset, exporter, outputs)
     if preprocess is None:

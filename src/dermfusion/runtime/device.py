@@ -29,22 +29,25 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), with its matrix-unit features: benchmark rows and backend
-    checks name the machine they were measured on."""
-    name = "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor / machine name elsewhere)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
-        import platform
+        pass
+    import platform
 
-        name = platform.processor() or platform.machine() or name
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_name() -> str:
+    """`cpu_model` with the CPU's matrix-unit features: benchmark rows and backend checks name the machine they
+    were measured on."""
     feats = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2"})
-    return f"{name} ({', '.join(feats)})" if feats else name
+    return f"{cpu_model()} ({', '.join(feats)})" if feats else cpu_model()
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -16,6 +16,7 @@ from typing import Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..config import read_yaml_mapping
 from ..errors import DermfusionError
 
 DISCLAIMER = (
@@ -223,15 +224,7 @@ def load_service_config(path: str | Path | None = None, env: dict | None = None,
     env = os.environ if env is None else env
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ServiceConfigError(f"service config {p} not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ServiceConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ServiceConfigError(f"{p}: expected a mapping at the top level")
+        raw = read_yaml_mapping(path, ServiceConfigError, "service config")
     if env.get("DERMFUSION_API_KEYS"):
         keys = [k.strip() for k in env["DERMFUSION_API_KEYS"].split(",") if k.strip()]
         raw.setdefault("auth", {})

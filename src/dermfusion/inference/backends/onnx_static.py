@@ -21,7 +21,7 @@ from typing import Sequence
 
 from torch import nn
 
-from ...export.onnx import batch_to_onnx_inputs, cpu_session, export_onnx
+from ...export.onnx import batch_to_onnx_inputs, export_onnx
 from .base import BackendError, BackendRunner, as_device
 from .onnx_runtime import onnx_backend
 
@@ -69,7 +69,8 @@ def onnx_qdq_backend(model: nn.Module, device="cpu", sample_batch: dict | None =
         quant_pre_process(str(tmp / "fp32.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
         graph = onnx.load(str(tmp / "pre.onnx")).graph
         keep = _float_nodes(graph, keep_float)
-        names = [i.name for i in cpu_session(tmp / "pre.onnx", threads).get_inputs()]
+        initializers = {t.name for t in graph.initializer}
+        names = [i.name for i in graph.input if i.name not in initializers]
         modalities = list(getattr(model, "modalities", []))
 
         class Reader(CalibrationDataReader):
