@@ -20,7 +20,7 @@ PACKAGE = SRC / "dermfusion"
 # low → high; a unit may import only from units of lower levels (and from itself)
 LEVELS: list[tuple[str, list[str]]] = [
     ("ground", ["dermfusion", "dermfusion.errors"]),
-    ("vocabulary", ["dermfusion.tasks", "dermfusion.console"]),
+    ("vocabulary", ["dermfusion.tasks", "dermfusion.criteria", "dermfusion.console"]),
     ("foundations", ["dermfusion.config", "dermfusion.data", "dermfusion.runtime"]),
     ("models and measures", ["dermfusion.models", "dermfusion.evaluation", "dermfusion.explain"]),
     ("bundles, concept scores", ["dermfusion.bundle", "dermfusion.concepts"]),

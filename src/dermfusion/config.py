@@ -86,6 +86,9 @@ class CalibrationConfig(_Strict):
     # balanced_accuracy: −τ·log(prior) with τ tuned on OOF; training_prior: divide by the class prior the model
     # was trained under (set by train.sampler_power; no tuning, also for --folds full runs without OOF)
     prior_adjustment: Literal["none", "balanced_accuracy", "training_prior"] = "none"
+    # training_prior only: divide by the prior raised to this power (1 = exactly the sampler's prior; > 1 leans
+    # further towards rare classes, for a model that under-recalls them even after the division)
+    prior_strength: float = Field(1.0, ge=0.0, le=4.0)
     eval_size: Optional[int] = None     # lesions in the set to be scored (MILK10k cuts)
 
 

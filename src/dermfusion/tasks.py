@@ -23,6 +23,7 @@ class TaskSpec:
     # single-image ISIC challenges, whose official submissions are headed `image`
     id_column: str = "lesion_id"
     class_descriptions: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    criteria: str = ""  # a criteria set (dermfusion.criteria) the task's manifests may carry as aux_<name> labels
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +96,7 @@ DERM7PT = TaskSpec(
     metric="balanced_accuracy",
     modalities=("dermoscopic",),
     description="Derm7pt: the usual 5 diagnosis groups, 7-point checklist criteria as auxiliary targets",
+    criteria="seven_point",
 )
 
 PAD_UFES_20 = TaskSpec(

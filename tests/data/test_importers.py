@@ -127,6 +127,34 @@ def test_derm7pt_groups_and_criteria(tmp_path):
     assert df.loc[1, "aux_pigment_network"] == "atypical" and df.loc[0, "diagnosis_fine"] == "clark nevus"
     assert list(df["split"]) == ["train", "valid", "test", "train"]
     assert list(df["site"]) == ["trunk", "head_neck_face", "acral", "lower_extremity"]
+    assert list(df["fold"]) == [1, 0, -1, 1]  # the official split as folds: 0 = valid, 1 = train, test none
+    assert list(df["source_image"]) == ["images/a.jpg", "images/b.jpg", "images/c.jpg", "images/d.jpg"]
+    only = import_derm7pt(tmp_path / "meta.csv", splits=["test"])
+    assert list(only["lesion_id"]) == ["D7P_0003"]
+    with pytest.raises(ImportError_, match="unknown Derm7pt split"):
+        import_derm7pt(tmp_path / "meta.csv", splits=["holdout"])
+
+
+def test_derm7pt_criteria_grouped_as_published(tmp_path):
+    """Published values map onto the paper's grouped labels; the 7-point score adds 2 per major, 1 per minor."""
+    from dermfusion.criteria import SEVEN_POINT, seven_point_score
+
+    rows = pd.DataFrame({
+        "case_num": [1, 2], "image": ["a.jpg", "b.jpg"], "split": ["train", "train"],
+        "diagnosis": ["melanoma", "blue nevus"],
+        "pigment_network": ["atypical", "typical"], "streaks": ["irregular", "regular"],
+        "pigmentation": ["localized irregular", "diffuse regular"],
+        "regression_structures": ["combinations", "absent"], "dots_and_globules": ["irregular", "absent"],
+        "blue_whitish_veil": ["present", "absent"], "vascular_structures": ["linear irregular", "within regression"]})
+    rows.to_csv(tmp_path / "meta.csv", index=False)
+    df = import_derm7pt(tmp_path / "meta.csv")
+    got = [{c.name: df.loc[i, f"aux_{c.name}"] for c in SEVEN_POINT} for i in range(2)]
+    assert got[0] == {"pigment_network": "atypical", "streaks": "irregular", "pigmentation": "irregular",
+                      "regression_structures": "present", "dots_and_globules": "irregular",
+                      "blue_whitish_veil": "present", "vascular_structures": "irregular"}
+    assert got[1]["pigmentation"] == "regular" and got[1]["vascular_structures"] == "regular"
+    assert df.loc[0, "aux_pigmentation_raw"] == "localized irregular"
+    assert seven_point_score(got[0]) == 2 + 1 + 1 + 1 + 1 + 2 + 2 and seven_point_score(got[1]) == 0
 
 
 def test_manifest_round_trip_relative_paths(tmp_path, fixture_dir):

@@ -160,3 +160,47 @@ def test_training_prior_adjustment_undoes_the_sampling_prior():
     prior = training_prior([400, 100, 25], 0.5)
     calib = K.Calibration(prior_adjustment=fit_prior_adjustment(prior))
     assert np.allclose(calib.apply(prior[None]), 1 / 3)
+
+
+def test_prior_strength_leans_further_towards_rare_classes():
+    """``calibration.prior_strength`` k divides by prior**k: k = 1 makes the prior itself uniform; k > 1 turns
+    it around (the rarest class now most likely); a full run's bundle calibration uses the config's k."""
+    import pandas as pd
+
+    from dermfusion.config import CalibrationConfig
+    from dermfusion.evaluation.calibration import training_prior
+    from dermfusion.tasks import get_task
+    from dermfusion.training.cv import calibrate_run
+
+    task = get_task("derm7pt")
+    counts = np.array([40, 200, 60, 30, 20])
+    y = np.repeat(np.eye(5), counts, axis=0)
+    prior = training_prior(counts, 0.5)
+    oof = pd.DataFrame(np.repeat(prior[None], len(y), 0), columns=list(task.classes))
+    oof["fold"] = np.arange(len(y)) % 2
+    out = {}
+    for k in (1.0, 1.5):
+        opts = CalibrationConfig(temperature=False, cuts=False, prior_adjustment="training_prior", prior_strength=k)
+        res = calibrate_run(opts, task, y, oof, [], sampler_power=0.5)
+        out[k] = K.Calibration.from_dict(res["fitted"]).apply(prior[None])[0]
+    assert np.allclose(out[1.0], 0.2)
+    assert out[1.5].argmax() == counts.argmin() and out[1.5].argmin() == counts.argmax()
+
+
+def test_training_prior_counts_come_from_the_training_rows():
+    """A run of one fold divides by the prior its model was trained under — the *other* folds' class mix, not the
+    held-out fold's (Derm7pt's official validation split has 30 % melanomas, its training split 22 %)."""
+    import pandas as pd
+
+    from dermfusion.tasks import get_task
+    from dermfusion.training.cv import training_class_counts
+
+    task = get_task("derm7pt")
+    labels = ["MEL"] * 6 + ["NEV"] * 4 + ["NEV"] * 9 + ["MEL"] * 1   # fold 0: 6 MEL 4 NEV; fold 1: 1 MEL 9 NEV
+    df = pd.DataFrame({f"label_{k}": [float(lab == k) for lab in labels] for k in task.classes})
+    df["fold"] = [0] * 10 + [1] * 10
+    df = pd.concat([df, pd.DataFrame({"fold": [-1], **{f"label_{k}": [np.nan] for k in task.classes}})])
+    got = dict(zip(task.classes, training_class_counts(df, task, [0])))
+    assert got["MEL"] == 1 and got["NEV"] == 9 and got["BCC"] == 0
+    both = dict(zip(task.classes, training_class_counts(df, task, [0, 1])))
+    assert both["MEL"] == 7 and both["NEV"] == 13  # every labelled row once: the whole manifest's mix

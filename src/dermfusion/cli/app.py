@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "calibrated differential, risk score and triage.")
 import_app = typer.Typer(no_args_is_help=True, help="Import a public dataset into a lesion manifest.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect manifests.")
-bundle_app = typer.Typer(no_args_is_help=True, help="Check a bundle's integrity; add the quality gate's reference.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Check a bundle's integrity; add the quality gate's reference or "
+                                                    "the concept mapping.")
 registry_app = typer.Typer(no_args_is_help=True, help="The model registry: register versions, promote, shadow / "
                                                       "canary, roll back.")
 
@@ -48,6 +49,7 @@ VERBS = [
     (bundle_app, "verify", bundle.verify_cmd),
     (bundle_app, "seal", bundle.seal_cmd),
     (bundle_app, "reference", bundle.reference_cmd),
+    (bundle_app, "concept-mapping", concepts.bundle_mapping_cmd),
     (registry_app, "register", lifecycle.register_cmd),
     (registry_app, "list", lifecycle.list_cmd),
     (registry_app, "promote", lifecycle.promote_cmd),

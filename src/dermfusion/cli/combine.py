@@ -49,15 +49,17 @@ def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv +
     from ..config import ExperimentConfig
     from ..data.manifest import load_manifest, targets
     from ..tasks import get_task
-    from ..training.cv import calibrate_run, write_calibrated_oof
+    from ..training.cv import calibrate_run, training_class_counts, write_calibrated_oof
 
     cfg = ExperimentConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     task = get_task(cfg.task)
     oof = pd.read_csv(run / "oof.csv", dtype={"lesion_id": str})
-    df = load_manifest(manifest).set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
+    full = load_manifest(manifest)
+    df = full.set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     bundles, _ = run_bundles(run)  # every bundle of the run (RUN/bundle too): each predicts with the run's calibration
-    res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles, cfg.train.sampler_power)
+    res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles, cfg.train.sampler_power,
+                        class_counts=training_class_counts(full, task, oof["fold"].unique()))
     summary["calibration"] = res
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     write_calibrated_oof(task, oof, res["fitted"], run / "oof_calibrated.csv")

@@ -65,13 +65,15 @@ def import_derm7pt_cmd(
     meta: Path = typer.Argument(..., help="Derm7pt meta.csv"),
     out: Path = typer.Option(...),
     images: Optional[Path] = typer.Option(None, help="image folder (default: paths relative to the CSV)"),
-    k: int = typer.Option(0, help="also assign k folds over the labelled cases (0 = official split only)"),
+    k: int = typer.Option(0, help="assign k stratified folds over the labelled cases instead of the official "
+                                  "split's (fold 0 = valid, 1 = train)"),
     seed: int = typer.Option(0),
+    split: Optional[str] = typer.Option(None, help="keep only these official splits, e.g. train,valid or test"),
 ):
     """Import Derm7pt (five diagnosis groups, fine label, 7-point criteria as auxiliary targets, official split)."""
     from ..data.importers import import_derm7pt
 
-    df = import_derm7pt(meta, images)
+    df = import_derm7pt(meta, images, splits=split.split(",") if split else None)
     if k:
         from ..data.folds import assign_folds
         from ..tasks import DERM7PT

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -25,6 +25,11 @@ def predict_cmd(
                                              "manifest's first 32 lesions match fp32 eager; fp32 if none) | trained "
                                              "(as validated in training) | fp32 | bf16 | autocast | int8 | onnx | "
                                              "onnx-int8 | compile"),
+    concept_model: Optional[str] = typer.Option(None, help="compute the concept scores the manifest lacks with this "
+                                                           "scorer (as `dermfusion concepts` takes it), on the scale "
+                                                           "of the concept mapping the bundle carries"),
+    concept_weights: Optional[Path] = typer.Option(None, help="local weights for --concept-model open_clip:<arch> / "
+                                                              "dermlip:…"),
 ):
     """Predict class probabilities for every lesion of a manifest.
 
@@ -44,6 +49,8 @@ def predict_cmd(
         with distributed_session(device) as ctx:
             df = load_manifest(manifest)
             dev = str(ctx.device(device)) if ctx.launched else device
+            if concept_model:  # every process scores the same manifest (the content-hash cache shares the work)
+                df = _fill_concepts(df, concept_model, concept_weights, bundles, dev, ctx.is_main)
             # bundles, run directories (network: fold bundles; tabular: the calibrated refit) or both, averaged
             pred = run_collectively(ctx, lambda: load_run(bundles, device=dev, batch_size=batch_size, backend=backend),
                                     what="loading the bundle(s)", gather=False)
@@ -62,13 +69,47 @@ def predict_cmd(
             mode = ("submission" if task.metric == "milk10k_dice" else "probabilities") if output == "auto" else output
             fn = pred.predict_submission if mode == "submission" else pred.predict_proba
             probs = predict_frame_sharded(lambda part: fn(part, tta=tta, progress=ctx.progress), df, ctx)
+            extra = _criteria_columns(pred, df, tta, ctx)
             if ctx.is_main:
-                write_predictions(out, df["lesion_id"], probs, task)
+                write_predictions(out, df["lesion_id"], probs, task, extra=extra)
                 console.print(f"[green]wrote[/] {out}: {len(df)} lesions × {task.num_classes} classes ({mode})"
                               + (f" from {ctx.world_size} processes" if ctx.distributed else ""))
             ctx.barrier()
 
     record_errors(run)()
+
+
+def _criteria_columns(pred, df, tta: int, ctx):
+    """A multi-task network's criteria (label per criterion, the 7-point score, probabilities) or None."""
+    import numpy as np
+
+    from ..inference.criteria import criteria_frame, criteria_networks, predict_criteria
+    from ..inference.predict_loop import predict_frame_sharded
+
+    nets = criteria_networks(pred)
+    if not nets:
+        return None
+    criteria = nets[0][1].model.criteria_heads.criteria
+    sizes = [len(c.labels) for c in criteria]
+
+    def part_probs(part):
+        probs = predict_criteria(pred, part, tta=tta, progress=ctx.progress)[1]
+        return np.concatenate([probs[c.name] for c in criteria], 1)
+
+    flat = predict_frame_sharded(part_probs, df, ctx, what="criteria prediction")
+    bounds = np.cumsum([0, *sizes])
+    return criteria_frame(criteria, {c.name: flat[:, bounds[j]:bounds[j + 1]] for j, c in enumerate(criteria)})
+
+
+def _fill_concepts(df, model, weights, bundles, device, verbose):
+    from .concepts import fill_for_bundles
+
+    filled, report, mapping = fill_for_bundles(df, model, weights, bundles, device=device)
+    if verbose:
+        console.print(f"concepts: {report.supplied} supplied, {report.computed} computed "
+                      f"({report.images_scored} images scored, {report.cache_hits} from the cache); mapping: "
+                      f"{mapping if mapping else 'none in the bundle (raw scores)'}")
+    return filled
 
 
 def _print_backend_checks(pred) -> None:

@@ -59,6 +59,7 @@ def fill_concepts(df: pd.DataFrame, scorer: ConceptScorer, *, modalities=None, o
         ref = {c: np.concatenate([df.loc[i, column(m, c)].to_numpy() for m, (i, _, _) in raw_all.items()])
                for c in scorer.names}
         report.mapping = scorer.mapping = ConceptMapping.fit_isotonic(comp, ref)
+        report.mapping.scorer = scorer.identity  # what it was fitted on: applying it to another scorer is flagged
     for m, (idx, raw, empty) in raw_all.items():
         n = 0
         for c in scorer.names:

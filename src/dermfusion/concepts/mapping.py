@@ -5,10 +5,13 @@ prompts, other preprocessing) ranks images similarly but on another scale. Where
 images (MILK10k lesions whose images are at hand), an isotonic regression per concept (computed → MILK10k) maps
 one onto the other without changing the order of images. With no pairs, quantile mapping onto a reference sample
 of MILK10k scores does the same job. The map is stored as knots and applied by linear interpolation (clipped at
-the ends), so applying it needs neither scikit-learn nor the training data.
+the ends), so applying it needs neither scikit-learn nor the training data. It records the scorer it was fitted on
+(``scorer``: model, weights fingerprint, concept-set fingerprint), so applying it to another scorer's scores can be
+flagged. A bundle carries the map its model was trained with as ``concept_mapping.json`` (bundle/concept_mapping.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ class ConceptMapping:
 
     knots: dict[str, tuple[list[float], list[float]]]
     method: str = "isotonic"
+    scorer: dict | None = None   # ConceptScorer.identity of the scorer whose raw scores it was fitted on
 
     def apply(self, concept: str, scores) -> np.ndarray:
         s = np.asarray(scores, dtype=float)
@@ -75,20 +79,50 @@ class ConceptMapping:
             raise ConceptMappingError(f"no concept has {MIN_PAIRS} scores on both sides; nothing to fit")
         return cls(knots, "quantile")
 
+    def fitted_for_another(self, identity: dict) -> str | None:
+        """Why this map does not belong to the scorer ``identity`` (other weights or other prompts), or None — also
+        None for a map that does not say what it was fitted on (written before it recorded that)."""
+        if not self.scorer:
+            return None
+        differ = [k for k in ("weights_sha256", "concept_set") if self.scorer.get(k) and
+                  self.scorer.get(k) != identity.get(k)]
+        if not differ:
+            return None
+        return (f"the concept mapping was fitted on {self.scorer.get('model', 'another scorer')} scores; this scorer "
+                f"({identity.get('model')}) differs in {' and '.join(d.replace('_sha256', '') for d in differ)}")
+
+    def to_json(self) -> str:
+        doc = {"method": self.method, "knots": {c: {"x": x, "y": y} for c, (x, y) in self.knots.items()}}
+        if self.scorer:
+            doc["scorer"] = self.scorer
+        return json.dumps(doc, indent=1)
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps({"method": self.method, "knots": {c: {"x": x, "y": y} for c, (x, y)
-                                                                   in self.knots.items()}}, indent=1))
+        path.write_text(self.to_json())
         return path
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<concept mapping>") -> "ConceptMapping":
+        try:
+            doc = json.loads(text)
+            knots = {c: (list(map(float, k["x"])), list(map(float, k["y"]))) for c, k in doc["knots"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConceptMappingError(f"cannot read concept mapping {source}: {e}") from e
+        for c, (x, y) in knots.items():
+            if len(x) != len(y) or np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0):
+                raise ConceptMappingError(f"{source}: mapping of {c!r} is not monotone")
+        scorer = doc.get("scorer")
+        return cls(knots, doc.get("method", "isotonic"), scorer if isinstance(scorer, dict) else None)
 
     @classmethod
     def load(cls, path: str | Path) -> "ConceptMapping":
         try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
-            knots = {c: (list(map(float, k["x"])), list(map(float, k["y"]))) for c, k in doc["knots"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
             raise ConceptMappingError(f"cannot read concept mapping {path}: {e}") from e
-        for c, (x, y) in knots.items():
-            if len(x) != len(y) or np.any(np.diff(x) < 0) or np.any(np.diff(y) < 0):
-                raise ConceptMappingError(f"{path}: mapping of {c!r} is not monotone")
-        return cls(knots, doc.get("method", "isotonic"))
+        return cls.from_json(text, str(path))
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -13,6 +13,7 @@ then puts them on MILK10k's scale.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -41,20 +42,31 @@ class ConceptScorer:
         self.cache = cache
         self.model_calls = 0  # images actually sent through the network (cache hits are not)
         self._directions: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fingerprint: str | None = None
 
     @property
     def names(self) -> list[str]:
         return self.concept_set.names
 
     @property
+    def identity(self) -> dict:
+        """What the scores depend on: the model's name, a fingerprint of its weights, the concept set's fingerprint
+        (recorded in audits and in a fitted mapping)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            tensors = sorted(self.clip.model.state_dict().items())
+            for name, p in tensors[:: max(1, len(tensors) // 16)]:  # a sample of tensors: cheap even for ViT-L
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes()[:1 << 16])
+            self._fingerprint = h.hexdigest()[:12]
+        return {"model": self.clip.name, "weights_sha256": self._fingerprint,
+                "concept_set": self.concept_set.fingerprint()}
+
+    @property
     def key(self) -> str:
         """The scorer's identity for the cache: model, a fingerprint of its weights, the concept set."""
-        h = hashlib.sha256()
-        tensors = sorted(self.clip.model.state_dict().items())
-        for name, p in tensors[:: max(1, len(tensors) // 16)]:  # a sample of tensors: cheap even for ViT-L
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes()[:1 << 16])
-        return f"{self.clip.name}-{h.hexdigest()[:12]}-{self.concept_set.fingerprint()}"
+        i = self.identity
+        return f"{i['model']}-{i['weights_sha256']}-{i['concept_set']}"
 
     # ------------------------------------------------------------------------------------------ text side
     @torch.no_grad()
@@ -147,4 +159,7 @@ def load_scorer(model: str, *, weights: str | Path | None = None, concept_set: s
                            else None, device=device, batch_size=batch_size)
     if use_cache:
         scorer.cache = ConceptCache(cache_dir, scorer.key)
+    why = scorer.mapping.fitted_for_another(scorer.identity) if scorer.mapping is not None else None
+    if why:
+        logging.getLogger(__name__).warning("%s: %s", mapping, why)
     return scorer

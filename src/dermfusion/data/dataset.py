@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
+from ..criteria import criteria_column, get_criteria
 from ..tasks import TaskSpec
 from .features import FeatureSpec
 from .images import DecodeCache, load_rgb_array
@@ -44,6 +45,7 @@ class LesionDataset(Dataset):
         if with_targets is None:
             with_targets = all(c in self.df.columns for c in cols) and self.df[cols].notna().all(axis=None)
         self.targets = np.array(self.df[cols].to_numpy(np.float32)) if with_targets else None  # writable copy
+        self.criteria = criteria_targets(self.df, task)  # multi-task targets (Derm7pt's 7-point criteria) or None
         self.aug_strength = aug_strength
         # one preprocessing (transforms + decode caches) per input size of the schedule, all built here, in the
         # parent process, so worker processes inherit primed caches instead of hashing every JPEG again
@@ -130,6 +132,8 @@ class LesionDataset(Dataset):
         }
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[i])
+        if self.criteria is not None:
+            item["criteria"] = torch.from_numpy(self.criteria[i])
         return item
 
     def _images(self, i: int, pre: dict, transforms: dict, caches: dict) -> tuple[dict, list[bool]]:
@@ -143,6 +147,23 @@ class LesionDataset(Dataset):
                 images[m] = transforms[m](img)
                 present.append(True)
         return images, present
+
+
+def criteria_targets(df: pd.DataFrame, task: TaskSpec) -> np.ndarray | None:
+    """N×K grouped-label indices of the task's criteria (``aux_<criterion>`` columns; −1 = not annotated), or
+    None when the task has no criteria set or the manifest carries none of its columns."""
+    if not task.criteria:
+        return None
+    crit = get_criteria(task.criteria)
+    if not any(criteria_column(c) in df.columns for c in crit):
+        return None
+    out = np.full((len(df), len(crit)), -1, np.int64)
+    for j, c in enumerate(crit):
+        if criteria_column(c) in df.columns:
+            index = {label: k for k, label in enumerate(c.labels)}
+            values = df[criteria_column(c)].fillna("").astype(str).str.strip().str.lower()
+            out[:, j] = [index.get(v, -1) for v in values]
+    return out
 
 
 def scheduled_size(epoch_sizes, epoch: int) -> int | None:

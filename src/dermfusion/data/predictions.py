@@ -17,11 +17,15 @@ from ..tasks import TaskSpec
 ID_COLUMNS = ("lesion_id", "image")
 
 
-def write_predictions(path: str | Path, lesion_ids, probs: np.ndarray, task: TaskSpec) -> Path:
+def write_predictions(path: str | Path, lesion_ids, probs: np.ndarray, task: TaskSpec,
+                      extra: pd.DataFrame | None = None) -> Path:
+    """``extra``: further columns after the classes (a multi-task model's criteria), row-aligned."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(task.classes))
     df.insert(0, task.id_column, list(lesion_ids))
+    if extra is not None:
+        df = pd.concat([df, extra.reset_index(drop=True)], axis=1)
     df.to_csv(path, index=False, float_format="%.6f")
     return path
 

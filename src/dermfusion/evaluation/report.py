@@ -23,6 +23,7 @@ from ..tasks import TASKS, TaskSpec
 from .fairness import fairness_table
 from .figures import all_figures
 from .metrics import HEADLINE, bootstrap_metrics, compute_metrics, reliability_bins
+from .criteria_metrics import criteria_metrics, criteria_section_html
 from .provenance import DEFAULT_MARGIN, MIN_CLASS_LESIONS, provenance_figure, provenance_recall, provenance_section_html
 from .report_html import LABELS, MAX_ERRORS, fmt, jsonable, render_html
 from .shift import ShiftConfig, check_shift
@@ -114,7 +115,8 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
     figures = all_figures(task, y_true, y_prob, m, ci)
     prov = provenance_recall(task, y_true, y_prob, rows, margin=provenance_margin, min_class_lesions=provenance_min_class)
     prov_fig = provenance_figure(task, prov) if prov["available"] else None
-    sections = [provenance_section_html(task, prov, prov_fig)]
+    crit = criteria_metrics(task, pred, rows)
+    sections = [provenance_section_html(task, prov, prov_fig), criteria_section_html(crit)]
     shift = None
     if shift_reference is not None:
         shift = check_shift(shift_reference, rows, shift_config or ShiftConfig(names=("reference", "evaluated")))
@@ -131,6 +133,7 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
         "worst_errors": [{k: v for k, v in e.items() if k != "thumbnail"} for e in errors],
         "figures": [f.describe() for f in figures] + ([prov_fig.describe()] if prov_fig else []),
         "provenance": prov,
+        **({"criteria": crit} if crit.get("available") else {}),
         **({"shift": {k: v for k, v in shift.summary.items() if k != "all_differences"}} if shift else {}),
     }
     result = jsonable(result)
@@ -199,6 +202,13 @@ def print_summary(metrics: dict, console=None) -> None:
         console.print(f"[yellow]provenance shortcut?[/] {w['message']}", highlight=False)
     if prov and not prov.get("available"):
         console.print(f"[dim]no label provenance in the manifest ({prov.get('column')}): recall by provenance not checked[/]")
+    if metrics.get("criteria"):
+        crit = Table(title="dermoscopic criteria (multi-task heads)")
+        for col in ("criterion", "n", "balanced acc.", "chance", "macro AUROC"):
+            crit.add_column(col, justify="left" if col == "criterion" else "right")
+        for name, e in metrics["criteria"]["criteria"].items():
+            crit.add_row(name, str(e["n"]), fmt(e["balanced_accuracy"]), fmt(e["chance"]), fmt(e.get("auroc")))
+        console.print(crit)
     if metrics.get("shift"):
         console.print("[bold]covariate shift[/] (reference vs evaluated images):")
         print_shift_summary(metrics["shift"], console)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .fusion import fusion_contributions
+from .windows import tile_windows
 
 
 @dataclass
@@ -164,7 +165,8 @@ class _Recorder:
 
 
 def _inner_model(enc: nn.Module) -> nn.Module:
-    return getattr(enc, "model", enc)
+    inner = getattr(enc, "model", enc)
+    return getattr(inner, "trunk", inner)  # an open_clip timm tower (DermLIP PanDerm-base): the timm network inside
 
 
 def _make_probe(key: str, enc: nn.Module, recorder: _Recorder) -> _Probe:
@@ -325,6 +327,8 @@ class Explainer:
                     if g is not None:
                         w = g.mean((2, 3), keepdim=True)
                         grid = torch.relu((w * a.detach()).sum(1))
+            if grid is not None:
+                grid = tile_windows(model, m, grid, b, attention)  # windowed encoders: one map per image
             if grid is None and method != "attention_rollout":
                 x = batch["images"][m]
                 g = grads.get(id(x))

@@ -1,9 +1,10 @@
 """Heat maps back onto the image the clinician uploaded, at its original aspect ratio.
 
-Evaluation preprocessing resizes the short side to the model's input size and centre-crops a
-square, so a heat map covers the central ``min(W, H)`` square of the original image. The map is
-upsampled onto that square and the rest of the image — which the model never saw — is dimmed
-rather than painted, so nobody reads "no evidence" into a region that was not looked at.
+Evaluation preprocessing resizes the short side to ``size / crop_pct`` and centre-crops a ``size`` square, so a
+heat map covers the central square of side ``crop_pct · min(W, H)`` of the original image (the whole short side for
+``crop_pct`` 1; 87.5 % of it for PanDerm's resize-to-256, crop-224). The map is upsampled onto that square and the
+rest of the image — which the model never saw — is dimmed rather than painted, so nobody reads "no evidence" into a
+region that was not looked at.
 """
 from __future__ import annotations
 
@@ -22,18 +23,20 @@ def display_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-def center_crop_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the region eval preprocessing keeps (Resize short side + CenterCrop)."""
+def center_crop_box(size: tuple[int, int], crop_pct: float = 1.0) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the region eval preprocessing keeps (Resize short side to size / crop_pct +
+    CenterCrop size): the central square of side ``crop_pct · min(W, H)``."""
     w, h = size
-    side = min(w, h)
+    side = max(1, min(min(w, h), int(round(min(w, h) * min(float(crop_pct), 1.0)))))
     left, top = (w - side) // 2, (h - side) // 2
     return left, top, left + side, top + side
 
 
-def heatmap_to_image_size(grid: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def heatmap_to_image_size(grid: np.ndarray, size: tuple[int, int],
+                          crop_pct: float = 1.0) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """An h×w grid in [0, 1] -> an H×W array over an image of ``size`` (W, H); 0 outside the crop."""
     w, h = size
-    box = center_crop_box(size)
+    box = center_crop_box(size, crop_pct)
     side = box[2] - box[0]
     g = np.clip(np.nan_to_num(np.asarray(grid, dtype=np.float32)), 0.0, 1.0)
     up = np.asarray(Image.fromarray(g, mode="F").resize((side, side), Image.BILINEAR), dtype=np.float32)
@@ -49,13 +52,14 @@ def colorize(heat: np.ndarray, cmap: str = "jet") -> np.ndarray:
 
 
 def overlay_heatmap(image: Image.Image, grid: np.ndarray, *, max_side: int | None = 512, alpha: float = 0.5,
-                    cmap: str = "jet", outline: bool = True) -> tuple[Image.Image, np.ndarray]:
-    """(overlay RGB image at the original aspect ratio, capped at ``max_side``; heat map H×W at that size)."""
+                    cmap: str = "jet", outline: bool = True, crop_pct: float = 1.0) -> tuple[Image.Image, np.ndarray]:
+    """(overlay RGB image at the original aspect ratio, capped at ``max_side``; heat map H×W at that size).
+    ``crop_pct``: the model's evaluation crop (``Preprocess.crop_pct``), which decides the region it saw."""
     size = display_size(image.size, max_side)
     base = image.convert("RGB")
     if size != image.size:
         base = base.resize(size, Image.BILINEAR, reducing_gap=2.0)
-    heat, box = heatmap_to_image_size(grid, size)
+    heat, box = heatmap_to_image_size(grid, size, crop_pct)
     rgb = np.asarray(base, dtype=np.float32)
     a = (alpha * heat)[..., None]
     out = rgb * (1 - a) + colorize(heat, cmap).astype(np.float32) * a

@@ -10,28 +10,43 @@ from ..runtime.device import autocast, move_batch
 from ..runtime.distributed import current, DistributedError, run_collectively
 
 
-@torch.no_grad()
 def predict_probs(model, loader, device, amp=None, channels_last=False, tta: int = 0, modalities=(),
                   progress=None) -> np.ndarray:
     """Softmax probabilities, N×C, averaged over `tta` label-preserving views (0/1 = no TTA)."""
+    return predict_heads(model, loader, device, amp, channels_last, tta, modalities, progress)["logits"]
+
+
+def _logits(out: dict) -> dict:
+    return {"logits": out["logits"]}
+
+
+@torch.no_grad()
+def predict_heads(model, loader, device, amp=None, channels_last=False, tta: int = 0, modalities=(),
+                  progress=None, heads=_logits) -> dict[str, np.ndarray]:
+    """Softmax probabilities of each head ``heads(outputs)`` names ({name: B×K logits}), N×K each, averaged
+    over `tta` label-preserving views (0/1 = no TTA)."""
     model.eval()
-    out = []
+    out: dict[str, list] = {}
     n_views = max(1, tta)
     views = {m: tta_views(m, n_views) for m in modalities}
     it = progress(loader, "predicting") if progress else loader
     for batch in it:
         batch = move_batch(batch, device, channels_last)
-        acc = None
+        acc: dict = {}
         for v in range(n_views):
             b = dict(batch)
             if n_views > 1:
                 b["images"] = {m: views[m][v](x) for m, x in batch["images"].items()}
             with autocast(device, amp):
-                logits = model(b)["logits"].float()
-            p = torch.softmax(logits, dim=-1)
-            acc = p if acc is None else acc + p
-        out.append((acc / n_views).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+                logits = heads(model(b))
+            for name, z in logits.items():
+                p = torch.softmax(z.float(), dim=-1)
+                acc[name] = p if name not in acc else acc[name] + p
+        for name, p in acc.items():
+            out.setdefault(name, []).append((p / n_views).cpu().numpy())
+    if not out:
+        return {"logits": np.zeros((0, 0), np.float32)}
+    return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
 def predict_frame_sharded(predict, df, dist=None, what: str = "prediction") -> np.ndarray:

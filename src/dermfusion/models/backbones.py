@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import efficientnet_lite
-from .checkpoint import find_weight_file, hub_error, hub_offline, load_state_dict_strict, read_state_dict
+from . import dermlip, efficientnet_lite
+from .checkpoint import (WeightsNotFoundError, find_weight_file, hub_error, hub_offline, load_state_dict_strict,
+                         read_state_dict)
 from .panderm import PANDERM_DATA_CONFIG, create_panderm_vit
 from .settings import ModelSettingsError, unexpected_encoder_setting
 
@@ -89,6 +90,14 @@ class OpenClipBackbone(Backbone):
         return tokens, pooled
 
 
+class TimmTowerBackbone(Backbone):
+    """An open_clip timm image tower (``trunk`` + projection ``head``, e.g. DermLIP PanDerm-base): tokens from the
+    trunk, pooled after the tower's own pooling and projection (what the CLIP model embeds)."""
+    def forward_tokens(self, x):
+        feats = self.model.trunk.forward_features(x)
+        return feats, self.model.head(self.model.trunk.forward_head(feats))
+
+
 # ----------------------------------------------------------------------------------------------- factory
 def create_backbone(spec: str | dict, pretrained_path: str | Path | None = None, *, pretrained: bool | str = False,
                     input_size: int | None = None, allow_head_mismatch: bool = False,
@@ -96,7 +105,8 @@ def create_backbone(spec: str | dict, pretrained_path: str | Path | None = None,
     """Build an encoder from ``"<source>:<name>"``; ``spec`` may be a dict with ``name`` plus these kwargs.
 
     Sources: ``timm:`` (any timm name, ``hf-hub:`` ids included), ``open_clip:`` (built-in name,
-    ``hf-hub:`` id or local directory), ``panderm:`` (``vit_base_patch16_224`` / ``vit_large_patch16_224``).
+    ``hf-hub:`` id or local directory), ``panderm:`` (``vit_base_patch16_224`` / ``vit_large_patch16_224``),
+    ``dermlip:`` (``PanDerm-base-w-PubMed-256``: DermLIP's PanDerm-base image tower, weights = its HF download).
     ``pretrained_path`` (file or directory) is always loaded strictly. Extra kwargs go to the model
     constructor (``img_size``, ``depth``, ``drop_path_rate`` …). ``pretrained=True`` asks the
     library's own hub download (needs network).
@@ -127,7 +137,17 @@ def create_backbone(spec: str | dict, pretrained_path: str | Path | None = None,
                                    allow_head_mismatch=allow_head_mismatch, **kwargs)
         dc = dict(PANDERM_DATA_CONFIG, input_size=(3, *_img_size(model, input_size or 224)))
         return _wrap_timm(model, f"panderm:{ident}", dc)
-    raise ValueError(f"unknown backbone source {source!r} in {name!r}; use timm:, open_clip: or panderm:")
+    if source == "dermlip":  # DermLIP's PanDerm-base variant, through its open_clip model config (dermlip.py)
+        for key in kwargs:
+            if key not in ("drop_path_rate", "arch"):
+                raise ModelSettingsError(f"model.encoder.{key}: encoder {name!r} has no setting {key!r}; it takes "
+                                         f"drop_path_rate (and input_size, pretrained_path)")
+        tower, dc = dermlip.create_visual(ident, pretrained_path, input_size=input_size, **kwargs)
+        layer_map, num = _timm_layer_map(tower.trunk, "model.trunk.")
+        return TimmTowerBackbone(tower, name=f"dermlip:{ident}", dim=int(tower.head.proj.out_features),
+                                 token_dim=tower.trunk.num_features, data_config=dc, layer_map=layer_map,
+                                 num_blocks=num)
+    raise ValueError(f"unknown backbone source {source!r} in {name!r}; use timm:, open_clip:, panderm: or dermlip:")
 
 
 def _img_size(model: nn.Module, default: int) -> tuple[int, int]:
@@ -159,6 +179,8 @@ def _create_timm(ident, pretrained_path, pretrained, input_size, allow_head_mism
         if ident.startswith("hf-hub:"):
             raise ValueError(f"{ident!r} is a hub id; with pretrained_path give the architecture name instead "
                              f"(e.g. 'timm:vit_base_patch16_224')")
+        if pretrained_path is not None:
+            find_weight_file(pretrained_path)  # a missing download fails before the network is built
         model = _timm_create(timm, ident, False, kwargs)
         if pretrained_path is not None:
             load_timm_checkpoint(model, pretrained_path, allow_head_mismatch=allow_head_mismatch)
@@ -273,8 +295,11 @@ def _create_open_clip(ident, pretrained_path, pretrained, input_size, kwargs) ->
         except Exception as e:  # noqa: BLE001
             raise hub_error(ident, how, e) from e
     elif ident.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"open_clip directory not found: {ident}")
+        raise WeightsNotFoundError(f"open_clip directory not found: {ident} — download the model into it (DermLIP "
+                                   f"ViT-B/16: `huggingface-cli download redlessone/DermLIP_ViT-B-16 --local-dir {ident}`)")
     else:  # built-in architecture, optional local weights file (loaded strictly by open_clip)
+        if pretrained_path is not None:
+            pretrained_path = find_weight_file(pretrained_path)  # missing: named as such, not as an unknown tag
         model = open_clip.create_model(ident, pretrained=str(pretrained_path) if pretrained_path else None,
                                        **create_kwargs)
     visual = model.visual

@@ -1,6 +1,7 @@
 """Reference models the fusion network has to beat.
 
-- ``single_image``: one encoder on one modality (optionally plus a metadata MLP).
+- ``single_image``: one encoder on one modality (optionally plus a metadata MLP; optionally multi-task, with
+  dermoscopic criteria heads, ``criteria: seven_point``).
 - ``late_fusion``: each view encoded separately; pooled features averaged over the views present,
   concatenated with a concept/metadata summary, then one head.
 - ``early_fusion``: clinical and dermoscopic images stacked into a 6-channel input of one CNN.
@@ -15,6 +16,7 @@ from torch import nn
 from ..data.features import FeatureSpec
 from .backbones import create_backbone
 from .base import MultiModalNet, drop_metadata, drop_present
+from .criteria_heads import add_criteria_outputs, CriteriaHeads
 from .layers import MLPHead, masked_mean
 from .registry import register_model
 from .tokens import ConceptTokenizer, MetadataTokenizer
@@ -56,7 +58,8 @@ class _TabularSummary(nn.Module):
 class SingleImage(MultiModalNet):
     def __init__(self, num_classes: int, feature_spec: FeatureSpec, *, modality: str | None = None, encoder=None,
                  pretrained_path=None, freeze_blocks: int = 0, use_metadata: bool = False, metadata_dropout: float = 0.0,
-                 use_concepts: bool = False, meta_dim: int = 64, dropout: float = 0.0, **backbone_kwargs):
+                 use_concepts: bool = False, meta_dim: int = 64, dropout: float = 0.0, criteria: str | None = None,
+                 criteria_weight: float = 1.0, **backbone_kwargs):
         modality = modality or feature_spec.modalities[0]
         if modality not in feature_spec.modalities:
             raise ValueError(f"modality {modality!r} is not in feature_spec.modalities {feature_spec.modalities}")
@@ -68,6 +71,9 @@ class SingleImage(MultiModalNet):
             if (use_metadata or use_concepts) else None
         self.head = MLPHead(dim + (meta_dim if self.tabular is not None else 0), num_classes,
                             hidden=max(dim // 2, 32), dropout=dropout)
+        # multi-task: dermoscopic criteria (e.g. criteria: seven_point) predicted from the same features
+        self.criteria_heads = CriteriaHeads(criteria, dim + (meta_dim if self.tabular is not None else 0),
+                                            criteria_weight, dropout) if criteria else None
 
     def forward(self, batch: dict, return_attention: bool = False) -> dict:
         present = self.image_presence(batch)
@@ -76,7 +82,8 @@ class SingleImage(MultiModalNet):
         pooled = torch.where(present[:, :1], pooled, self.missing_image.expand_as(pooled))
         feats = pooled if self.tabular is None else torch.cat([pooled, self.tabular(batch, len(pooled),
                                                                                     pooled.device)], 1)
-        return {"logits": self.head(feats), "features": feats, "aux": {}, "aux_mask": {}}
+        out = {"logits": self.head(feats), "features": feats, "aux": {}, "aux_mask": {}}
+        return add_criteria_outputs(out, self.criteria_heads, feats, batch, self.training)
 
 
 @register_model("late_fusion")

@@ -52,13 +52,63 @@ class HubUnavailableError(DermfusionError, RuntimeError):
     """A hub id was requested but the hub cannot be reached (offline machine, no network)."""
 
 
-def hub_offline() -> bool:
+HUB_PROBE_TIMEOUT_S = 3.0
+_hub_probes: dict[str, bool] = {}
+
+
+def _offline_env() -> bool:
     return any(os.environ.get(k, "").strip().lower() in {"1", "true", "yes", "on"}
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DERMFUSION_OFFLINE"))
 
 
+def hub_offline() -> bool:
+    """The hub is off (``HF_HUB_OFFLINE`` …) or does not answer: checked before any download, so an offline machine
+    gets the "use a local copy" error at once instead of a library retrying for minutes."""
+    return _offline_env() or not hub_reachable()
+
+
+def _hub_address() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    u = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return u.hostname or "huggingface.co", u.port or (80 if u.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub's host (``HF_ENDPOINT``, default huggingface.co:443) within ``timeout`` seconds
+    — name resolution included — remembered for the process. Behind a proxy (``HTTPS_PROXY`` …) it is not probed:
+    the library's own request decides."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    import socket
+    import threading
+
+    host, port = _hub_address()
+    key = f"{host}:{port}"
+    if key not in _hub_probes:
+        ok: list[bool] = []
+
+        def probe():
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                ok.append(True)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts: bound it from outside
+        t.start()
+        t.join(timeout + 0.5)
+        _hub_probes[key] = bool(ok)
+    return _hub_probes[key]
+
+
 def hub_error(hub_id: str, how_local: str, cause: BaseException | None = None) -> HubUnavailableError:
-    why = "the hub is disabled (HF_HUB_OFFLINE is set)" if cause is None else f"download failed ({cause})"
+    if cause is not None:
+        why = f"download failed ({cause})"
+    elif _offline_env():
+        why = "the hub is disabled (HF_HUB_OFFLINE is set)"
+    else:
+        why = "the hub ({}:{}) did not answer within {:.0f} s".format(*_hub_address(), HUB_PROBE_TIMEOUT_S)
     fetch = (f"run `huggingface-cli download {hub_id.split(':', 1)[-1]} --local-dir DIR`"
              if hub_id.startswith("hf-hub:") else "download the weights into a directory DIR")
     return HubUnavailableError(
@@ -68,6 +118,13 @@ def hub_error(hub_id: str, how_local: str, cause: BaseException | None = None) -
 
 
 PACKAGE_SCHEME = "package:"
+
+
+class WeightsNotFoundError(DermfusionError, FileNotFoundError):
+    """Foundation weights named by a local path that is not there (the message says what to download)."""
+
+
+NOT_DOWNLOADED = "download the weights (README, 'Foundation models', names each model's file) and give their local path"
 
 
 class WeightsPackageMissingError(DermfusionError, FileNotFoundError):
@@ -98,6 +155,11 @@ def package_weights_dir(spec: str) -> Path:
 def find_weight_file(path: str | os.PathLike) -> Path:
     """A weights file, the preferred weights file inside a directory, or the one inside an installed
     weights package (``package:<module>``, searched recursively)."""
+    if isinstance(path, str) and path.startswith(BUNDLE_SCHEME):
+        where = Path(path[len(BUNDLE_SCHEME):].partition("#")[0]) / "model.safetensors"
+        if not where.is_file():
+            raise WeightsNotFoundError(f"{path}: no model.safetensors there (a dermfusion bundle directory)")
+        return where
     if isinstance(path, str) and path.startswith(PACKAGE_SCHEME):
         root = package_weights_dir(path)
         found = sorted(root.rglob("*.safetensors")) + sorted(root.rglob("*.pth")) + sorted(root.rglob("*.bin"))
@@ -116,11 +178,40 @@ def find_weight_file(path: str | os.PathLike) -> Path:
         if found:
             return found[0]
         raise FileNotFoundError(f"no weights file (*.safetensors, *.bin, *.pth) in directory {p}")
-    raise FileNotFoundError(f"checkpoint not found: {p}")
+    raise WeightsNotFoundError(f"checkpoint not found: {p} — {NOT_DOWNLOADED}")
+
+
+BUNDLE_SCHEME = "bundle:"
+
+
+def bundle_encoder_state(spec: str) -> dict[str, torch.Tensor]:
+    """``bundle:<dir>[#modality]``: the image encoder of a trained dermfusion bundle (e.g. a HAM10000 fine-tune
+    as the starting point for Derm7pt) — its ``encoders.<modality>.model.*`` tensors, prefix removed. The
+    modality may be left out when the bundle has one encoder."""
+    from safetensors.torch import load_file
+
+    where, _, modality = spec[len(BUNDLE_SCHEME):].partition("#")
+    f = Path(where) / "model.safetensors"
+    if not f.is_file():
+        raise WeightsNotFoundError(f"{spec}: no model.safetensors in {where} (a dermfusion bundle directory)")
+    sd = load_file(str(f), device="cpu")
+    encoders = sorted({k.split(".")[1] for k in sd if k.startswith("encoders.")})
+    if not modality:
+        if len(encoders) != 1:
+            raise ValueError(f"{spec}: the bundle has encoders {encoders}; name one as bundle:<dir>#<modality>")
+        modality = encoders[0]
+    prefix = f"encoders.{modality}.model."
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"{spec}: the bundle has no encoder {modality!r} (it has {encoders})")
+    return out
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read tensors from safetensors or a torch pickle (``weights_only=True``: no code execution)."""
+    """Read tensors from safetensors or a torch pickle (``weights_only=True``: no code execution), or a
+    dermfusion bundle's image encoder (``bundle:<dir>[#modality]``)."""
+    if isinstance(path, str) and path.startswith(BUNDLE_SCHEME):
+        return bundle_encoder_state(path)
     f = find_weight_file(path)
     if f.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import DermfusionError
-from .checkpoint import hub_error, hub_offline, load_state_dict_strict, read_state_dict, strip_prefixes
+from . import dermlip
+from .checkpoint import (WeightsNotFoundError, hub_error, hub_offline, load_state_dict_strict, read_state_dict,
+                         strip_prefixes)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,7 +33,7 @@ MONET_ARCH = "ViT-L-14-quickgelu"
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class ClipWeightsError(DermfusionError, FileNotFoundError):
+class ClipWeightsError(WeightsNotFoundError):
     """Weights for a CLIP-family model were named but are not there."""
 
 
@@ -108,14 +109,17 @@ def _tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
     return lambda texts: tok(list(texts), context_length=ctx)
 
 
-def create_clip(spec: str, pretrained_path: str | Path | None = None, *, arch: str | dict | None = None) -> ClipModel:
+def create_clip(spec: str, pretrained_path: str | Path | None = None, *, arch: str | dict | None = None,
+                text_dir: str | Path | None = None) -> ClipModel:
     """A CLIP-family model for concept scoring.
 
     ``monet:<file>`` (or ``monet`` with ``pretrained_path``): the MONET weights file (OpenAI-CLIP layout, ``.pt``
     JIT archive, ``.pth`` or ``.safetensors``) into ``ViT-L-14-quickgelu`` (``arch`` overrides it — tests use a
     small config with the same key names). ``open_clip:<dir>``: a directory with ``open_clip_config.json`` + weights
     (DermLIP). ``open_clip:<arch>`` with ``pretrained_path``: a built-in architecture and a local weights file.
-    ``open_clip:hf-hub:<id>``: the hub (needs network; fails at once when offline).
+    ``open_clip:hf-hub:<id>``: the hub (needs network; fails at once when offline). ``dermlip:PanDerm-base-w-PubMed-256``
+    with ``pretrained_path`` (the HF download): DermLIP's PanDerm-base variant (models/dermlip.py); its PubMedBERT
+    config + tokenizer come from ``text_dir`` or a folder beside the weights (needs ``transformers``).
     """
     source, _, ident = spec.partition(":")
     if source == "monet":
@@ -136,7 +140,12 @@ def create_clip(spec: str, pretrained_path: str | Path | None = None, *, arch: s
                          name=f"monet:{Path(path).name}", dropped_keys=dropped)
     if source == "open_clip":
         return _create_open_clip(ident, pretrained_path, arch)
-    raise ValueError(f"concept scorer model {spec!r}: use 'monet:<weights file>' or 'open_clip:<dir|arch|hf-hub:id>'")
+    if source == "dermlip":
+        model, tokenizer, dc, dropped = dermlip.create_clip_model(ident, pretrained_path, text_dir=text_dir,
+                                                                  arch=arch if isinstance(arch, dict) else None)
+        return ClipModel(model, tokenizer, dc, name=f"dermlip:{dermlip.resolve_name(ident)}", dropped_keys=dropped)
+    raise ValueError(f"concept scorer model {spec!r}: use 'monet:<weights file>', 'open_clip:<dir|arch|hf-hub:id>' "
+                     f"or 'dermlip:{dermlip.PANDERM_BASE_CLIP}' (with weights)")
 
 
 def _create_open_clip(ident: str, pretrained_path, arch) -> ClipModel:

@@ -56,6 +56,13 @@ def pooled_stats(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot pool a {x.ndim}-D layer output")
 
 
+def _join_windows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B·n)×T×C tokens → B×(n·T)×C; (B·n)×C×H×W maps → B×C×(n·H)×W: each image's n windows as one."""
+    if x.ndim == 4:
+        return x.reshape(-1, n, *x.shape[1:]).transpose(1, 2).flatten(2, 3)
+    return x.reshape(-1, n * x.shape[1], *x.shape[2:])
+
+
 class LayerStats:
     """Collects `pooled_stats` of ``modality``'s encoder layers while the model runs::
 
@@ -74,6 +81,9 @@ class LayerStats:
         enc = encoders[modality] if isinstance(encoders, nn.ModuleDict) and modality in encoders else None
         if enc is not None and sum(e is enc for e in encoders.values()) == 1:
             self.layers = probe_layers(enc)
+        # an encoder that reads each image as n windows (remixformer's dermoscopy branch): n rows make one image
+        windows = (getattr(model, "encoder_windows", None) or {}).get(modality)
+        self.rows_per_image = int(windows[0] * windows[1]) if windows else 1
 
     @property
     def available(self) -> bool:
@@ -93,7 +103,11 @@ class LayerStats:
         def fn(_module, _inputs, output):
             if threading.get_ident() != self._thread:  # another request's forward pass through the shared model
                 return
+            if i in self._out:  # the model reran these layers in this pass (remixformer's close-ups): the image's first
+                return
             out = output[0] if isinstance(output, (tuple, list)) else output
+            if self.rows_per_image > 1:
+                out = _join_windows(out, self.rows_per_image)
             self._out[i] = pooled_stats(out).detach()
         return fn
 

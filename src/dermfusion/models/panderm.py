@@ -13,7 +13,8 @@ import logging
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointMismatchError, load_state_dict_strict, read_state_dict, strip_prefixes
+from .checkpoint import (CheckpointMismatchError, WeightsNotFoundError, find_weight_file, load_state_dict_strict,
+                         read_state_dict, strip_prefixes)
 
 PANDERM_ARCHS = {
     "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
@@ -102,6 +103,14 @@ def create_panderm_vit(arch: str, pretrained_path=None, *, ignore_pretraining_ke
 
     if arch not in PANDERM_ARCHS:
         raise ValueError(f"unknown PanDerm architecture {arch!r}; choose one of {', '.join(PANDERM_ARCHS)}")
+    if pretrained_path is not None:
+        try:
+            find_weight_file(pretrained_path)  # a missing download fails before the (large) model is built
+        except WeightsNotFoundError:
+            raise WeightsNotFoundError(
+                f"PanDerm weights not found: {pretrained_path} — download PanDerm's encoder checkpoint (the .pth "
+                f"linked from github.com/SiyuanYan1/PanDerm; README, 'Foundation models') and set "
+                f"model.pretrained_path to its local path") from None
     args = dict(PANDERM_ARCHS[arch], init_values=init_values, qkv_bias=True, num_classes=0)
     args.update(kwargs)
     model = timm.create_model(arch, pretrained=False, **args)

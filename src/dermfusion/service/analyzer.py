@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .. import __version__
+from ..bundle.concept_mapping import find_concept_mapping
 from ..evaluation.drift_reference import image_stats, observation, read_reference_stats
 from ..evaluation.embedding_reference import read_reference
 from ..explain import center_crop_box, overlay_heatmap, png_base64
@@ -59,7 +60,13 @@ class Analyzer:
         self.calibration = dict(self.bundle.calibration or {})
         self.calibrated = bool(self.calibration)
         path = getattr(self.bundle, "path", None)
-        self.concept_filler = ConceptFiller(self.config.concepts)
+        # the concept mapping the served bundle(s) carry (concept_mapping.json, hashed with the bundle), if any
+        mapping = find_concept_mapping([path, *(n.bundle.path for n in self.model_pass.networks)]) \
+            if self.config.concepts.model else None
+        self.concept_filler = ConceptFiller(self.config.concepts, mapping)
+        # the share of the short side each modality's evaluation crop keeps (the heat map's "model region")
+        first = self.model_pass.networks[0] if self.model_pass.networks else None
+        self.crop_pct = {m: float(p.crop_pct) for m, p in first.preprocess.items()} if first is not None else {}
         self.gate = QualityGate(self.config.quality, read_reference_stats(path) if path else None,
                                 familiarity_reference(predictor))
         self.ready = False
@@ -113,8 +120,9 @@ class Analyzer:
         model_fields = set(self.metadata_fields)
         metadata_used = {k: v for k, v in fields.items() if k in model_fields or k in self.concepts}
         # concept scores the request lacks, from its images when a scorer is configured (concept_scores.py)
-        concepts_supplied, concepts_computed = self.concept_filler.fill(
-            {m: uploads[m].data for m in used}, metadata_used, self.concepts)
+        concept_fill = self.concept_filler.fill({m: uploads[m].data for m in used}, metadata_used, self.concepts)
+        concepts_supplied, concepts_computed = concept_fill.supplied, list(concept_fill.computed)
+        warnings += concept_fill.warnings
         given_meta = [k for k in ("age", "sex", "skin_tone", "site") if k in fields]
         ignored = [k for k in given_meta if k not in model_fields]
         if ignored:
@@ -134,6 +142,7 @@ class Analyzer:
         want_maps = explain and self.can_explain and not findings
         watch = self.gate.familiarity_modality if quality_gate and not findings else None
         probs, maps, methods, contrib, layer_stats = self.model_pass.run(images, metadata_used, want_maps, watch)
+        criteria = self.model_pass.criteria(images, metadata_used)  # a multi-task model's 7-point criteria
         timings["inference_ms"] = (time.perf_counter() - t) * 1000
         unfamiliarity = self.gate.unfamiliarity(layer_stats) if watch else None
         probs = np.clip(probs, 0.0, 1.0)
@@ -152,12 +161,14 @@ class Analyzer:
                 grid = maps.get(m)
                 if grid is None:
                     continue
-                ov, _ = overlay_heatmap(images[m], grid, max_side=ec.max_side, alpha=ec.alpha, cmap=ec.colormap)
+                crop = self.crop_pct.get(m, 1.0)
+                ov, _ = overlay_heatmap(images[m], grid, max_side=ec.max_side, alpha=ec.alpha, cmap=ec.colormap,
+                                        crop_pct=crop)
                 w0, h0 = images[m].size
                 heatmaps.append({"modality": m, "method": methods.get(m, ""), "overlay_png_base64": png_base64(ov),
                                  "width": ov.size[0], "height": ov.size[1], "original_width": w0,
                                  "original_height": h0,
-                                 "model_region": list(center_crop_box(display_size((w0, h0), ec.max_side)))})
+                                 "model_region": list(center_crop_box(display_size((w0, h0), ec.max_side), crop))})
         timings["explain_render_ms"] = (time.perf_counter() - t) * 1000
 
         differential = sorted(
@@ -192,6 +203,7 @@ class Analyzer:
                        "concepts_supplied": concepts_supplied, "concepts_computed": concepts_computed},
             "warnings": warnings,
             "explanations": {"heatmaps": heatmaps, "fusion": fusion},
+            "criteria": None if findings else criteria,
             "calibrated": self.calibrated,
             "timings_ms": {k: round(v, 2) for k, v in timings.items()},
             "disclaimer": self.config.disclaimer,
@@ -207,6 +219,8 @@ class Analyzer:
             "risk_score": decision.risk_score, "action": decision.action,
             "review_recommended": decision.review_recommended, "review_reasons": decision.review_reasons,
             "warnings": warnings, "client": client,
+            # which concept scores were supplied, which computed (values, scorer, mapping): None if the model uses none
+            "concepts": concept_fill.audit() if self.concepts else None,
         }
         obs = observation(stats, probs, task.classes)
         raw = {m: (uploads[m].data, formats[m]) for m in used} if self.config.audit.store_images else {}

@@ -58,6 +58,9 @@ class AuditRecord(_Base):
     images_stored: Mapped[bool] = mapped_column(Boolean, default=False)
     registry_version: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the answering one
     model_role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # promoted | canary (registry only)
+    # {supplied: [column], computed: {column: value the model saw}, computed_raw: {column: scorer's score},
+    #  scorer: {model, weights_sha256, concept_set}, mapping: {source, file, sha256}} — null for models without concepts
+    concepts: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class ShadowRecord(_Base):

@@ -172,11 +172,15 @@ class ConceptScorerConfig(_Strict):
     """Concept scores computed from the uploaded images when a request sends none (``dermfusion.concepts``); off
     unless ``model`` names a scorer. Only for models that use concept scores; supplied scores are always kept."""
     model: Optional[str] = Field(None, description="monet:<weights file> | open_clip:<dir> | open_clip:<arch> (with "
-                                                   "weights); null = off")
-    weights: Optional[str] = Field(None, description="local weights file for open_clip:<arch>")
+                                                   "weights) | dermlip:PanDerm-base-w-PubMed-256 (with weights); "
+                                                   "null = off")
+    weights: Optional[str] = Field(None, description="local weights: a file for open_clip:<arch>, the download "
+                                                     "directory for dermlip:…")
     concept_set: str = Field("milk10k", description="milk10k | seven_point | a YAML file of prompts")
     mapping: Optional[str] = Field(None, description="monotone map onto MILK10k's scale (JSON from `dermfusion "
-                                                     "concepts --fit-mapping`)")
+                                                     "concepts --fit-mapping`) for bundles that carry none; a bundle's "
+                                                     "own concept_mapping.json is used first (`dermfusion bundle "
+                                                     "concept-mapping`)")
     cache_dir: Optional[str] = Field(None, description="score cache by image sha256 (default: the user cache dir)")
 
 

@@ -20,10 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..criteria import seven_point_score
 from ..data.dataset import batch_from_inputs
 from ..data.importers.isic import import_isic
 from ..explain import Explainer
 from ..inference.backends import selection_text
+from ..inference.criteria import divide_label_prior
 from ..inference.network import NetworkPredictor
 from ..inference.predictor import Predictor
 from ..models.layer_stats import LayerStats
@@ -102,6 +104,28 @@ class ModelPass:
             raw.append(np.asarray(p, dtype=np.float64))
         mixed = np.tensordot(self.weights, np.stack(raw), axes=1)  # the predictor's own combination of raw output
         return self.predictor.calibration.apply(mixed[None])[0], maps, methods, contrib, stats
+
+    def criteria(self, images: dict, metadata: dict) -> dict | None:
+        """A multi-task network's dermoscopic criteria for the lesion (the first network with criteria heads, an
+        eager pass: the fast backends export the diagnosis only) — labels, probabilities and the 7-point score;
+        None when no network predicts criteria."""
+        net = next((n for n in self.networks if getattr(n.model, "criteria_heads", None) is not None), None)
+        if net is None:
+            return None
+        batch = move_batch(batch_from_inputs({m: img for m, img in images.items() if m in net.spec.modalities},
+                                             metadata, net.spec, net.preprocess), net.device)
+        with torch.no_grad():
+            logits = net.model(batch)["criteria"]
+        heads = net.model.criteria_heads
+        probs = divide_label_prior({c.name: torch.softmax(logits[c.name].float(), -1).cpu().numpy()
+                                    for c in heads.criteria}, net.bundle.config.get("criteria_prior"))
+        items, labels = [], {}
+        for c in heads.criteria:
+            p = probs[c.name][0]
+            labels[c.name] = c.labels[int(p.argmax())]
+            items.append({"criterion": c.name, "label": labels[c.name],
+                          "probabilities": {label: float(v) for label, v in zip(c.labels, p)}})
+        return {"set": heads.criteria_set, "items": items, "seven_point_score": seven_point_score(labels, heads.criteria)}
 
     def _predict_generic(self, images: dict, metadata: dict) -> np.ndarray:
         """Any other predictor: a one-row manifest with the images in a temporary folder."""

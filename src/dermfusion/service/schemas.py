@@ -239,6 +239,19 @@ class Explanations(_Model):
                  "attention shares, not causal effects.")
 
 
+class CriterionPrediction(_Model):
+    criterion: str
+    label: str = Field(..., description="the most likely grouped label")
+    probabilities: dict[str, float]
+
+
+class CriteriaReport(_Model):
+    set: str = Field(..., description="the criteria set, e.g. seven_point (the 7-point checklist)")
+    items: list[CriterionPrediction]
+    seven_point_score: int = Field(..., description="the 7-point checklist score of the predicted labels "
+                                                    "(2 per major, 1 per minor criterion; ≥ 3 suggests melanoma)")
+
+
 class AnalyzeResponse(_Model):
     request_id: str
     created_at: datetime
@@ -257,6 +270,8 @@ class AnalyzeResponse(_Model):
     inputs: InputSummary
     warnings: list[str] = Field(default_factory=list)
     explanations: Explanations
+    criteria: Optional[CriteriaReport] = Field(None, description="a multi-task model's dermoscopic criteria "
+                                                                 "(uncalibrated); absent for other models")
     calibrated: bool = Field(..., description="whether the bundle's calibration was applied")
     timings_ms: dict[str, float]
     disclaimer: str

@@ -181,7 +181,8 @@ def _oof_summary(cfg, task, df, oof, out, bundles) -> dict:
     res = {"oof": {"n": len(oof), **epoch_metrics(task, y, p)}}
     console.print(f"[bold]out-of-fold[/] ({len(oof)} lesions): official {res['oof']['official']:.4f} · "
                   f"balanced accuracy {res['oof']['balanced_accuracy']:.4f} · macro-F1 {res['oof']['macro_f1']:.4f}")
-    res["calibration"] = calibrate_run(cfg.calibration, task, y, oof, bundles, cfg.train.sampler_power)
+    res["calibration"] = calibrate_run(cfg.calibration, task, y, oof, bundles, cfg.train.sampler_power,
+                                       class_counts=training_class_counts(df, task, oof["fold"].unique()))
     write_calibrated_oof(task, oof, res["calibration"]["fitted"], out / "oof_calibrated.csv")
     write_drift_references(task, lab, oof, bundles, res["calibration"]["fitted"])
     return res
@@ -227,12 +228,26 @@ def write_drift_references(task, lab: pd.DataFrame, oof: pd.DataFrame, bundles, 
         write_reference_stats(b, compute_reference_stats(fold, lab[rows].reset_index(drop=True), probs=probs))
 
 
-def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, sampler_power: float = 0.0) -> dict:
+def training_class_counts(df: pd.DataFrame, task, folds) -> np.ndarray:
+    """Class counts of what the fold models trained on: for each fold, the labelled rows of the other folds,
+    summed (all k folds of a run: proportional to the whole manifest; one fold: that fold's training rows — the
+    prior its sampler drew from, which the held-out fold's own counts need not match, e.g. Derm7pt's official
+    validation split)."""
+    counts = np.zeros(task.num_classes)
+    for f in folds:
+        rows = df[(df["fold"] >= 0) & (df["fold"] != int(f))]
+        counts += np.nan_to_num(targets(rows, task).astype(float)).sum(0)
+    return counts
+
+
+def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, sampler_power: float = 0.0, *,
+                  class_counts=None) -> dict:
     """Fit calibration on out-of-fold predictions and write it into every bundle of the run.
 
     options: temperature (bool), cuts ("auto" | bool: per-class cuts for the MILK10k score, nested estimate),
     prior_adjustment ("balanced_accuracy": post-hoc logit adjustment −τ·log prior with τ chosen on OOF;
-    "training_prior": −log of the prior the sampler trained under, ``sampler_power``).
+    "training_prior": −log of the prior the sampler trained under, ``sampler_power``, from ``class_counts`` — the
+    training rows' class counts, see ``training_class_counts``; default: the out-of-fold labels' counts).
     """
     if hasattr(options, "model_dump"):
         options = options.model_dump()
@@ -248,8 +263,10 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
         calib.prior_adjustment = adj
         report["prior_adjustment"] = {"tau": tau, "balanced_accuracy_by_tau": table}
     elif options.get("prior_adjustment") == "training_prior":
-        calib.prior_adjustment = fit_prior_adjustment(training_prior(y.sum(0), sampler_power))
-        report["prior_adjustment"] = {"training_prior_sampler_power": sampler_power}
+        strength = float(options.get("prior_strength", 1.0))
+        counts = y.sum(0) if class_counts is None else np.asarray(class_counts, float)
+        calib.prior_adjustment = fit_prior_adjustment(training_prior(counts, sampler_power), strength)
+        report["prior_adjustment"] = {"training_prior_sampler_power": sampler_power, "prior_strength": strength}
     after = calib.apply(p)
     report["oof_after_calibration"] = epoch_metrics(task, y, after)
     d = calib.to_dict()

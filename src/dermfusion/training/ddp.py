@@ -56,6 +56,8 @@ def gather_for_loss(outputs: dict, target: torch.Tensor) -> tuple[dict, torch.Te
     if outputs.get("aux_mask"):
         out["aux_mask"] = {k: gather_cat(outputs["aux_mask"][k], differentiable=False)
                            for k in sorted(outputs["aux_mask"])}
+    if outputs.get("losses"):  # the model's own loss terms are per-rank means; DDP averages their gradients
+        out["losses"] = outputs["losses"]
     return out, gather_cat(target, differentiable=False)
 
 

@@ -203,6 +203,7 @@ class FoldTrainer:
         steps = self.steps_per_epoch()
         task = progress.add_task(f"fold {self.fold} epoch {epoch + 1}/{cfg.train.epochs}", total=steps, info="")
         losses, t_data, t_compute, t_startup = [], 0.0, 0.0, 0.0
+        part_sums: dict[str, float] = {}
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for step in range(steps):
@@ -233,6 +234,8 @@ class FoldTrainer:
             if self.device.type == "cuda" and self.profile:
                 torch.cuda.synchronize()
             losses.append(float(loss.detach()))
+            for name, v in parts.items():  # each term's epoch mean in the log (main, soft-F1, the model's own)
+                part_sums[name] = part_sums.get(name, 0.0) + float(v)
             t0 = time.perf_counter()
             t_compute += t0 - t1
             progress.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
@@ -241,7 +244,8 @@ class FoldTrainer:
         progress.remove_task(task)
         total = t_data + t_compute
         wall = total + t_startup
-        return {"loss": float(np.mean(losses)) if losses else float("nan"), "data_wait_s": t_data,
+        return {"loss": float(np.mean(losses)) if losses else float("nan"),
+                "loss_parts": {k: v / len(losses) for k, v in part_sums.items() if k != "total"}, "data_wait_s": t_data,
                 "compute_s": t_compute, "startup_s": t_startup,
                 "loader_workers": self._loader_kwargs()["num_workers"], "compute_threads": torch.get_num_threads(),
                 "data_wait_frac": t_data / total if total else 0.0,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import save_file
 
 from ..bundle import write_bundle
+from ..criteria import label_prior
+from ..data.dataset import class_balanced_weights, criteria_targets
 from ..data.manifest import targets
 from ..evaluation.calibration import fit_prior_adjustment, training_prior
 from .checkpoint import write_dir_atomic
@@ -21,6 +24,9 @@ def write_fold_bundle(trainer, model, metrics: dict) -> Path:
               "feature_spec": trainer.spec.to_dict(),
               "preprocess": {m: p.to_dict() for m, p in trainer.preprocess.items()},
               "experiment": cfg.model_dump(), "fold": trainer.fold}
+    heads = getattr(model, "criteria_heads", None)
+    if heads is not None:  # the criteria's label prior under the sampler: prediction divides it out
+        config["criteria_prior"] = criteria_training_prior(trainer, heads.criteria)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     calibration = training_prior_calibration(trainer)
     # written beside and renamed into place: a crash never leaves a half-written bundle
@@ -38,4 +44,16 @@ def training_prior_calibration(trainer) -> dict | None:
         return None
     counts = targets(trainer.train_df, trainer.task).sum(axis=0)
     return {"temperature": 1.0, "cuts": None,
-            "prior_adjustment": fit_prior_adjustment(training_prior(counts, trainer.cfg.train.sampler_power))}
+            "prior_adjustment": fit_prior_adjustment(training_prior(counts, trainer.cfg.train.sampler_power),
+                                                     trainer.cfg.calibration.prior_strength)}
+
+
+def criteria_training_prior(trainer, criteria) -> dict[str, list[float]]:
+    """The criteria's label frequencies among the fold's training lesions, each weighted as the class-balanced
+    sampler drew it (``train.sampler_power``)."""
+    df = trainer.train_df
+    codes = criteria_targets(df, trainer.task)
+    if codes is None:
+        codes = np.full((len(df), len(criteria)), -1)
+    weights = class_balanced_weights(targets(df, trainer.task), trainer.cfg.train.sampler_power)
+    return label_prior(codes, weights, criteria)

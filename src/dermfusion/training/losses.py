@@ -3,6 +3,10 @@
 MILK10k is scored by mean per-class Dice (= F1), so a macro soft-F1 term can be added to a focal
 or cross-entropy loss. Targets are B×C probability vectors (one-hot or smoothed). Auxiliary heads
 (per-view, tabular) are trained with the same base loss, only on rows where their input exists.
+
+A model may add its own loss terms (a regulariser, a segmentation loss, 7-point criteria heads): it computes
+them in ``forward`` while training, from what the batch carries, and returns them already weighted under
+``outputs["losses"]`` ({name: scalar}); they are added to the total and logged by name.
 """
 from __future__ import annotations
 
@@ -133,6 +137,9 @@ class TrainingLoss(nn.Module):
                     aux = per_row.mean()
                 parts[f"aux_{name}"] = aux.detach()
                 loss = loss + self.aux_weight * aux
+        for name, term in (outputs.get("losses") or {}).items():  # the model's own terms, already weighted
+            parts[name] = term.detach()
+            loss = loss + term
         parts["total"] = loss.detach()
         return loss, parts
 

@@ -1,17 +1,21 @@
 """Derm7pt: diagnosis mapped to the usual five groups (BCC, NEV, MEL, SK, MISC) plus the fine label;
-the 7-point checklist criteria kept as auxiliary targets (`aux_<criterion>`); the official split kept."""
+the 7-point checklist criteria kept as auxiliary targets (`aux_<criterion>`, grouped as in the Derm7pt paper:
+see ``dermfusion.criteria``; the published value in `aux_<criterion>_raw`); the official split kept. The
+folds follow the official split — fold 0 = `valid`, fold 1 = `train`, test cases −1 — so `--folds 0` trains
+on the training split and validates on the validation split, and `--folds full` trains on both."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
 
+from ...criteria import SEVEN_POINT
 from ...tasks import DERM7PT
 from ..manifest import normalise
 from .common import ImportError_, clean_metadata, one_hot, read_csv, resolve_image
 
-CRITERIA = ("pigment_network", "streaks", "pigmentation", "regression_structures", "dots_and_globules",
-            "blue_whitish_veil", "vascular_structures")
+CRITERIA = tuple(c.name for c in SEVEN_POINT)
+OFFICIAL_FOLDS = {"valid": 0, "train": 1}
 
 
 def five_group(diagnosis: str) -> str:
@@ -29,8 +33,15 @@ def five_group(diagnosis: str) -> str:
     return "MISC"
 
 
-def import_derm7pt(meta_csv, images_dir=None, dataset: str = "derm7pt") -> pd.DataFrame:
+def import_derm7pt(meta_csv, images_dir=None, dataset: str = "derm7pt", splits=None) -> pd.DataFrame:
+    """The manifest of Derm7pt's ``meta.csv`` (``splits``: keep only these official splits, e.g. train, valid)."""
     src = read_csv(meta_csv, ["case_num", "diagnosis", "split"], "Derm7pt meta")
+    if splits:
+        keep = {s.strip().lower() for s in splits}
+        unknown = keep - {"train", "valid", "test"}
+        if unknown:
+            raise ImportError_(f"unknown Derm7pt split(s) {sorted(unknown)}: use train, valid, test")
+        src = src[src["split"].str.strip().str.lower().isin(keep)].reset_index(drop=True)
     img_col = "image" if "image" in src.columns else "derm" if "derm" in src.columns else None
     if img_col is None:
         raise ImportError_(f"{meta_csv}: needs the dermoscopic image column ('image' or 'derm')")
@@ -42,14 +53,16 @@ def import_derm7pt(meta_csv, images_dir=None, dataset: str = "derm7pt") -> pd.Da
         "dataset": dataset,
         "patient_id": "",
         "split": src["split"].str.strip().str.lower(),
-        "fold": -1,
+        "fold": [OFFICIAL_FOLDS.get(str(v).strip().lower(), -1) for v in src["split"]],
         "image_clinical": [resolve_image(images_dir, csv_dir, r) for r in src["clinic"]] if "clinic" in src else "",
         "image_dermoscopic": [resolve_image(images_dir, csv_dir, r) for r in src[img_col]],
         "diagnosis_fine": src["diagnosis"].str.strip(),
+        "source_image": src[img_col].astype(str).str.strip(),  # as in meta.csv: the id a submission is keyed by
     })
     df = clean_metadata(df, [""] * len(src), src.get("sex", [""] * len(src)), src.get("location", [""] * len(src)))
-    for c in CRITERIA:
-        if c in src.columns:
-            df[f"aux_{c}"] = src[c].str.strip()
+    for c in SEVEN_POINT:
+        if c.name in src.columns:
+            df[f"aux_{c.name}"] = [c.group(v) for v in src[c.name]]
+            df[f"aux_{c.name}_raw"] = src[c.name].fillna("").astype(str).str.strip()
     df = pd.concat([df, one_hot(labels, DERM7PT)], axis=1)
     return normalise(df)
