@@ -57,6 +57,22 @@ def build_tiny_bundle(out: Path, df, overrides: list[str] | tuple[str, ...] = ()
                         write_model=lambda d: save_file(state, str(d / "model.safetensors"))).path
 
 
+def build_concept_bundle(out: Path, df, columns) -> Path:
+    """A tiny_cpu bundle trained with supplied MILK10k-style concept scores (uniform at random, seed 0) in
+    ``columns``; checks that the model really reads exactly those columns."""
+    import numpy as np
+    import yaml
+
+    df = df.copy()
+    rng = np.random.default_rng(0)
+    for c in columns:
+        df[c] = rng.uniform(0, 1, len(df))
+    bundle = build_tiny_bundle(out, df)
+    spec = yaml.safe_load((bundle / "config.yaml").read_text())["feature_spec"]
+    assert sorted(spec["concepts"]) == sorted(columns), spec  # the model uses the supplied scores
+    return bundle
+
+
 # Fixtures imported into several test modules become one fixture *per module*; this memo makes the
 # expensive ones (bundle, loaded model) really once per session.
 _SHARED: dict = {}

@@ -12,7 +12,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from clip_fixtures import save_open_clip_dir, tiny_clip_model
 from typer.testing import CliRunner
 
@@ -35,15 +34,9 @@ def clip_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def old_bundle(tmp_path_factory, ham_sample):
     """tiny_cpu trained (1 epoch, fold 0) with supplied MILK10k-style concept scores; no concept_mapping.json."""
-    from service_fixtures import build_tiny_bundle
+    from service_fixtures import build_concept_bundle
 
-    df = ham_sample.copy()
-    rng = np.random.default_rng(0)
-    for c in COLS:
-        df[c] = rng.uniform(0, 1, len(df))
-    bundle = build_tiny_bundle(tmp_path_factory.mktemp("concept_map_run") / "run", df)
-    assert sorted(yaml.safe_load((bundle / "config.yaml").read_text())["feature_spec"]["concepts"]) == sorted(COLS)
-    return bundle
+    return build_concept_bundle(tmp_path_factory.mktemp("concept_map_run") / "run", ham_sample, COLS)
 
 
 @pytest.fixture(scope="module")

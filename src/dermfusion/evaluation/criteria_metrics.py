@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from ..criteria import criteria_column, get_criteria, seven_point_score
+from ..data.dataset import criteria_targets
 from ..tasks import TaskSpec
 
 
@@ -25,32 +26,29 @@ def criteria_metrics(task: TaskSpec, pred: pd.DataFrame, rows: pd.DataFrame) -> 
     have = [c for c in criteria if c.name in pred.columns and criteria_column(c) in rows.columns]
     if not have:
         return {"available": False, "reason": "the predictions or the manifest carry no criteria"}
+    codes = criteria_targets(rows, task)  # N×K annotated label indices, −1 = not annotated
     out = {}
-    for c in have:
-        truth = rows[criteria_column(c)].fillna("").astype(str).str.strip().str.lower().to_numpy()
-        known = np.isin(truth, c.labels)
-        if not known.any():
+    for j, c in enumerate(criteria):
+        known = codes[:, j] >= 0
+        if c not in have or not known.any():
             continue
-        t, p = truth[known], pred[c.name].astype(str).to_numpy()[known]
+        t = np.asarray(c.labels)[codes[known, j]]
+        p = pred[c.name].astype(str).to_numpy()[known]
         entry = {"n": int(known.sum()), "labels": list(c.labels), "chance": 1.0 / len(c.labels),
                  "balanced_accuracy": float(balanced_accuracy_score(t, p)),
                  "support": {label: int((t == label).sum()) for label in c.labels}}
         prob_cols = [f"{c.name}:{label}" for label in c.labels]
         if all(col in pred.columns for col in prob_cols):
-            probs = pred.loc[known, prob_cols].to_numpy(float)
-            entry["auroc"] = _macro_auroc(t, probs, c.labels)
+            entry["auroc"] = _macro_auroc(t, pred.loc[known, prob_cols].to_numpy(float), c.labels)
         out[c.name] = entry
     result = {"available": bool(out), "criteria": out}
-    if len(have) == len(criteria) and "seven_point_score" in pred.columns:
-        true_score = np.array([seven_point_score({c.name: str(r[criteria_column(c)]).strip().lower()
-                                                  for c in criteria}, criteria) for _, r in rows.iterrows()])
-        complete = np.array([all(str(r[criteria_column(c)]).strip().lower() in c.labels for c in criteria)
-                             for _, r in rows.iterrows()])
-        if complete.any():
-            ps = pred["seven_point_score"].to_numpy(float)[complete]
-            ts = true_score[complete]
-            result["seven_point"] = {"n": int(complete.sum()), "mean_abs_error": float(np.abs(ps - ts).mean()),
-                                     "agreement_at_3": float(((ps >= 3) == (ts >= 3)).mean())}
+    complete = (codes >= 0).all(1)
+    if len(have) == len(criteria) and "seven_point_score" in pred.columns and complete.any():
+        true_score = np.array([seven_point_score({c.name: c.labels[k] for c, k in zip(criteria, row)}, criteria)
+                               for row in codes[complete]])
+        ps = pred["seven_point_score"].to_numpy(float)[complete]
+        result["seven_point"] = {"n": int(complete.sum()), "mean_abs_error": float(np.abs(ps - true_score).mean()),
+                                 "agreement_at_3": float(((ps >= 3) == (true_score >= 3)).mean())}
     return result
 
 

@@ -6,6 +6,8 @@ encoder parameters through it for layer-wise LR decay.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -74,20 +76,26 @@ class MultiModalNet(nn.Module):
 
 
 def encode_present_rows(encoder: Backbone, images: torch.Tensor, keep: torch.Tensor):
-    """(tokens, pooled) for a batch in which only rows ``keep`` are encoded; the other rows are zeros.
+    """(tokens, pooled) for a batch in which only rows ``keep`` are encoded; the other rows are zeros."""
+    out = run_present_rows(lambda x: dict(zip(("tokens", "pooled"), encoder.forward_tokens(x))), images, keep,
+                           encoder)
+    return out["tokens"], out["pooled"]
 
-    With no row present, one blank image runs with BatchNorm frozen and its output times zero, so the
-    encoder's parameters stay in the graph (DDP expects every parameter to get a gradient) while neither
-    batch statistics nor gradients change."""
+
+def run_present_rows(fn: Callable[[torch.Tensor], dict], images: torch.Tensor, keep: torch.Tensor,
+                     module: nn.Module) -> dict:
+    """``fn`` (images → {name: batch-first tensor}) on the rows ``keep`` only; the other rows are zeros. Absent
+    images must not enter batch statistics or gradients. With no row present one blank image runs with BatchNorm
+    frozen and its outputs times zero, so every parameter stays in the graph (DDP expects every parameter to get a
+    gradient) while neither batch statistics nor gradients change."""
+    n = images.shape[0]
     idx = keep.nonzero().squeeze(1)
     if idx.numel() == 0:
-        with frozen_batchnorm(encoder):
-            tokens, pooled = encoder.forward_tokens(torch.zeros_like(images[:1]))
-        n = images.shape[0]
-        return (tokens * 0).expand(n, *tokens.shape[1:]), (pooled * 0).expand(n, *pooled.shape[1:])
-    tokens, pooled = encoder.forward_tokens(images.index_select(0, idx))
-    return (tokens.new_zeros((images.shape[0], *tokens.shape[1:])).index_copy(0, idx, tokens),
-            pooled.new_zeros((images.shape[0], *pooled.shape[1:])).index_copy(0, idx, pooled))
+        with frozen_batchnorm(module):
+            out = fn(torch.zeros_like(images[:1]))
+        return {k: (v * 0).expand(n, *v.shape[1:]) for k, v in out.items()}
+    out = fn(images.index_select(0, idx))
+    return {k: v.new_zeros((n, *v.shape[1:])).index_copy(0, idx, v) for k, v in out.items()}
 
 
 def drop_present(present: torch.Tensor, p: float, keep_one: bool = True) -> torch.Tensor:

@@ -12,14 +12,13 @@ dermoscopic image. Each takes its encoder (a :class:`~dermfusion.models.backbone
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
-from .layers import frozen_batchnorm
 from .lesion_selection import class_token_saliency, crop_regions, select_regions, tap_last_attention
 from .texture_attention import MultiScaleTextureAttention, window_partition
 
@@ -47,21 +46,6 @@ class AttnBlock(nn.Module):
         a, w = self.attn(q, kv, kv, key_padding_mask=None if mask is None else ~mask, need_weights=need_weights)
         x = x + a
         return x + self.mlp(self.norm_mlp(x)), w
-
-
-def run_present_rows(fn: Callable[[torch.Tensor], dict], images: torch.Tensor, keep: torch.Tensor,
-                     module: nn.Module) -> dict:
-    """``fn`` (images → {name: batch-first tensor}) on the rows ``keep`` only; the other rows are zeros. Absent
-    images must not enter batch statistics or gradients (see ``base.encode_present_rows``); with no row present
-    one blank image runs with BatchNorm frozen and its outputs times zero, so every parameter stays in the graph."""
-    n = images.shape[0]
-    idx = keep.nonzero().squeeze(1)
-    if idx.numel() == 0:
-        with frozen_batchnorm(module):
-            out = fn(torch.zeros_like(images[:1]))
-        return {k: (v * 0).expand(n, *v.shape[1:]) for k, v in out.items()}
-    out = fn(images.index_select(0, idx))
-    return {k: v.new_zeros((n, *v.shape[1:])).index_copy(0, idx, v) for k, v in out.items()}
 
 
 def global_view(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ from ..data.features import FeatureSpec
 from .base import MultiModalNet, drop_metadata, drop_present
 from .layers import MLPHead, masked_mean, zero_masked
 from .registry import register_model
-from .remix_branches import AttnBlock, ClinicalBranch, DermoscopyBranch, inner_model, run_present_rows
+from .base import run_present_rows
+from .remix_branches import AttnBlock, ClinicalBranch, DermoscopyBranch, inner_model
 from .tokens import ConceptTokenizer, MetadataTokenizer
 
 IMAGE_TOKENS = {"clinical": ("global", "local"), "dermoscopic": ("global", "local")}

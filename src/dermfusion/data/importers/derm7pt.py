@@ -14,7 +14,6 @@ from ...tasks import DERM7PT
 from ..manifest import normalise
 from .common import ImportError_, clean_metadata, one_hot, read_csv, resolve_image
 
-CRITERIA = tuple(c.name for c in SEVEN_POINT)
 OFFICIAL_FOLDS = {"valid": 0, "train": 1}
 
 
