@@ -5,8 +5,10 @@ grouped label (absent / typical / atypical; absent / regular / irregular; absent
     python benchmarks/derm7pt_submission.py PREDICTIONS.csv --manifest d7_test.parquet \
         --out benchmarks/results/derm7pt_test_predictions.csv
 
-PREDICTIONS.csv is what `dermfusion predict` wrote for the test manifest (headed lesion_id, with the criteria
-columns of a multi-task model); the manifest maps each lesion id to meta.csv's `image` (`source_image`).
+PREDICTIONS.csv is what `dermfusion predict` wrote for the test manifest (headed lesion_id, or already image, with
+the criteria columns of a multi-task model); the manifest maps each lesion id to meta.csv's `image` (`source_image`).
+What this adds to `predict`'s file: the classes in alphabetical order and only the criteria labels (no 7-point score
+or label probabilities).
 """
 from __future__ import annotations
 
@@ -26,8 +28,12 @@ def main() -> None:
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    pred = pd.read_csv(a.predictions, dtype={"lesion_id": str})
+    pred = pd.read_csv(a.predictions, dtype={"lesion_id": str, "image": str})
     images = load_manifest(a.manifest).set_index("lesion_id")["source_image"]
+    if "image" in pred.columns:  # already keyed by meta.csv's image (`predict` given the manifest rows)
+        pred["lesion_id"] = pd.Series(images.index, index=images.to_numpy()).reindex(pred["image"]).to_numpy()
+        if pred["lesion_id"].isna().any():
+            raise SystemExit(f"{int(pred['lesion_id'].isna().sum())} predicted images are not in {a.manifest}")
     missing = sorted(set(pred["lesion_id"]) - set(images.index))
     if missing:
         raise SystemExit(f"{len(missing)} predicted lesions are not in {a.manifest}, e.g. {missing[:3]}")

@@ -43,7 +43,8 @@ def run(config: str, manifest: str, size: int, steps: int, batch: int, setting: 
                "--folds", "0", "--profile"] + [a for s in sets for a in ("--set", s)]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True, text=True)
-        rec = json.loads((Path(out) / "fold_0" / "log.jsonl").read_text().splitlines()[0])
+        log = next(Path(out).glob("**/fold_0/log.jsonl"))  # member_0/fold_0 for an ensemble recipe
+        rec = json.loads(log.read_text().splitlines()[0])
     steady = rec["compute_s"] + rec["data_wait_s"]  # the first step is start-up (see engine.train_epoch)
     return {**setting, "size": size, "steps": rec["steps"], "images_per_s": (rec["steps"] - 1) * batch / steady,
             "data_wait_frac": rec["data_wait_frac"], "startup_s": rec["startup_s"],

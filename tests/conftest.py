@@ -6,6 +6,50 @@ import pytest
 os.environ.setdefault("DERMFUSION_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIXTURE = Path(__file__).resolve().parents[1] / "src" / "dermfusion" / "fixtures" / "ham10000_sample"
+CONSOLE_WIDTH = 1000  # the test console: wider than any message, path or table the tests print
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plain_wide_console():
+    """Every test sees the CLI's output on a fixed, wide, plain console, whatever the terminal: rich wraps at the
+    console width ($COLUMNS, the terminal's width, or 80 when output is not a terminal), so an assertion on a
+    message would otherwise hold or not with the terminal and the length of the temporary path; FORCE_COLOR (or
+    typer's GITHUB_ACTIONS rule) would put escape codes into the text. Session-scoped so that module and session
+    fixtures that run the CLI are covered too. The package's consoles already exist (test modules import the CLI at
+    collection, reading $COLUMNS then), so their width is pinned in place; consoles made later (typer's error
+    panels, subprocesses) read the environment."""
+    import typer.rich_utils
+
+    from dermfusion import console as df_console
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COLUMNS", str(CONSOLE_WIDTH))
+        mp.setenv("_TYPER_FORCE_DISABLE_TERMINAL", "1")
+        for var in ("FORCE_COLOR", "PY_COLORS", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+            mp.delenv(var, raising=False)
+        for c in (df_console.console, df_console.err_console):
+            mp.setattr(c, "_width", CONSOLE_WIDTH)  # rich's own field: `Console(width=…)` sets it, $COLUMNS too
+            mp.setattr(c, "_force_terminal", False)  # and no colour, even where FORCE_COLOR chose one at import
+            mp.setattr(c, "_color_system", None)
+        mp.setattr(typer.rich_utils, "FORCE_TERMINAL", False)
+        mp.setattr(typer.rich_utils, "MAX_WIDTH", CONSOLE_WIDTH)
+        yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cli: runs the CLI and reads what it printed, in the test or a fixture it uses "
+                                       "(marked automatically); `.ci/run` runs these again on a narrow console")
+
+
+def pytest_collection_modifyitems(config, items):
+    from cli_helpers import reads_cli_output
+
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs if fixtures is not None else {}
+        fns = [getattr(item, "function", None)] + [d.func for name in item.fixturenames for d in defs.get(name, ())]
+        if any(fn is not None and reads_cli_output(fn) for fn in fns):
+            item.add_marker(pytest.mark.cli)
 
 
 @pytest.fixture(scope="session")

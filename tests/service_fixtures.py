@@ -128,14 +128,15 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """A real uvicorn server on a free loopback port, in a background thread."""
+    """A real uvicorn server on a free loopback port, in a background thread (``options``: uvicorn settings, e.g.
+    ``service.app.server_options(config)`` — what ``dermfusion serve`` uses)."""
 
-    def __init__(self, app, port: int | None = None):
+    def __init__(self, app, port: int | None = None, **options):
         import uvicorn
 
         self.port = port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_keep_alive=5))
+                                                    lifespan="on", **{"timeout_keep_alive": 5, **options}))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -27,6 +27,7 @@ LEVELS: list[tuple[str, list[str]]] = [
     ("model cards", ["dermfusion.card"]),
     ("tabular experts, export", ["dermfusion.tabular", "dermfusion.export"]),
     ("inference", ["dermfusion.inference"]),
+    ("clinical engine", ["dermfusion.clinical"]),
     ("training", ["dermfusion.training"]),
     ("applications", ["dermfusion.service", "dermfusion.bench", "dermfusion.demo"]),
     ("command line", ["dermfusion.cli"]),

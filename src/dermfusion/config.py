@@ -27,6 +27,9 @@ class DataConfig(_Strict):
     aug_strength: float = 1.0
     color_constancy: Literal["none", "shades_of_gray"] = "none"   # at training and prediction (in the bundle)
     use_metadata: bool = True
+    # the metadata a network reads, in token order (data/features.py: age, sex, skin_tone, site, elevation; never
+    # a label leak such as Derm7pt's management); null = age, sex, skin_tone, site
+    metadata_fields: Optional[list[str]] = None
     use_concepts: bool = True
     modalities: Optional[list[str]] = None   # default: the task's modalities present in the manifest
 
@@ -67,6 +70,10 @@ class TrainConfig(_Strict):
     validate_every: int = 1        # validate every N epochs and after the last; 0 = no per-epoch validation
     logit_adjustment_tau: float = 0.0
     tta: int = 0
+    # the fold's last pass over its validation lesions (the out-of-fold predictions): "auto" runs it on ONNX Runtime
+    # float32 on a CPU when onnxruntime is installed (the same numbers within 1e-5, 3-5x faster than eager here),
+    # else as trained; "trained" always as trained (eager, the training precision)
+    oof_backend: Literal["auto", "trained"] = "auto"
     max_steps_per_epoch: int = 0   # 0 = full epoch (for quick smoke runs)
     # progressive resizing: the training input size of each epoch (the last repeats); evaluation and the bundle
     # use the backbone's size. Small early epochs cost a fraction of the compute (fast.ai / EfficientNetV2).
@@ -80,16 +87,26 @@ class CVConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    """Post-hoc calibration fitted on out-of-fold predictions and written into every bundle of a run."""
-    temperature: bool = True
+    """What a run fits on its out-of-fold predictions and writes into every bundle (``training.run_calibration``):
+    posteriors, the balanced rule, MILK10k cuts, the triage operating point and the conformal differential."""
+    temperature: bool = True            # false: no fitting at all (posterior: prior)
+    # bias_temperature: temperature + per-class bias fitted by log-loss (bias-corrected temperature scaling);
+    # temperature: T fitted, bias from the sampler's prior by Bayes' rule; prior: that bias alone
+    posterior: Literal["bias_temperature", "temperature", "prior"] = "bias_temperature"
     cuts: Union[Literal["auto"], bool] = "auto"   # per-class cuts for the MILK10k score (auto: nested estimate decides)
-    # balanced_accuracy: −τ·log(prior) with τ tuned on OOF; training_prior: divide by the class prior the model
-    # was trained under (set by train.sampler_power; no tuning, also for --folds full runs without OOF)
+    # the balanced rule (the challenge files' decision): training_prior divides the posteriors by the training prior
+    # (** prior_strength; no tuning, also for --folds full runs without OOF); balanced_accuracy tunes the strength on
+    # OOF; none: the files carry the posteriors
     prior_adjustment: Literal["none", "balanced_accuracy", "training_prior"] = "none"
-    # training_prior only: divide by the prior raised to this power (1 = exactly the sampler's prior; > 1 leans
-    # further towards rare classes, for a model that under-recalls them even after the division)
     prior_strength: float = Field(1.0, ge=0.0, le=4.0)
     eval_size: Optional[int] = None     # lesions in the set to be scored (MILK10k cuts)
+    # the triage operating point chosen on OOF posteriors (dermfusion operating-point re-chooses it for other targets)
+    melanoma_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
+    malignant_sensitivity: Optional[float] = Field(None, gt=0.0, le=1.0)
+    max_urgent_rate: Optional[float] = Field(0.10, gt=0.0, le=1.0)
+    conformal_level: float = Field(0.95, ge=0.5, lt=1.0)   # the differential's coverage
+    # a higher coverage for some classes, e.g. {MEL: 0.97}: each class of a Mondrian set is calibrated on its own
+    conformal_class_levels: dict[str, float] = Field(default_factory=dict)
 
 
 class TrackingConfig(_Strict):

@@ -59,11 +59,11 @@ def run_demo(out: Path, epochs: int | None = None) -> dict:
 
     console.rule("4 · predict with the fold ensemble")
     pred = load_run(out / "run")
-    probs = pred.predict_proba(df, tta=2)
+    probs = pred.predict_balanced(df, tta=2)
     write_predictions(out / "predictions.csv", df["lesion_id"], probs, ISIC2018)
 
-    console.rule("5 · evaluate out-of-fold predictions (calibrated as the bundles predict)")
-    oof = pd.read_csv(out / "run" / "oof_calibrated.csv", dtype={"lesion_id": str})
+    console.rule("5 · evaluate out-of-fold predictions (the balanced rule, as the challenge files are scored)")
+    oof = pd.read_csv(out / "run" / "oof_balanced.csv", dtype={"lesion_id": str})
     metrics = evaluate_predictions(oof, df, ISIC2018, out / "report", n_bootstrap=200)
     print_summary(metrics)
     ba, ci = metrics["metrics"]["balanced_accuracy"], metrics["ci"].get("balanced_accuracy") or (None, None)

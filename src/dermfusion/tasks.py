@@ -22,6 +22,9 @@ class TaskSpec:
     # header of the id column of a predictions file: "lesion_id" (MILK10k format), or "image" for the
     # single-image ISIC challenges, whose official submissions are headed `image`
     id_column: str = "lesion_id"
+    # the manifest column holding the ids the official format keys rows by, when they are not the lesion ids
+    # (Derm7pt: meta.csv's image path, kept by the importer as `source_image`); "" = lesion_id
+    id_source: str = ""
     class_descriptions: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     criteria: str = ""  # a criteria set (dermfusion.criteria) the task's manifests may carry as aux_<name> labels
 
@@ -96,6 +99,8 @@ DERM7PT = TaskSpec(
     metric="balanced_accuracy",
     modalities=("dermoscopic",),
     description="Derm7pt: the usual 5 diagnosis groups, 7-point checklist criteria as auxiliary targets",
+    id_column="image",
+    id_source="source_image",
     criteria="seven_point",
 )
 

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from cli_helpers import squash
+
 from dermfusion.cli import app
 from dermfusion.tasks import ISIC2018, MILK10K
 
@@ -20,7 +22,7 @@ CLASSES = list(ISIC2018.classes)
 def run(*args: str, code: int = 0) -> str:
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == code, f"dermfusion {' '.join(map(str, args))} → {res.exit_code}\n{res.output}"
-    return res.output
+    return squash(res.output)  # prose compared whatever the console's width wrapped
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""The concept scorer's mechanics on a tiny randomly initialised open_clip model: prompt ensembles averaged in
-embedding space, probabilities in [0, 1], MILK10k's column names, the content-hash cache, the monotone mapping,
-clear errors for missing weights, and `dermfusion concepts` through the CLI."""
+"""The concept scorer's mechanics on a tiny randomly initialised open_clip model: MONET's concept-presence score
+(per-template mean cosine over the terms against the paired reference, softmax at MONET's temperature, mean over
+templates), probabilities in [0, 1], MILK10k's column names, the content-hash cache, the monotone mapping, clear
+errors for missing weights, and `dermfusion concepts` through the CLI."""
 from __future__ import annotations
 
 import time
@@ -48,36 +49,59 @@ def test_default_concepts_are_milk10k_monet_columns():
     assert len(names) == 7
 
 
-def test_prompt_ensemble_is_averaged_in_embedding_space(clip):
-    scorer = ConceptScorer(clip)
-    concepts, reference = scorer.directions()
-    for k, name in enumerate(scorer.names):
-        prompts = scorer.concept_set.prompts(name)
-        assert len(prompts) > 1  # an ensemble: several phrasings × templates
-        with torch.no_grad():
-            each = F.normalize(clip.model.encode_text(clip.tokenizer(prompts)), dim=-1)
-        torch.testing.assert_close(concepts[k], F.normalize(each.mean(0), dim=-1))
-        # not the embedding of any single prompt
-        assert (concepts[k] - each).norm(dim=-1).min() > 1e-4
+def test_prompts_and_terms_are_monets():
+    """MONET's tutorial templates with their paired references; MILK10k's terms are its column names' words."""
+    cs = load_concept_set()
+    assert cs.templates == ("This is skin image of {}", "This is dermatology image of {}", "This is image of {}")
+    assert cs.reference == ("This is skin image", "This is dermatology image", "This is image")
+    assert cs.groups() == [(("This is skin image of {}",), ("This is skin image",)),
+                           (("This is dermatology image of {}",), ("This is dermatology image",)),
+                           (("This is image of {}",), ("This is image",))]
+    assert cs.concepts["gel_water_drop_fluid_dermoscopy_liquid"] == ["gel", "water drop", "fluid", "dermoscopy liquid"]
+    assert cs.concepts["skin_markings_pen_ink_purple_pen"] == ["skin markings", "pen ink", "purple pen"]
+    for name, terms in cs.concepts.items():  # every word of the column name is in a term
+        assert set(name.split("_")) == {w for t in terms for w in t.split()}
+    seven = load_concept_set("seven_point")  # MONET's Derm7pt experiment: dermoscopy templates, one pooled group
+    assert seven.groups() == [(("This is dermatoscopy of {}", "This is dermoscopy of {}"),
+                               ("This is dermatoscopy", "This is dermoscopy"))]
+
+
+def monet_presence_score(clip, concept_set, images) -> np.ndarray:
+    """MONET's calculate_concept_presence_score, written out from its definition: per template, the image's cosine
+    similarities to template(term) averaged over the terms, against the similarity to that template's reference,
+    softmax([t, r] / T)[0] with T = 1 / exp(4.5944), averaged over templates."""
+    temp = 1 / np.exp(4.5944)
     with torch.no_grad():
-        ref = F.normalize(clip.model.encode_text(clip.tokenizer(list(scorer.concept_set.reference))), dim=-1)
-    torch.testing.assert_close(reference, F.normalize(ref.mean(0), dim=-1))
+        f = F.normalize(clip.model.encode_image(images), dim=-1)
+        out = []
+        for name in concept_set.names:
+            per_template = []
+            for template, ref in zip(concept_set.templates, concept_set.reference):
+                e = F.normalize(clip.model.encode_text(clip.tokenizer([template.format(t) for t in
+                                                                        concept_set.concepts[name]])), dim=-1)
+                r = F.normalize(clip.model.encode_text(clip.tokenizer([ref])), dim=-1)
+                t_sim, r_sim = (f @ e.T).mean(1), (f @ r.T).mean(1)
+                logits = torch.stack([t_sim / temp, r_sim / temp])
+                per_template.append(logits.softmax(0)[0])
+            out.append(torch.stack(per_template).mean(0))
+    return torch.stack(out, 1).numpy()
 
 
-def test_scores_are_probabilities_of_concept_against_reference(clip, images):
+def test_scores_are_monets_concept_presence_scores(clip, images):
     scorer = ConceptScorer(clip)
     scores = scorer.score_files(images)
     assert len(scores) == len(images) and all(set(s) == set(scorer.names) for s in scores)
     values = np.array([[s[c] for c in scorer.names] for s in scores])
     assert np.all((values >= 0) & (values <= 1))
-    # the same number by hand: sigmoid(scale · (cos(image, concept) − cos(image, reference)))
     x = torch.stack([scorer.preprocess(Image.open(p)) for p in images])
+    np.testing.assert_allclose(values, monet_presence_score(clip, scorer.concept_set, x), rtol=1e-4, atol=1e-5)
+    # the directions: per concept and template the mean of the normalised term embeddings (not renormalised)
     concepts, reference = scorer.directions()
+    assert concepts.shape[:2] == (7, 3) and reference.shape[0] == 3
     with torch.no_grad():
-        f = F.normalize(clip.model.encode_image(x), dim=-1)
-    scale = min(clip.model.logit_scale.exp().item(), 100.0)
-    want = torch.sigmoid(scale * (f @ concepts.T - (f @ reference)[:, None])).numpy()
-    np.testing.assert_allclose(values, want, rtol=1e-4, atol=1e-5)
+        each = F.normalize(clip.model.encode_text(clip.tokenizer(["This is image of ulceration",
+                                                                  "This is image of crust"])), dim=-1)
+    torch.testing.assert_close(concepts[0, 2], each.mean(0))
 
 
 def test_cache_hits_skip_the_model(clip, images, tmp_path):
@@ -94,6 +118,15 @@ def test_cache_hits_skip_the_model(clip, images, tmp_path):
     # other prompts → another key → no stale hits
     other = ConceptScorer(clip, load_concept_set("seven_point"))
     assert ConceptCache(tmp_path, other.key).root != second.cache.root
+
+
+def test_cache_keys_of_a_long_model_path_keep_their_fingerprints(tmp_path):
+    """The weights / concept-set fingerprints end the key: a model under a long path must not lose them to the
+    folder name's length limit (two scorers would share, and return each other's, scores)."""
+    model = "open_clip:" + "/a_very_long_directory_name" * 8 + "/clip"
+    a, b = ConceptCache(tmp_path, f"{model}-w1-prompts1"), ConceptCache(tmp_path, f"{model}-w1-prompts2")
+    assert a.root != b.root and len(a.root.name) <= 120 and a.root.parent == tmp_path
+    assert ConceptCache(tmp_path, "open_clip:clip-w1-prompts1").root.name == "open_clip_clip-w1-prompts1"  # as before
 
 
 def test_mapping_is_monotone_and_lands_on_the_reference_scale(tmp_path):

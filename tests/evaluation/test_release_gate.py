@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from cli_helpers import squash
 from service_fixtures import tiny_bundle  # noqa: F401
 
+from dermfusion.bundle import read_bundle
 from dermfusion.cli import app
 from dermfusion.evaluation.release_gate import GateCriteria, GateCriteriaError, load_criteria, run_gate
 from dermfusion.tasks import ISIC2018
@@ -29,7 +31,7 @@ STRICT = {**LENIENT, "balanced_accuracy_min": 0.99, "calibration_error_max": 0.0
 def gate(*args, code: int):
     res = CliRunner().invoke(app, ["gate", *map(str, args)])
     assert res.exit_code == code, f"exit {res.exit_code}\n{res.output}"
-    return res.output
+    return squash(res.output)
 
 
 def write(path, criteria: dict):
@@ -64,9 +66,12 @@ def test_lenient_criteria_pass_and_write_the_record_and_report(tmp_path, bundle_
     assert by["balanced_accuracy_min"]["value"] == pytest.approx(metrics["metrics"]["balanced_accuracy"])
     assert by["balanced_accuracy_min"]["ci"] == pytest.approx(metrics["ci"]["balanced_accuracy"])
     assert by["calibration_error_max"]["ci"] == pytest.approx(metrics["ci"]["ece"])
-    # what was released: the bundle's verified content hash; the operating point: the service's triage defaults
+    # what was released: the bundle's verified content hash; the operating point: the bundle's own (chosen on its
+    # out-of-fold posteriors), as the service would apply it
     assert record["model"]["bundles"][0]["hash"] == (bundle_copy / "HASH").read_text().strip()
-    assert record["operating_point"]["triage"]["urgent_class_probability"]["MEL"] == 0.30
+    op = record["operating_point"]
+    assert op["source"] == "bundle"
+    assert op["urgent_class_probability"] == read_bundle(bundle_copy).decisions["triage"]["urgent_class_probability"]
     assert record["operating_point"]["melanoma_lesions"] == 8
     page = (out / "report.html").read_text()
     assert "Release gate: PASSED" in page and "Headline metrics" in page
@@ -89,7 +94,7 @@ def test_a_misspelt_criterion_is_a_one_line_error(tmp_path, bundle_copy, ham_man
     bad = write(tmp_path / "gate.yaml", {"balanced_acuracy_min": 0.7})
     res = CliRunner().invoke(app, ["gate", str(bundle_copy), "--manifest", str(ham_manifest), "--criteria", str(bad)])
     assert res.exit_code == 2, res.output
-    assert "unknown key balanced_acuracy_min — did you mean 'balanced_accuracy_min'?" in res.output
+    assert "unknown key balanced_acuracy_min — did you mean 'balanced_accuracy_min'?" in squash(res.output)
     assert "Traceback" not in res.output
     with pytest.raises(GateCriteriaError, match="no criterion set"):
         load_criteria(write(tmp_path / "empty.yaml", {"bootstrap": 200}))
@@ -163,8 +168,11 @@ def test_skin_tone_spread_uses_the_upper_bound_and_the_referral(tmp_path):
 
 
 def test_melanoma_detection_is_the_triage_referral_not_the_argmax(tmp_path):
-    from dermfusion.cli.gate import referral_rule
-    from dermfusion.service.config import load_service_config
+    from dermfusion.clinical.settings import TriageConfig
+    from dermfusion.evaluation.decision_rules import triage_levels
+
+    def referral_rule(task, triage):  # what `dermfusion gate` passes: the engine's operating point
+        return lambda p: triage_levels(task, p, triage.cut_offs()) >= 1
 
     manifest, predictions, truth = _synthetic(20, 20)
     mel, nv = ISIC2018.index("MEL"), ISIC2018.index("NV")
@@ -173,14 +181,13 @@ def test_melanoma_detection_is_the_triage_referral_not_the_argmax(tmp_path):
     probs[truth == mel] = 0.28 / 5
     probs[truth == mel, mel], probs[truth == mel, nv] = 0.32, 0.40
     predictions[list(ISIC2018.classes)] = probs
-    refer = referral_rule(ISIC2018, load_service_config(None, env={}))
+    refer = referral_rule(ISIC2018, TriageConfig())  # the built-in cut-offs: urgent at P(MEL) ≥ 0.30
     crit = GateCriteria(melanoma_sensitivity_min=0.9, bootstrap=100)
     rec = run_gate(predictions, manifest, ISIC2018, crit, tmp_path / "mel", refer=refer)
     assert rec["criteria"][0]["value"] == 1.0 and rec["passed"] is True
     metrics = json.loads((tmp_path / "mel" / "metrics.json").read_text())
     assert metrics["metrics"]["melanoma_sensitivity"] == 0.0  # the report's argmax figure, for contrast
     # a stricter service config (MEL cut 0.5, urgent risk above this lesion's) refers none of them
-    strict = load_service_config(None, env={}, triage={"urgent_class_probability": {"MEL": 0.5},
-                                                       "urgent_risk": 60, "routine_risk": 60})
+    strict = TriageConfig(urgent_class_probability={"MEL": 0.5}, urgent_risk=60, routine_risk=60)
     rec = run_gate(predictions, manifest, ISIC2018, crit, tmp_path / "mel2", refer=referral_rule(ISIC2018, strict))
     assert rec["criteria"][0]["value"] == 0.0 and rec["passed"] is False

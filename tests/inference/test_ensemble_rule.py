@@ -23,8 +23,9 @@ def test_fold_ensemble_averages_raw_then_calibrates_once(network_run, ham_sample
     np.testing.assert_allclose(pred.predict_raw(rows), raw, atol=1e-6)
     calib = Calibration.from_dict(read_bundle(network_run / "fold_0" / "bundle").calibration)
     assert calib.temperature != 1.0, "the run's calibration is fitted (a temperature), so the rule is visible"
-    np.testing.assert_allclose(pred.predict_proba(rows), calib.apply(raw), atol=1e-6)
-    per_member = np.mean([calib.apply(m.predict_raw(rows)) for m in pred.members], axis=0)
+    np.testing.assert_allclose(pred.predict_proba(rows), calib.posterior(raw), atol=1e-6)
+    np.testing.assert_allclose(pred.predict_balanced(rows), calib.balanced(raw), atol=1e-6)
+    per_member = np.mean([calib.posterior(m.predict_raw(rows)) for m in pred.members], axis=0)
     assert not np.allclose(pred.predict_proba(rows), per_member, atol=1e-6), \
         "calibrating each member then averaging is the other rule, not the one documented"
 
@@ -44,7 +45,7 @@ def test_predict_a_tabular_run_directory(tmp_path, tabular_run, ham_manifest, ha
     assert res.exit_code == 0, res.output
     got = read_predictions(out, ISIC2018)
     assert list(got["lesion_id"]) == list(ham_sample["lesion_id"]) and len(got) == 48
-    direct = load_predictor(tabular_run / "bundle").predict_proba(ham_sample)
+    direct = load_predictor(tabular_run / "bundle").predict_balanced(ham_sample)  # the official file: balanced rule
     np.testing.assert_allclose(got[list(ISIC2018.classes)].to_numpy(), direct, atol=1e-5)
     assert resolve_run(tabular_run) == [tabular_run / "bundle"]
 
@@ -67,7 +68,7 @@ def test_the_service_combines_networks_as_the_predictor_does(tmp_path, network_r
     """Predictor.mixture(): an `ensemble` bundle's weights reach the service's model pass (they were once ignored:
     every network counted equally), a stack keeps its meta-model (no mixture), a mixed ensemble is predicted whole."""
     pytest.importorskip("fastapi")
-    from dermfusion.service.model_pass import ModelPass
+    from dermfusion.clinical.model_pass import ModelPass
     from dermfusion.tabular.ensemble import write_ensemble_bundle
 
     folds = resolve_run(network_run)
@@ -78,7 +79,7 @@ def test_the_service_combines_networks_as_the_predictor_does(tmp_path, network_r
     assert mp.is_network and np.allclose(mp.weights, [0.8, 0.2])
     rows = ham_sample.head(3)
     raw = 0.8 * ens.members[0].predict_raw(rows) + 0.2 * ens.members[1].predict_raw(rows)
-    np.testing.assert_allclose(ens.predict_proba(rows), Calibration.from_dict(calib).apply(raw), atol=1e-6)
+    np.testing.assert_allclose(ens.predict_proba(rows), Calibration.from_dict(calib).posterior(raw), atol=1e-6)
     write_ensemble_bundle(tmp_path / "mixed", [folds[0], tabular_run / "bundle"], [0.5, 0.5], ISIC2018,
                           calibration=calib)
     assert not ModelPass(load_predictor(tmp_path / "mixed")).is_network, "a tabular member: the generic path"

@@ -78,13 +78,15 @@ def test_onnx_qdq_quantises_convolutions_and_keeps_the_head_in_float(lite_model)
         prepare_backend(lite_model, "onnx-qdq", calibration_batches=cal, calibration="guess")
 
 
-def test_default_candidates_try_onnx_float_and_static_int8_for_cnn(lite_model):
+def test_static_int8_is_measured_for_cnns_and_auto_needs_an_agreement_record(lite_model):
+    from dermfusion.inference.backend_policy import approximate_candidates
     from dermfusion.inference.network import default_candidates
     from perf_helpers import tiny_trimodal
 
-    cands = default_candidates("cpu", lite_model)
-    assert "onnx" in cands and "onnx-qdq" in cands
-    assert "onnx-qdq" not in default_candidates("cpu", tiny_trimodal())  # a ViT: only its patch embedding convolves
+    assert "onnx-qdq" in approximate_candidates("cpu", lite_model)
+    assert "onnx-qdq" not in approximate_candidates("cpu", tiny_trimodal())  # a ViT: only its patch embedding convolves
+    # without a bundle's agreement record, auto considers the exact backends only
+    assert default_candidates("cpu", lite_model) == ["onnx"]
 
 
 def test_backend_check_is_written_into_the_bundle_outside_the_hash(tmp_path):

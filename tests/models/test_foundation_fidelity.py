@@ -118,7 +118,10 @@ def test_monet_architecture_is_vit_l14_with_quickgelu():
 def test_monet_checkpoint_loads_strictly_and_matches_a_reference_clip(monet_file):
     clip = create_clip(f"monet:{monet_file}", arch=SMALL_MONET)
     assert clip.dropped_keys == ["context_length", "input_resolution", "vocab_size"]
-    assert clip.data_config["mean"] == OPENAI_CLIP_MEAN and clip.data_config["std"] == OPENAI_CLIP_STD
+    # MONET's published preprocessing (suinleelab/MONET@3ae0a64 README): ImageNet statistics, not OpenAI CLIP's
+    assert clip.data_config["mean"] == (0.485, 0.456, 0.406) and clip.data_config["std"] == (0.229, 0.224, 0.225)
+    assert (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) != (clip.data_config["mean"], clip.data_config["std"])
+    assert "suinleelab/MONET@3ae0a64" in clip.data_config["preprocess_source"]
     assert clip.data_config["interpolation"] == "bicubic" and clip.data_config["input_size"] == (3, IMG, IMG)
     sd = openai_clip_state_dict()
     images = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))

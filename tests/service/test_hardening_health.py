@@ -25,6 +25,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from cli_helpers import squash
 from service_fixtures import fixture_image_bytes, fixture_images, tiny_bundle, tiny_predictor  # noqa: F401
 
 pytest.importorskip("fastapi")
@@ -205,7 +206,7 @@ def test_serve_prints_the_audit_location(tmp_path, monkeypatch, tiny_bundle):
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     res = CliRunner().invoke(cli_app, ["serve", str(tiny_bundle)])
     assert res.exit_code == 0, res.output
-    assert f"audit trail: sqlite:///{tmp_path}/dermfusion/audit.db" in res.output.replace("\n", "")
+    assert f"audit trail: sqlite:///{tmp_path}/dermfusion/audit.db" in squash(res.output)
 
 
 # ------------------------------------------------------------------------------------------------ finding 10
@@ -250,7 +251,7 @@ def test_fold_ensemble_audits_every_member(tmp_path, tiny_bundle, fixture_image_
 def test_fast_backend_copies_an_explained_model(tiny_bundle):
     from dermfusion.explain import Explainer
     from dermfusion.inference.backends import prepare_backend
-    from dermfusion.service.model_pass import sample_frame
+    from dermfusion.clinical.model_pass import sample_frame
 
     pred = load_predictor(tiny_bundle)  # a fresh model: the explainer installs hooks on it
     model = pred.model
@@ -283,7 +284,7 @@ def test_backend_fallback_is_visible(tmp_path, tiny_bundle, monkeypatch, caplog)
         raise RuntimeError("simulated backend fault")
 
     monkeypatch.setitem(BACKENDS, "broken", broken)
-    monkeypatch.setattr(network, "default_candidates", lambda device, model=None: ["int8", "broken"])
+    monkeypatch.setattr(network, "default_candidates", lambda device, model=None, bundle=None: ["int8", "broken"])
     app = create_app(tiny_bundle, _cfg(tmp_path / "a.db"), predictor=load_predictor(tiny_bundle))
     with caplog.at_level(logging.WARNING, logger="dermfusion.service"), TestClient(app) as c:
         an = app.state.svc.analyzer
@@ -359,7 +360,8 @@ def test_docs_are_served_from_the_package(tmp_path, tiny_bundle, tiny_predictor)
 
 # ------------------------------------------------------------------------------------------------ finding 13
 def test_absent_age_is_reported_absent(tmp_path, tiny_bundle, tiny_predictor, fixture_images):
-    from dermfusion.service.model_pass import ModelPass
+    from dermfusion.clinical import Lesion
+    from dermfusion.clinical.model_pass import ModelPass
     from dermfusion.service.schemas import PatientMetadata
 
     mp = ModelPass(tiny_predictor)
@@ -367,8 +369,8 @@ def test_absent_age_is_reported_absent(tmp_path, tiny_bundle, tiny_predictor, fi
     img = Image.open(fixture_images[0]).convert("RGB")
 
     def meta_rows(**fields):
-        _, _, _, contrib, _ = mp.run({"dermoscopic": img}, PatientMetadata(**fields).manifest_fields(), True)
-        return {d["name"]: d for d in contrib["metadata"]}
+        res = mp.run([Lesion("x", {"dermoscopic": img}, PatientMetadata(**fields).manifest_fields())], want_maps=True)
+        return {d["name"]: d for d in res.contributions[0]["metadata"]}
 
     rows = meta_rows(sex="female")
     assert rows["age"]["present"] is False  # before: true (its "unknown" token had a 5 % share)

@@ -1,9 +1,10 @@
 """The model's life in a clinic, end to end (README "Model lifecycle"): two tiny bundles gated (one passes lenient
 criteria, one fails strict ones), registered, v1 promoted and v2 in shadow, requests answered and audited with
 the answering version, confirmed diagnoses attached (HTTP and CLI), the A/B comparison read (HTTP and CLI),
-promotion refused on a failed gate, forced, picked up from the CLI without restart, rolled back. Then a rollback
-under load on a real uvicorn server: no request dropped, no version mixed within a request. And the new audit
-tables on PostgreSQL."""
+promotion refused on a failed gate, forced (with the CLI only, with a reason), picked up from the CLI without restart,
+rolled back. One named key per role (analyze, feedback, admin: docs/SERVICE.md "Roles"; the role matrix itself is
+tests/service/test_access_roles.py). Then a rollback under load on a real uvicorn server: no request dropped, no
+version mixed within a request. And the new audit tables on PostgreSQL."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cli_helpers import squash
 from service_fixtures import ServerThread, postgres_url, tiny_bundle  # noqa: F401
 
 pytest.importorskip("fastapi")
@@ -26,26 +28,30 @@ from dermfusion.cli import app as cli  # noqa: E402
 from dermfusion.data.manifest import IMAGE_COLUMNS, targets  # noqa: E402
 from dermfusion.service.app import create_app  # noqa: E402
 from dermfusion.service.audit import AuditStore  # noqa: E402
+from dermfusion.service.auth import hash_key, new_key  # noqa: E402
 from dermfusion.service.config import load_service_config  # noqa: E402
 from dermfusion.tasks import ISIC2018  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-KEY = "lifecycle-test-key"
-H = {"X-API-Key": KEY}
+SECRETS = {"clinic": ("analyze", new_key()), "pathology": ("feedback", new_key()), "ops": ("admin", new_key())}
+H, FB, ADM = ({"X-API-Key": SECRETS[k][1]} for k in ("clinic", "pathology", "ops"))  # one key per role
 LENIENT = {"balanced_accuracy_min": 0.0, "melanoma_sensitivity_min": 0.0, "calibration_error_max": 1.0,
            "bootstrap": 50}
 STRICT = {**LENIENT, "balanced_accuracy_min": 0.99}
 
 
 def run(*args, code: int = 0) -> str:
+    """The command's output, whitespace squashed (wrapping never decides an assertion)."""
     res = CliRunner().invoke(cli, [str(a) for a in args])
     assert res.exit_code == code, f"exit {res.exit_code}\n{res.output}"
-    return res.output
+    return squash(res.output)
 
 
 def config(tmp: Path, registry: Path | None, **over):
-    base = {"audit": {"db_url": f"sqlite:///{tmp}/audit.db"}, "auth": {"api_keys": [KEY]}, "backend": "fp32",
-            "drift": {"window": 50, "min_samples": 1}, "workers": {"workers": 2, "queue_size": 16}}
+    keys = [{"id": k, "scopes": [scope], "hash": hash_key(secret)} for k, (scope, secret) in SECRETS.items()]
+    base = {"audit": {"db_url": f"sqlite:///{tmp}/audit.db"}, "auth": {"keys": keys}, "backend": "fp32",
+            "drift": {"window": 50, "min_samples": 1}, "workers": {"workers": 2, "queue_size": 16},
+            "rate_limits": {"analyses_per_minute": 0, "requests_per_minute": 0}}
     if registry is not None:
         base["registry"] = {"dir": str(registry), "poll_s": 0.2}
     base.update(over)
@@ -87,12 +93,14 @@ def analyze(client, data: bytes, rid: str):
     return r.json()
 
 
-def wait_for_version(client, data: bytes, version: str, prefix: str, timeout: float = 15.0) -> dict:
-    """Analyse until ``version`` answers (a CLI change reaches the running service by polling registry.json)."""
+def wait_for_version(client, data: bytes, version: str, prefix: str, timeout: float = 15.0,
+                     role: str | None = None) -> dict:
+    """Analyse until ``version`` answers (in ``role``, when given) — a CLI change reaches the running service by
+    polling registry.json."""
     deadline, i = time.time() + timeout, 0
     while time.time() < deadline:
         body = analyze(client, data, f"{prefix}-{i:04d}")
-        if body["model"]["registry_version"] == version:
+        if body["model"]["registry_version"] == version and role in (None, body["model"]["role"]):
             return body
         i += 1
         time.sleep(0.1)
@@ -135,7 +143,7 @@ def test_model_lifecycle_end_to_end(tmp_path, versions, ham_sample):
         # clinicians confirm diagnoses: half over HTTP, half with the CLI; enumerated values only
         for i, (rid, (_, dx)) in enumerate(zip(rids, sample)):
             if i % 2 == 0:
-                r = client.post("/v1/feedback", headers=H,
+                r = client.post("/v1/feedback", headers=FB,
                                 json={"request_id": rid, "diagnosis": dx, "confirmation": "histology"})
                 assert r.status_code == 201, r.text
                 assert r.json()["diagnosis"] == dx
@@ -146,13 +154,14 @@ def test_model_lifecycle_end_to_end(tmp_path, versions, ham_sample):
                ({"request_id": rids[0], "diagnosis": "MEL", "confirmation": "histology", "note": "free text"}, 422),
                ({"request_id": "never-analysed-0001", "diagnosis": "MEL", "confirmation": "histology"}, 404)]
         for payload, status in bad:
-            assert client.post("/v1/feedback", headers=H, json=payload).status_code == status, payload
+            assert client.post("/v1/feedback", headers=FB, json=payload).status_code == status, payload
         assert client.post("/v1/feedback", json=bad[0][0]).status_code == 401
+        assert client.post("/v1/feedback", headers=H, json=bad[0][0]).status_code == 403  # the clinic's key: no
         assert "must be one of MEL" in run("feedback", url, rids[0], "--diagnosis", "XYZ", "--confirmation",
                                            "histology", code=2)
 
         # the performance report and the A/B comparison on the same cases
-        r = client.get("/v1/performance", headers=H)
+        r = client.get("/v1/performance", headers=ADM)
         assert r.status_code == 200, r.text
         rep = r.json()
         assert rep["confirmed_cases"] == 16 and rep["version_a"] == "1.0.0" and rep["version_b"] == "1.1.0"
@@ -170,43 +179,60 @@ def test_model_lifecycle_end_to_end(tmp_path, versions, ham_sample):
         assert "A/B 1.0.0 vs 1.1.0 on 16 same cases" in out and "McNemar exact p =" in out
         assert json.loads((tmp_path / "perf.json").read_text())["comparison"]["mcnemar"] == t
 
-        # admin endpoints: the API key, a passed gate (or force), effective when they return
+        # admin endpoints: the admin key, a passed gate, effective when they return; nothing forced over HTTP
         data = sample[0][0]
         assert client.post("/v1/admin/promote", json={"version": "1.1.0"}).status_code == 401
-        r = client.post("/v1/admin/promote", headers=H, json={"version": "1.1.0"})
-        assert r.status_code == 409 and "failed its release gate" in r.json()["error"]["message"]
-        r = client.post("/v1/admin/promote", headers=H, json={"version": "1.1.0", "force": True})
-        assert r.status_code == 200 and r.json()["serving"]["promoted"] == "1.1.0", r.text
-        assert analyze(client, data, "admin-0001")["model"]["hash"] == hashes["1.1.0"]
-        r = client.post("/v1/admin/rollback", headers=H)
+        assert client.post("/v1/admin/promote", headers=H, json={"version": "1.1.0"}).status_code == 403
+        r = client.post("/v1/admin/promote", headers=ADM, json={"version": "1.1.0"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "gate_failed", r.text
+        assert "1.1.0" not in r.text  # a refusal names the rule, never the version asked for
+        r = client.post("/v1/admin/promote", headers=ADM, json={"version": "1.1.0", "force": True})
+        assert r.status_code == 422 and "not available over HTTP" in r.text
+        # a forced promotion is the CLI's, with a reason; the service follows; the admin key rolls it back
+        assert "needs a --reason" in run("registry", "promote", "1.1.0", "--force", "--registry", reg, code=2)
+        run("registry", "promote", "1.1.0", "--force", "--reason", "test override", "--registry", reg)
+        assert wait_for_version(client, data, "1.1.0", "admin")["model"]["hash"] == hashes["1.1.0"]
+        r = client.post("/v1/admin/rollback", headers=ADM)
         assert r.status_code == 200 and r.json()["serving"]["promoted"] == "1.0.0"
         assert analyze(client, data, "admin-0002")["model"]["registry_version"] == "1.0.0"
-        # a canary answers its share (1.0 here); the promoted version's prediction is audited, not returned
-        r = client.post("/v1/admin/shadow", headers=H, json={"version": "1.1.0", "share": 1.0, "force": True})
-        assert r.status_code == 200 and r.json()["serving"]["share"] == 1.0
-        body = analyze(client, data, "canary-0001")
-        assert body["model"]["registry_version"] == "1.1.0" and body["model"]["role"] == "canary"
-        assert store.get("canary-0001")["model_role"] == "canary"
-        assert client.post("/v1/admin/shadow", headers=H, json={"version": "1.1.0", "share": 0.0}).status_code == 200
+        # a canary answers its share; the promoted version's prediction is audited, not returned (forced: CLI)
+        r = client.post("/v1/admin/shadow", headers=ADM, json={"version": "1.1.0", "share": 0.5})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "gate_failed"
+        run("registry", "shadow", "1.1.0", "--share", "0.5", "--force", "--reason", "canary test", "--registry", reg)
+        body = wait_for_version(client, data, "1.1.0", "canary", role="canary")
+        assert store.get(body["request_id"])["model_role"] == "canary"
+        # a forced 100 % canary is a promotion; after a rollback the promoted version answers and no canary is left
+        run("registry", "shadow", "1.1.0", "--share", "1.0", "--force", "--reason", "full canary", "--registry", reg)
+        wait_for_version(client, data, "1.1.0", "full-canary", role="promoted")  # the canary before it was 1.1.0 too
+        r = client.post("/v1/admin/rollback", headers=ADM)
+        assert r.status_code == 200 and r.json()["serving"] == {"promoted": "1.0.0", "shadow": None, "share": 0.0}
+        for i in range(4):
+            assert analyze(client, data, f"after-rollback-{i:04d}")["model"]["registry_version"] == "1.0.0"
+        assert client.post("/v1/admin/shadow", headers=ADM, json={"version": "1.1.0", "share": 0.0}).status_code == 200
 
         # the CLI changes the registry; the running service follows within seconds, no restart
-        run("registry", "promote", "1.1.0", "--force", "--registry", reg)
+        run("registry", "promote", "1.1.0", "--force", "--reason", "test", "--registry", reg)
         wait_for_version(client, data, "1.1.0", "cli-promote")
         assert "promoted: 1.0.0" in run("registry", "rollback", "--registry", reg)
         wait_for_version(client, data, "1.0.0", "cli-rollback")
         hist = json.loads((reg / "registry.json").read_text())["history"]
         assert [h["action"] for h in hist][-2:] == ["promote", "rollback"]
-        assert any(h["by"].startswith("api:") for h in hist)  # who: the admin key's fingerprint, or the user
+        assert any(h["by"] == "api:ops" for h in hist)  # who: the admin key's id, or the operator
+        assert all(h.get("reason") for h in hist if h.get("forced"))  # every forced change says why
         store.close()
 
 
-def test_rollback_under_load_drops_nothing_and_mixes_no_versions(tmp_path, versions, ham_sample):
-    _, v1, v2, hashes = versions
+def test_rollback_under_load_drops_nothing_and_mixes_no_versions(tmp_path, versions, ham_sample, ham_manifest):
+    root, v1, v2, hashes = versions
+    # the admin endpoints force nothing: the version swapped in is v2's content gated on lenient criteria (passes)
+    v3 = shutil.copytree(v2, tmp_path / "v3", ignore=shutil.ignore_patterns("gate"))
+    assert "RELEASE GATE PASSED" in run("gate", v3, "--manifest", ham_manifest, "--criteria", root / "lenient.yaml")
+    hashes = {**hashes, "1.2.0": hashes["1.1.0"]}
     reg = tmp_path / "registry"
     run("registry", "register", v1, "--version", "1.0.0", "--registry", reg)
-    run("registry", "register", v2, "--version", "1.1.0", "--registry", reg)
+    run("registry", "register", v3, "--version", "1.2.0", "--registry", reg)
     run("registry", "promote", "1.0.0", "--registry", reg)
-    run("registry", "shadow", "1.1.0", "--registry", reg)
+    run("registry", "shadow", "1.2.0", "--registry", reg)
     sample = [d for d, _ in cases(ham_sample, 8)]
     results, errors, swaps = [], [], []
     done = threading.Event()
@@ -225,10 +251,10 @@ def test_rollback_under_load_drops_nothing_and_mixes_no_versions(tmp_path, versi
         def toggler():
             with httpx.Client(base_url=srv.url, timeout=60) as c:
                 while not done.is_set():
-                    r = c.post("/v1/admin/promote", headers=H, json={"version": "1.1.0", "force": True})
+                    r = c.post("/v1/admin/promote", headers=ADM, json={"version": "1.2.0"})
                     swaps.append(r.status_code)
                     time.sleep(0.05)
-                    swaps.append(c.post("/v1/admin/rollback", headers=H).status_code)
+                    swaps.append(c.post("/v1/admin/rollback", headers=ADM).status_code)
                     time.sleep(0.05)
 
         clients = [threading.Thread(target=client_thread, args=(k,)) for k in range(8)]
@@ -252,7 +278,7 @@ def test_rollback_under_load_drops_nothing_and_mixes_no_versions(tmp_path, versi
         assert all(m["hash"] == hashes[v] for m in body["model"]["members"])
         row = store.get(rid)
         assert (row["registry_version"], row["model_hash"]) == (v, hashes[v]), rid
-    assert answered == {"1.0.0", "1.1.0"}, answered  # the swaps happened while requests were answered
+    assert answered == {"1.0.0", "1.2.0"}, answered  # the swaps happened while requests were answered
     store.close()
 
 

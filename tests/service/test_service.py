@@ -226,7 +226,9 @@ def test_health_ready_model_openapi(client):
     info = client.get("/v1/model").json()
     assert info["classes"] == ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     assert info["modalities"] == ["dermoscopic"] and info["malignant"] == ["AKIEC", "BCC", "MEL"]
-    assert info["thresholds"]["urgent_risk"] == 50 and "calibration" in info and info["drift_reference"]
+    # the operating point in force: the bundle's (chosen on its out-of-fold posteriors), with its source
+    assert info["thresholds"]["source"] == "bundle" and "calibration" in info and info["drift_reference"]
+    assert info["decisions"]["prior"]["name"] == "training" and info["decisions"]["differential"]["level"] == 0.95
     spec = client.get("/openapi.json").json()
     post = spec["paths"]["/v1/analyze"]["post"]
     assert "multipart/form-data" in post["requestBody"]["content"]
@@ -267,28 +269,32 @@ def test_store_images_only_when_configured(tmp_path, tiny_bundle, tiny_predictor
     cfg = _config(tmp_path, audit={"store_images": True, "image_dir": str(tmp_path / "imgs")})
     with TestClient(create_app(tiny_bundle, cfg, predictor=tiny_predictor, warmup=False)) as c:
         rid = _post(c, files).json()["request_id"]
-    (stored,) = list((tmp_path / "imgs").rglob("*.jpg"))
-    assert stored.name == f"{rid}_dermoscopic.jpg" and stored.read_bytes() == fixture_image_bytes
+    (stored,) = list((tmp_path / "imgs").rglob("*.png"))  # re-encoded from the pixels: no metadata (test_patient_data)
+    assert stored.name == f"{rid}_dermoscopic.png"
+    assert np.array_equal(np.asarray(Image.open(stored)), np.asarray(Image.open(io.BytesIO(fixture_image_bytes))))
 
 
 # ------------------------------------------------------------------------------------------ auth
 def test_api_key_auth(tmp_path, tiny_bundle, tiny_predictor, fixture_image_bytes):
     cfg = load_service_config(None, env={"DERMFUSION_API_KEYS": "k-one, k-two"},
                               audit={"db_url": f"sqlite:///{tmp_path}/a.db"})
-    assert cfg.auth.api_keys == ["k-one", "k-two"]
+    # bare secrets (deprecated): hashed when read, analyze-only keys named key-1, key-2 (roles: test_access_roles)
+    assert cfg.auth.api_keys == [] and [(k.id, k.scopes) for k in cfg.auth.keys] == [("key-1", ["analyze"]),
+                                                                                       ("key-2", ["analyze"])]
+    assert "k-one" not in cfg.model_dump_json()
     files = {"dermoscopic": ("d.jpg", fixture_image_bytes, "image/jpeg")}
     with TestClient(create_app(tiny_bundle, cfg, predictor=tiny_predictor, warmup=False)) as c:
         _error(c.post("/v1/analyze", files=files), 401, "unauthorized", "X-API-Key")
         _error(c.post("/v1/analyze", files=files, headers={"X-API-Key": "wrong"}), 401, "unauthorized")
         _error(c.get("/v1/model"), 401, "unauthorized")
-        assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 401  # keys: metrics scope
         assert c.get("/").status_code == 200  # the page loads; it asks for the key
         r = c.post("/v1/analyze", files=files, headers={"X-API-Key": "k-two"})
         assert r.status_code == 200, r.text
         assert c.get("/v1/model", headers={"X-API-Key": "k-one"}).json()["auth_required"] is True
         from dermfusion.service.audit import AuditStore
         row = AuditStore(cfg.audit.db_url).get(r.json()["request_id"])
-        assert row["client"] and "k-two" not in json.dumps(row, default=str)
+        assert row["client"] == "key-2" and "k-two" not in json.dumps(row, default=str)  # the key's id, not the key
 
 
 def test_auth_off_by_default(client, fixture_image_bytes):
@@ -385,10 +391,10 @@ def test_service_config_validation(tmp_path):
 
 def test_triage_policy():
     from dermfusion.service.config import TriageConfig, UncertaintyConfig
-    from dermfusion.service.triage import decide
+    from dermfusion.clinical.triage import decide
     from dermfusion.tasks import ISIC2018
 
-    t, u = TriageConfig(), UncertaintyConfig()
+    t, u = TriageConfig().cut_offs(), UncertaintyConfig()  # the built-in cut-offs (no bundle operating point)
     p = np.array([0.35, 0.6, 0.01, 0.01, 0.01, 0.01, 0.01])  # MEL 0.35 ≥ 0.30 → urgent despite risk 37
     d = decide(ISIC2018, p, t, u)
     assert d.action == "urgent_referral" and any("MEL" in r for r in d.action_reasons)
@@ -401,7 +407,8 @@ def test_triage_policy():
 
 
 def test_non_network_bundle_kind(tmp_path, tiny_predictor, fixture_image_bytes):
-    """Any predictor works through the generic path: a one-row manifest, images in a temp folder."""
+    """Any predictor works through the generic path: an in-memory manifest row holding the decoded image itself
+    (no temporary files)."""
     from dermfusion.inference.predictor import Predictor
     from dermfusion.service.analyzer import Analyzer
 
@@ -412,7 +419,9 @@ def test_non_network_bundle_kind(tmp_path, tiny_predictor, fixture_image_bytes):
 
         def predict_raw(self, df, *, tta=0, progress=False):
             row = df.iloc[0]
-            seen.update(age=row["age"], site=row["site"], image=Image.open(row["image_dermoscopic"]).size)
+            img = row["image_dermoscopic"]
+            assert isinstance(img, Image.Image), "the upload stays in memory"
+            seen.update(age=row["age"], site=row["site"], image=img.size)
             return np.array([[0.7, 0.1, 0.05, 0.05, 0.05, 0.03, 0.02]])
 
     cfg = _config(tmp_path)

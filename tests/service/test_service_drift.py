@@ -61,7 +61,8 @@ def test_serve_print_config_and_errors(tmp_path):
     res = CliRunner().invoke(app, ["serve", "--print-config"])
     assert res.exit_code == 0, res.output
     cfg = ServiceConfig.model_validate(yaml.safe_load(res.output))
-    assert cfg.triage.urgent_risk == 50 and cfg.audit.db_url.startswith("sqlite:///")
+    # triage cut-offs unset: the served bundle's operating point applies unless service.yaml overrides it
+    assert cfg.triage.urgent_risk is None and not cfg.triage.is_override and cfg.audit.db_url.startswith("sqlite:///")
     res = CliRunner().invoke(app, ["serve", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "not found" in res.output
     bad = tmp_path / "service.yaml"

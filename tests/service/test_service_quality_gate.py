@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from cli_helpers import squash
 from service_fixtures import (fixture_image_bytes, fixture_images, jpeg_bytes, png_bytes, tiny_bundle,  # noqa: F401
                               tiny_predictor)
 
@@ -21,7 +22,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from dermfusion.service.app import create_app  # noqa: E402
 from dermfusion.service.audit import AuditStore  # noqa: E402
 from dermfusion.service.config import load_service_config  # noqa: E402
-from dermfusion.service.triage import QualityGate  # noqa: E402
+from dermfusion.clinical.quality import QualityGate  # noqa: E402
 
 ACTIONS = {"monitor", "routine_referral", "urgent_referral"}
 
@@ -165,7 +166,7 @@ def test_every_consumer_knows_the_new_outcome():
 
     from dermfusion.evaluation.quality_gate import REASONS
     from dermfusion.service.schemas import Action, AnalyzeResponse, QualityReason
-    from dermfusion.service.triage import ACTIONS
+    from dermfusion.clinical.triage import ACTIONS
     from dermfusion.service.routes import WEB_DIR
 
     assert set(get_args(Action)) == set(ACTIONS) and "cannot_assess" in ACTIONS
@@ -231,7 +232,11 @@ def familiar_bundle(tmp_path_factory, tiny_bundle, ham_sample):
     ham_sample.to_parquet(manifest)
     run = CliRunner().invoke(app, ["bundle", "reference", str(bundle), "--manifest", str(manifest), "--all-rows"])
     assert run.exit_code == 0, run.output
-    assert (bundle / "embedding_reference.npz").is_file() and "layers blocks.0, blocks.1" in run.output.replace("\n", " ")
+    from dermfusion.evaluation.embedding_reference import read_reference
+
+    ref = read_reference(bundle)  # what was written, then what was said
+    assert ref is not None and ref["layer_names"] == ["blocks.0", "blocks.1"] and ref["n"] == len(ham_sample)
+    assert f"{len(ham_sample)} lesions" in squash(run.output) and "layers blocks.0, blocks.1" in squash(run.output)
     return bundle
 
 
@@ -247,7 +252,7 @@ def test_reference_is_covered_by_the_bundle_hash(familiar_bundle, tmp_path):
     with open(tampered / "embedding_reference.npz", "ab") as f:
         f.write(b"\0")
     run = CliRunner().invoke(app, ["bundle", "verify", str(tampered)])
-    assert run.exit_code == 1 and "embedding_reference.npz" in run.output
+    assert run.exit_code == 1 and "embedding_reference.npz" in squash(run.output)
 
 
 @pytest.mark.parametrize("margin,refused", [(0.01, True), (100.0, False)])

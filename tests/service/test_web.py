@@ -126,6 +126,14 @@ def test_upload_fill_submit_shows_result(server, browser, fixture_images, tmp_pa
     assert "clinical" in page.inner_text("#warning-list")
     assert "not a diagnosis" in page.inner_text("#result-disclaimer").lower()
     assert page.locator("#fusion li").count() >= 2
+    # the conformal differential, the prior the probabilities assume and the operating point are stated
+    pset = page.inner_text("[data-testid=prediction-set]")
+    assert re.match(r"With \d+% confidence: ", pset), pset
+    assert page.locator("#differential li.in-set").count() == len(pset.split(":", 1)[1].replace(" or ", ", ").split(","))
+    assert "case mix of the training data" in page.inner_text("[data-testid=prior-note]")
+    page.click("#operating-point-block summary")
+    op = page.inner_text("#operating-point")
+    assert "Operating point from the bundle" in op and "out-of-fold lesions" in op, op
     shot = _save_shot(page, tmp_path, "web_desktop.png")
     assert shot.stat().st_size > 10_000
     assert errors == []

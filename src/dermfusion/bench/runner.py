@@ -18,13 +18,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data.dataset import collate, LesionDataset
+from ..clinical.lesion import lesions_from_manifest
+from ..data.dataset import batch_from_lesions
 from ..data.images import load_rgb_array
 from ..data.transforms import eval_transform
 from ..export.onnx import synthetic_batch
 from ..inference.backends import BackendError, compare_probs, prepare_backend
 from ..runtime.device import move_batch, native_bf16
-from ..tasks import get_task
 from .core import BACKEND_PRECISION, count_flops, floor_ms, machine_info, matmul_rates
 from .timing import PartTimer, PeakMemory, latency_stats, timed_calls
 
@@ -48,17 +48,18 @@ def lesion_frame(image_paths: Sequence[str | Path], modalities: Sequence[str], m
 
 def real_batches(model: nn.Module, frame: pd.DataFrame, preprocess: dict, batch_size: int,
                  task: str = "isic2018", drop_last: bool = True) -> list[dict]:
-    """Batches through the production input path (LesionDataset: safe decode, eval transform, masks)."""
-    from torch.utils.data import DataLoader
-
-
+    """Batches through the clinical engine's input path (``clinical.lesion``: the safe decoder; ``data.dataset
+    .batch_from_lesions``: the one evaluation transform, presence masks) — what ``predict`` and the service feed
+    a network."""
     spec = model.feature_spec
-    frame = frame.copy()
-    for c in spec.concepts:
-        if c not in frame.columns:
-            frame[c] = np.nan
-    ds = LesionDataset(frame, get_task(task), spec, preprocess, train=False, with_targets=False)
-    return list(DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate, drop_last=drop_last))
+    extra = [f for f in list(spec.numeric) + list(spec.categorical) if f not in ("age", "sex", "skin_tone", "site")]
+    out = []
+    for lesions in lesions_from_manifest(frame, spec.modalities, batch_size, extra):
+        if drop_last and len(lesions) < batch_size:
+            break
+        out.append(batch_from_lesions([les.images for les in lesions], [les.metadata for les in lesions], spec,
+                                      preprocess, [les.lesion_id for les in lesions]))
+    return out
 
 
 def time_preprocessing(image_paths: Sequence[str | Path], preprocess: dict, n: int = 16) -> dict:
@@ -85,8 +86,6 @@ def _slice(batches: list[dict], n: int) -> dict | None:
             break
     if rows < n:
         return None
-    from ..data.dataset import collate  # noqa: F401  (same structure as collate's output)
-
     def cat(key_vals):
         return torch.cat(key_vals)[:n]
 

@@ -2,7 +2,10 @@
 
   model.<ext>        model.safetensors (networks), model.txt (LightGBM), members.json (ensembles) …
   config.yaml        the full resolved config: kind, task, classes, feature spec, model settings, preprocessing
-  calibration.json   temperature, prior adjustment, per-class cuts (see evaluation.calibration)
+  calibration.json   posteriors: temperature, per-class bias and the prior they assume; the balanced rule's prior
+                     strength; MILK10k per-class cuts (see evaluation.calibration)
+  decisions.json     optional decision rules fitted on out-of-fold posteriors: the triage operating point and the
+                     conformal differential's calibration (evaluation.decision_rules, evaluation.conformal; hashed)
   metrics.json       validation / out-of-fold metrics at save time
   VERSION            dermfusion version and bundle format
   SHA256SUMS         sha256 of every covered file (``sha256sum -c SHA256SUMS`` checks them)
@@ -56,6 +59,7 @@ class Bundle:
     metrics: dict = field(default_factory=dict)
     version: str = ""
     content_hash: str = ""
+    decisions: dict = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -239,6 +243,25 @@ def update_calibration(path: str | Path, calibration: dict) -> None:
     seal_bundle(path)
 
 
+def update_decisions(path: str | Path, decisions: dict) -> str:
+    """Rewrite a bundle's decisions.json (operating point, conformal calibration) and re-seal it — after checking
+    that nothing else changed; the new content hash."""
+    return update_file(path, "decisions.json",
+                       lambda f: _write_atomic(f, json.dumps(decisions, indent=1, default=float)))
+
+
+def update_files(path: str | Path, writers: dict[str, Callable[[Path], object]]) -> str:
+    """Write several covered files of a bundle (``{name: write(path / name)}``) and re-seal it once — after checking
+    that nothing else in it changed; the new content hash."""
+    path = Path(path)
+    verify_bundle(path, skip=set(writers))
+    for name, write in writers.items():
+        tmp = path / f".{name}.tmp"
+        write(tmp)
+        tmp.replace(path / name)
+    return seal_bundle(path)
+
+
 def update_file(path: str | Path, name: str, write: Callable[[Path], object]) -> str:
     """Write one covered file of a bundle (``write(path / name)``) and re-seal it — after checking that nothing
     else in it changed; the new content hash."""
@@ -274,8 +297,10 @@ def read_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{path} is not a dermfusion bundle (its config.yaml has no 'kind' / 'task': a training "
                           "run's config?); pass a bundle directory or the run directory itself")
     calib = json.loads((path / "calibration.json").read_text()) if (path / "calibration.json").exists() else {}
+    decisions = json.loads((path / "decisions.json").read_text()) if (path / "decisions.json").exists() else {}
     metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else {}
     version = (path / "VERSION").read_text().splitlines()[0] if (path / "VERSION").exists() else ""
     lines = (path / "HASH").read_text().splitlines() if (path / "HASH").exists() else []
     digest = lines[0].strip() if lines else ""
-    return Bundle(path=path, config=config, calibration=calib, metrics=metrics, version=version, content_hash=digest)
+    return Bundle(path=path, config=config, calibration=calib, metrics=metrics, version=version, content_hash=digest,
+                  decisions=decisions)

@@ -70,9 +70,17 @@ def oof_metrics(run_dir: Path, task, manifest, calibration: dict | None, n_boots
     y, p = y[keep], oof.loc[keep, list(task.classes)].to_numpy(float)
     if not len(y):
         return None
-    p = Calibration.from_dict(calibration).apply(p)
+    # the diagnosis as the balanced rule makes it; calibration figures (ECE, Brier, log-loss) of the posteriors
+    cal = Calibration.from_dict(calibration)
+    p, post = cal.balanced(p), cal.posterior(p)
     m = compute_metrics(task, y, p)
     ci = bootstrap_metrics(task, y, p, n=n_bootstrap) if n_bootstrap > 0 else {"headline": {}, "per_class": {}}
+    m_post = compute_metrics(task, y, post)
+    ci_post = bootstrap_metrics(task, y, post, n=n_bootstrap) if n_bootstrap > 0 else {"headline": {}}
+    for k in ("ece", "brier", "log_loss"):
+        m[k] = m_post[k]
+        if k in ci_post["headline"]:
+            ci["headline"][k] = ci_post["headline"][k]
     pcs = {c: {**m["per_class"][c], "ci": ci["per_class"].get(c, {})} for c in task.classes}
     return jsonable(metric_block(
         "out-of-fold (cross-validation on the training data)", [source_ref(oof_path, what="out-of-fold predictions"), msrc],

@@ -18,6 +18,22 @@ def _fci(ci) -> str:
     return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
+def _by_dataset_blocks(by_ds: dict) -> list:
+    """Class counts and label provenance per dataset of a manifest that combines several."""
+    names = list(by_ds)
+    classes = list(next(iter(by_ds.values()))["class_counts"])
+    out = [("h3", "By dataset"),
+           ("table", ["Class"] + [d + (" (train only)" if by_ds[d]["train_only"] else "") for d in names],
+            [[c] + [str(by_ds[d]["class_counts"][c]) for d in names] for c in classes]
+            + [["All"] + [str(by_ds[d]["n_lesions"]) for d in names]])]
+    kinds = list(dict.fromkeys(k for d in names for k in (by_ds[d]["provenance"].get("counts") or {})))
+    if kinds:
+        out.append(("table", ["Dataset"] + kinds,
+                    [[d] + [str((by_ds[d]["provenance"].get("counts") or {}).get(k, 0)) for k in kinds]
+                     for d in names]))
+    return out
+
+
 def _pct(v) -> str:
     v = as_number(v)
     return "–" if v is None else f"{100 * v:.0f}%"
@@ -85,6 +101,8 @@ def card_sections(card: dict) -> list[tuple[str, list]]:
                            + [["All"] + [str(prov["counts"][k]) for k in kinds] + [str(sum(prov["counts"].values()))]]))
         else:
             blocks.append(("p", "Label provenance: " + prov.get("note", "not recorded") + "."))
+        if td.get("by_dataset"):
+            blocks.extend(_by_dataset_blocks(td["by_dataset"]))
         if td.get("availability"):
             blocks.append(("h3", "Availability of inputs"))
             blocks.append(("table", ["Input", "Known for"], [[k, _pct(v)] for k, v in td["availability"].items()]))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..data.manifest import concept_columns, IMAGE_COLUMNS, load_manifest
+from ..data.manifest import concept_columns, IMAGE_COLUMNS, load_manifest, train_only_mask
 from .sources import now_utc, source_ref, utc_date
 
 INTENDED_USES = [
@@ -123,22 +123,26 @@ def training_data_section(b, manifest) -> dict:
         if (pids != "").any():
             out["n_patients"] = int(pids[pids != ""].nunique())
     fold = b.config.get("fold")
+    extra = train_only_mask(lab)  # rows of another dataset added for training only: every fold trains on them
     if "fold" in lab.columns and fold is not None:
         f = pd.to_numeric(lab["fold"], errors="coerce").fillna(-1).astype(int)
         if int(fold) >= 0:
-            out["this_bundle"] = {"fold": int(fold), "n_train": int(((f >= 0) & (f != int(fold))).sum()),
-                                  "n_validation": int((f == int(fold)).sum())}
+            out["this_bundle"] = {"fold": int(fold), "n_train": int((((f >= 0) & (f != int(fold))) | extra).sum()),
+                                  "n_validation": int(((f == int(fold)) & ~extra).sum())}
         else:
             out["this_bundle"] = {"fold": "full-data refit", "n_train": int(len(lab))}
-    if "dx_confirmation" in lab.columns:
-        prov = lab["dx_confirmation"].fillna("").astype(str).str.strip().replace("", "unknown")
-        out["provenance"] = {"column": "dx_confirmation", "available": True,
-                             "counts": {k: int(v) for k, v in prov.value_counts().items()},
-                             "by_class": {c: {k: int(v) for k, v in prov[cls == c].value_counts().items()}
-                                          for c in task.classes if (cls == c).any()}}
-    else:
-        out["provenance"] = {"column": "dx_confirmation", "available": False,
-                             "note": "the manifest records no label provenance (dx_confirmation)"}
+    out["provenance"] = _provenance(lab, cls, task)
+    datasets = lab["dataset"].fillna("").astype(str) if "dataset" in lab.columns else None
+    if datasets is not None and datasets[datasets != ""].nunique() > 1:
+        # several datasets trained together (`dermfusion data combine`): their class mix and how their labels were
+        # confirmed differ, and a difference between datasets is a shortcut a model can learn like any other
+        out["by_dataset"] = {}
+        for ds in sorted(datasets[datasets != ""].unique()):
+            keep = (datasets == ds).to_numpy()
+            sub, sub_cls = lab[keep].reset_index(drop=True), cls[keep].reset_index(drop=True)
+            out["by_dataset"][ds] = {"n_lesions": int(keep.sum()), "train_only": bool(extra[keep].all()),
+                                     "class_counts": {c: int((sub_cls == c).sum()) for c in task.classes},
+                                     "provenance": _provenance(sub, sub_cls, task)}
     avail = {}
     if "age" in lab.columns:
         avail["age"] = float(pd.to_numeric(lab["age"], errors="coerce").notna().mean()) if len(lab) else 0.0
@@ -153,3 +157,16 @@ def training_data_section(b, manifest) -> dict:
         avail["concept scores"] = float(lab[cc].notna().any(axis=1).mean()) if len(lab) else 0.0
     out["availability"] = avail
     return out
+
+
+def _provenance(lab: pd.DataFrame, cls: pd.Series, task) -> dict:
+    """How the labels were confirmed (``dx_confirmation``): counts overall and per class."""
+    prov = lab["dx_confirmation"].fillna("").astype(str).str.strip().replace("", "unknown") \
+        if "dx_confirmation" in lab.columns else None
+    if prov is None or not len(prov) or (prov == "unknown").all():
+        return {"column": "dx_confirmation", "available": False,
+                "note": "the manifest records no label provenance (dx_confirmation)"}
+    return {"column": "dx_confirmation", "available": True,
+            "counts": {k: int(v) for k, v in prov.value_counts().items()},
+            "by_class": {c: {k: int(v) for k, v in prov[cls == c].value_counts().items()}
+                         for c in task.classes if (cls == c).any()}}

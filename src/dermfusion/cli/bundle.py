@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -76,3 +77,62 @@ def reference_cmd(
         console.print(f"[green]wrote[/] {b}/embedding_reference.npz: {ref['n']} lesions ({ref['source']}), layers "
                       f"{', '.join(ref['layer_names'])}; cross-fitted score median {q[0.5]:.2f}, 99 % {q[0.99]:.2f}, "
                       f"max {q[1.0]:.2f}")
+
+
+def check_backends_cmd(
+    target: Path = typer.Argument(..., help=TARGET_HELP),
+    manifest: Path = typer.Option(..., help="real lesions to compare on (≥ 500 for a record `auto` will use; the "
+                                            "images only — no labels needed)"),
+    lesions: int = typer.Option(500, help="lesions to compare (the manifest's first N)"),
+    backends: Optional[str] = typer.Option(None, help="comma-separated approximate backends (default: those worth "
+                                                      "measuring on this machine)"),
+    batch_size: int = typer.Option(32),
+):
+    """Measure the approximate inference backends (bf16, int8, onnx-int8, onnx-qdq) against fp32 eager on real
+    lesions — decisions changed (balanced diagnosis, triage action, conformal set), probability and risk
+    differences — and record it in each network bundle's backend_check.json under this CPU's name. `auto` then
+    uses a backend only when it changed at most 0.2 % of the decisions on ≥ 500 lesions (inference.backend_policy)."""
+    from rich.table import Table
+
+    from ..clinical.lesion import lesions_from_manifest
+    from ..data.dataset import batch_from_lesions
+    from ..data.manifest import load_manifest
+    from ..data.transforms import tta_views
+    from ..inference import load_run
+    from ..inference.backend_policy import MAX_FLIP_RATE, MIN_RECORD_LESIONS, approved, check_backends, write_record
+    from ..runtime.device import cpu_name
+
+    pred = load_run(target)
+    nets = [leaf for _, leaf in (pred.mixture() or []) if hasattr(leaf, "model")]
+    if not nets:
+        fail(f"{target} has no network bundles: nothing to check")
+    df = load_manifest(manifest).head(lesions)
+    if len(df) < MIN_RECORD_LESIONS:
+        console.print(f"[yellow]{len(df)} lesions: below the {MIN_RECORD_LESIONS} `auto` requires — the record is "
+                      "written, but no approximate backend will be chosen from it[/]")
+    cands = [b.strip() for b in backends.split(",")] if backends else None
+    tta = int(((nets[0].bundle.config.get("experiment") or {}).get("train") or {}).get("tta") or 0)
+    for net in nets:
+        spec, extra = net.spec, [f for f in list(net.spec.numeric) + list(net.spec.categorical)
+                                 if f not in ("age", "sex", "skin_tone", "site")]
+        batches = [batch_from_lesions([les.images for les in chunk], [les.metadata for les in chunk], spec,
+                                      net.preprocess) for chunk in lesions_from_manifest(df, spec.modalities,
+                                                                                         batch_size, extra)]
+        views = {m: tta_views(m, tta) for m in spec.modalities} if tta > 1 else None
+        result = check_backends(net, batches, pred.calibration, pred.decisions, cands, views)
+        write_record(net.bundle.path, result, len(df), f"{manifest} (first {len(df)} lesions, {max(tta, 1)} view(s))")
+        t = Table(title=f"{net.bundle.path} · {cpu_name()} · {len(df)} lesions")
+        for col in ("backend", "decisions changed", "diagnosis", "action", "set", "max |Δp|", "max |Δrisk|",
+                    "auto may use"):
+            t.add_column(col)
+        ok = set(approved({"agreement": result}))
+        for name, r in result.items():
+            if "error" in r:
+                t.add_row(name, "—", "", "", "", "", "", f"no ({r['error'][:60]})")
+                continue
+            t.add_row(name, f"{r['decision_flips']} ({r['decision_flip_rate']:.2%})", str(r["diagnosis_flips"]),
+                      str(r.get("action_flips", "—")), str(r.get("set_flips", "—")), f"{r['max_prob_diff']:.4f}",
+                      f"{r['max_risk_diff']:.1f}", "yes" if name in ok else "no")
+        console.print(t)
+    console.print(f"[dim]auto uses an approximate backend when it changed ≤ {MAX_FLIP_RATE:.1%} of decisions on "
+                  f"≥ {MIN_RECORD_LESIONS} lesions; recorded in backend_check.json (not hashed: per machine)[/]")

@@ -39,7 +39,8 @@ def _labelled(manifest: Path, task):
 
 def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv + fold bundles)"),
                   manifest: Path = typer.Option(..., help="the labelled training manifest")):
-    """(Re-)fit calibration on a run's out-of-fold predictions and write it into its bundles."""
+    """(Re-)fit a run's posterior calibration and decision rules (operating point, conformal differential) on its
+    out-of-fold predictions and write them into its bundles; refresh the drift baseline."""
     import pandas as pd  # the CLI imports the data stack when a verb runs
 
     import yaml
@@ -49,7 +50,7 @@ def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv +
     from ..config import ExperimentConfig
     from ..data.manifest import load_manifest, targets
     from ..tasks import get_task
-    from ..training.cv import calibrate_run, training_class_counts, write_calibrated_oof
+    from ..training.cv import calibrate_run, training_class_counts, write_calibrated_oof, write_drift_references
 
     cfg = ExperimentConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     task = get_task(cfg.task)
@@ -58,11 +59,17 @@ def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv +
     df = full.set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     bundles, _ = run_bundles(run)  # every bundle of the run (RUN/bundle too): each predicts with the run's calibration
-    res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles, cfg.train.sampler_power,
+    # the prior the model trained under: the sampler's (networks) or the experts' class weights (tabular)
+    weighting = (cfg.model_dump().get("model") or {}).get("class_weight")
+    power = cfg.train.sampler_power if cfg.model.kind != "tabular" else {"sqrt": 0.5, "balanced": 1.0}.get(weighting, 0.0)
+    res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles, power,
                         class_counts=training_class_counts(full, task, oof["fold"].unique()))
     summary["calibration"] = res
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     write_calibrated_oof(task, oof, res["fitted"], run / "oof_calibrated.csv")
+    if cfg.model.kind != "tabular":  # the drift baseline describes the posteriors the bundles now give
+        write_drift_references(task, df, oof, [b for b in bundles if (b / "model.safetensors").is_file()],
+                               res["fitted"])
     write_run_cards(run, manifest=manifest, strict=False)  # the cards' calibration section follows the refit
 
 

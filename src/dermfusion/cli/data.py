@@ -161,3 +161,31 @@ def data_check_cmd(
         err_console.print(f"[bold red]{len(rep.errors)} error(s)[/]")
         raise typer.Exit(1)
     console.print("[green]no errors[/]")
+
+
+def data_combine_cmd(
+    manifest: Path = typer.Argument(..., help="the main manifest (its folds and task stay as they are)"),
+    add: Path = typer.Option(..., help="the manifest of another dataset to train on as well"),
+    label_map: str = typer.Option(..., help="how its diagnoses map onto the main task's classes: a built-in name "
+                                            "(derm7pt_to_isic2018, ham10000_to_derm7pt) or a YAML file"),
+    out: Path = typer.Option(..., help="the combined manifest to write"),
+    task: Optional[str] = typer.Option(None, help="the main manifest's task (default: the label map's target)"),
+):
+    """Add another dataset's lesions for training only: relabelled through an explicit label map, de-duplicated
+    against the main manifest's images, marked `train_only` (they train every fold, are never validated)."""
+    from ..data.combine import combine, read_label_map
+    from ..data.manifest import load_manifest
+    from ..tasks import get_task
+
+    lm = read_label_map(label_map)
+    t = get_task(task or lm["target_task"])
+    df, report = combine(load_manifest(manifest), load_manifest(add), lm, t)
+    rel = report["relabel"]
+    console.print(f"{report['label_map']}: {rel['kept']} lesions relabelled, left out by the map: "
+                  f"{rel['left_out'] or 'none'}; duplicates of the main manifest's images left out: "
+                  f"{len(report['duplicates_left_out'])}")
+    for lesion, why in report["duplicates_left_out"][:20]:
+        console.print(f"  [dim]{lesion}: {why}[/]")
+    for ds, counts in report["class_counts_by_dataset"].items():
+        console.print(f"  {ds}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    _save(df, out, f"{manifest} + {report['added']} train-only lesions of {add}")

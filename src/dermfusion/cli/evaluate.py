@@ -3,7 +3,7 @@ shift, and a self-contained HTML report."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -24,14 +24,21 @@ def evaluate_cmd(
     shift_max_images: int = typer.Option(1500, help="with --shift-reference: at most this many images per side"),
     provenance_margin: float = typer.Option(0.25, help="warn when a class's recall differs by more than this "
                                             "between label-provenance groups"),
+    subset_column: List[str] = typer.Option([], "--subset-column", help="also report the metrics per level of "
+                                            "this manifest column (repeatable); Derm7pt's difficulty, and dataset "
+                                            "when the lesions come from several, are reported unasked"),
 ):
-    """Metrics with bootstrap CIs, fairness slices, recall by label provenance and a self-contained HTML report."""
+    """Metrics with bootstrap CIs, fairness slices, recall by label provenance, metrics per subset (difficulty,
+    dataset, --subset-column) and a self-contained HTML report."""
     from ..data.predictions import read_predictions_csv
     from ..evaluation.report import evaluate_predictions, print_summary
     from ..tasks import TASKS, get_task
 
     df = load_manifest(manifest)
     t = get_task(task) if task else _guess_task(df, TASKS)
+    missing = [c for c in subset_column if c not in df.columns]
+    if missing:
+        fail(f"--subset-column: {manifest} has no column {', '.join(missing)}")
     shift = {}
     if shift_reference is not None:
         shift = {"shift_reference": load_manifest(shift_reference),
@@ -44,7 +51,7 @@ def evaluate_cmd(
 
     try:
         metrics = evaluate_predictions(read_predictions_csv(predictions), df, t, out, n_bootstrap=bootstrap,
-                                       provenance_margin=provenance_margin, **shift)
+                                       provenance_margin=provenance_margin, subset_columns=subset_column, **shift)
     except ShiftError as e:
         fail(f"shift check: {e}")
     print_summary(metrics)

@@ -32,13 +32,18 @@ def _state_line(s: dict) -> str:
     return f"promoted: {s.get('promoted') or 'none'}{shadow}"
 
 
+OPERATOR_HELP = "who does this (recorded in the history; default: the operating-system user)"
+REASON_HELP = "why the release gate is overridden (required with --force; recorded with the operator)"
+
+
 def register_cmd(
     bundle: Path = typer.Argument(..., help="bundle or training run directory (its gate/gate.json is recorded)"),
     version: str = typer.Option(..., help="semantic version, e.g. 1.2.0 (never reused)"),
     registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
     note: Optional[str] = typer.Option(None, help="a short note kept with the version"),
 ):
-    """Register a bundle as a version: its verified content hash and its release-gate verdict are recorded."""
+    """Register a bundle as a version: its verified content hash and its release-gate verdict are recorded. A
+    gate/gate.json that does not name this bundle's verified hash and the criteria it judged is refused."""
     e = _registry(registry, create=True).register(bundle, version, note=note)
     gate = e["gate"]
     verdict = "no gate record" if gate is None else ("gate PASSED" if gate["passed"] else
@@ -65,31 +70,47 @@ def list_cmd(registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
     s = reg.read()
     console.print(_state_line(s))
     for h in s["history"][-5:]:
-        console.print(f"  {h['at']} {h['by']}: {h['action']} {h.get('version') or ''}", highlight=False)
+        forced = f" (forced: {h.get('reason')})" if h.get("forced") else ""
+        console.print(f"  {h['at']} {h['by']}: {h['action']} {h.get('version') or ''}{forced}", highlight=False,
+                      markup=False)
+
+
+def _operator(name: Optional[str]) -> str:
+    from ..bundle.registry import whoami
+
+    return f"cli:{(name or whoami()).strip()[:60]}"
 
 
 def promote_cmd(version: str = typer.Argument(...), registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
                 force: bool = typer.Option(False, "--force", help="promote despite a failed or missing gate "
-                                                                  "(recorded in the history)")):
+                                                                  "(needs --reason; recorded in the history)"),
+                reason: Optional[str] = typer.Option(None, help=REASON_HELP),
+                operator: Optional[str] = typer.Option(None, help=OPERATOR_HELP)):
     """Make VERSION the one that answers (its release gate must have passed)."""
-    console.print(_state_line(_registry(registry).promote(version, force=force)))
+    console.print(_state_line(_registry(registry).promote(version, by=_operator(operator), force=force,
+                                                          reason=reason)))
 
 
 def shadow_cmd(version: Optional[str] = typer.Argument(None, help="version to run beside the promoted one"),
-               share: float = typer.Option(0.0, help="0 = audited, never returned; 0 < share ≤ 1 = a canary answering "
-                                                     "that share of requests (needs a passed gate)"),
+               share: float = typer.Option(0.0, help="0 = audited, never returned; 0 < share < 1 = a canary answering "
+                                                     "that share of requests (needs a passed gate); 1 = a promotion"),
                off: bool = typer.Option(False, "--off", help="stop the shadow"),
                registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
-               force: bool = typer.Option(False, "--force")):
+               force: bool = typer.Option(False, "--force", help="a canary despite a failed or missing gate (needs "
+                                                                 "--reason; recorded)"),
+               reason: Optional[str] = typer.Option(None, help=REASON_HELP),
+               operator: Optional[str] = typer.Option(None, help=OPERATOR_HELP)):
     """Run VERSION in shadow (predictions audited with its version, not returned) or as a canary."""
     if (version is None) != off:
         fail("give a VERSION, or --off to stop the shadow")
-    console.print(_state_line(_registry(registry).shadow(version, share, force=force)))
+    console.print(_state_line(_registry(registry).shadow(version, share, by=_operator(operator), force=force,
+                                                         reason=reason)))
 
 
-def rollback_cmd(registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP)):
-    """Back to the previously promoted version."""
-    console.print(_state_line(_registry(registry).rollback()))
+def rollback_cmd(registry: Optional[Path] = typer.Option(None, help=REGISTRY_HELP),
+                 operator: Optional[str] = typer.Option(None, help=OPERATOR_HELP)):
+    """Back to the previously promoted version; any shadow or canary stops."""
+    console.print(_state_line(_registry(registry).rollback(by=_operator(operator))))
 
 
 def _audit_store(db_or_config: str):
@@ -105,21 +126,25 @@ def feedback_cmd(
     db_or_config: str = typer.Argument(..., help="audit database URL, or the service.yaml naming it"),
     request_id: str = typer.Argument(..., help="the analysis' request id"),
     diagnosis: str = typer.Option(..., help="confirmed diagnosis: one of the task's class codes, e.g. MEL"),
-    confirmation: str = typer.Option(..., help="histology | follow_up | consensus | confocal"),
+    confirmation: str = typer.Option(..., help="histology | confocal | follow_up | consensus (strongest first)"),
+    amend: Optional[str] = typer.Option(None, "--amend", help="replace the diagnosis that counts, giving the reason: "
+                                        "entry_error | revised_report | second_review | wrong_lesion (kept beside it)"),
+    operator: Optional[str] = typer.Option(None, help=OPERATOR_HELP),
 ):
-    """Record a confirmed diagnosis for an audited analysis (enumerated values only)."""
-    from ..bundle.registry import whoami
+    """Record a confirmed diagnosis for an audited analysis (enumerated values only). A weaker confirmation never
+    replaces a stronger one; a disagreeing one is recorded as a conflict (and reported as an error) until
+    amended with --amend."""
     from ..service.inputs import InputError
     from ..service.lifecycle import record_feedback
 
     store = _audit_store(db_or_config)
     try:
-        rec = record_feedback(store, request_id, diagnosis, confirmation, f"cli:{whoami()}"[:32])
+        rec = record_feedback(store, request_id, diagnosis, confirmation, _operator(operator)[:32], amend)
     except InputError as e:
         fail(e.message)
     finally:
         store.close()
-    console.print(f"recorded: {rec['request_id']} {rec['diagnosis']} ({rec['confirmation']})")
+    console.print(f"{rec['status']}: {rec['request_id']} {rec['diagnosis']} ({rec['confirmation']})")
 
 
 def performance_cmd(

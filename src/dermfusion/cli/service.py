@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -35,6 +34,10 @@ def serve_cmd(
     print_config: bool = typer.Option(False, "--print-config", help="print the default service.yaml and exit"),
     registry: Optional[Path] = typer.Option(None, "--registry", help="serve a model registry's promoted version "
                                             "(and its shadow) instead of one bundle; overrides registry.dir"),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (PEM) to serve HTTPS directly"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key (PEM) for --ssl-certfile"),
+    forwarded_allow_ips: Optional[str] = typer.Option(None, help="addresses of a TLS reverse proxy whose "
+                                                      "X-Forwarded-* headers are trusted (e.g. 10.0.0.5)"),
 ):
     """Serve the triage API and the clinician web page (FastAPI + uvicorn)."""
     from ..service.config import default_config_yaml
@@ -78,50 +81,29 @@ def serve_cmd(
             fail(f"registry {cfg.registry.dir} has no promoted version: dermfusion registry promote VERSION")
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        fail("give both --ssl-certfile and --ssl-keyfile (or neither, behind a TLS reverse proxy)")
+    from ..service.exposure import network_warnings
+
+    tls = ssl_certfile is not None
+    for w in network_warnings(cfg, host, tls=tls, proxy=bool(forwarded_allow_ips)):  # beyond loopback, no TLS / keys
+        err_console.print(f"warning: {w}", style="bold yellow", highlight=False, soft_wrap=True, markup=False)
     web_app = create_app(bundle, cfg, warm_in_background=True)
-    auth = f"API key required ({len(cfg.auth.api_keys)} configured)" if cfg.auth.api_keys else "no authentication"
-    err_console.print(f"[bold]dermfusion serve[/]: {bundle or 'registry ' + str(cfg.registry.dir)} on http://{host}:{port} — {auth}; "
-                      f"{cfg.workers.workers} worker(s), queue {cfg.workers.queue_size}")
+    keys = cfg.auth.keys
+    auth = (f"{len(keys)} API key(s): " + ", ".join(f"{k.id} ({'+'.join(k.scopes)})" for k in keys)) if keys \
+        else "no authentication (analysis only; feedback and admin off)"
+    err_console.print(f"[bold]dermfusion serve[/]: {bundle or 'registry ' + str(cfg.registry.dir)} on "
+                      f"{'https' if tls else 'http'}://{host}:{port} — {auth}; "
+                      f"{cfg.workers.workers} worker(s), queue {cfg.workers.queue_size}", highlight=False,
+                      soft_wrap=True)
     err_console.print(f"audit trail: {describe_url(cfg.audit.db_url)}"
                       + ("" if cfg.audit.required else " (not required)"), markup=False, highlight=False,
                       soft_wrap=True)
     # uvicorn's own cap sits far above ours, so our 503 (with Retry-After) is what clients see (server_options)
-    uvicorn.run(web_app, host=host, port=port, log_level=log_level, **server_options(cfg))
-
-
-def _row_metadata(row) -> tuple[dict, list[str]]:
-    """Manifest row -> PatientMetadata fields (invalid values dropped, with a note)."""
-    from ..service.schemas import PatientMetadata
-
-    def val(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
-            return None
-        return v
-
-    raw = {"age": val(row.get("age")), "sex": val(row.get("sex")), "skin_tone": val(row.get("skin_tone")),
-           "site": val(row.get("site"))}
-    if raw["skin_tone"] is not None:
-        try:
-            raw["skin_tone"] = int(float(raw["skin_tone"]))
-        except ValueError:
-            raw["skin_tone"] = None
-    concepts: dict = {}
-    for col, v in row.items():
-        if col.startswith("concept_") and val(v) is not None:
-            rest = col.removeprefix("concept_")
-            for m in ("clinical", "dermoscopic"):
-                if rest.startswith(m + "_"):
-                    concepts.setdefault(m, {})[rest[len(m) + 1:]] = float(v)
-    if concepts:
-        raw["concepts"] = concepts
-    notes, fields = [], {k: v for k, v in raw.items() if v is not None}
-    for k in list(fields):
-        try:
-            PatientMetadata.model_validate({k: fields[k]})
-        except Exception:  # noqa: BLE001
-            notes.append(f"manifest value of {k} is not valid metadata; ignored")
-            fields.pop(k)
-    return fields, notes
+    extra = {"ssl_certfile": str(ssl_certfile), "ssl_keyfile": str(ssl_keyfile)} if tls else {}
+    if forwarded_allow_ips:
+        extra["forwarded_allow_ips"] = forwarded_allow_ips
+    uvicorn.run(web_app, host=host, port=port, log_level=log_level, **server_options(cfg), **extra)
 
 
 def explain_cmd(
@@ -129,58 +111,60 @@ def explain_cmd(
     manifest: Path = typer.Option(..., help="manifest holding the lesions"),
     ids: str = typer.Option(..., help="comma-separated lesion ids"),
     out: Path = typer.Option(..., help="folder for <id>_<modality>.png overlays and <id>.json"),
-    config: Optional[Path] = typer.Option(None, "--config", help="service.yaml (triage thresholds, heat-map size)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="service.yaml (clinical settings: operating-point "
+                                                                 "override, deployment prior, heat-map size)"),
     device: str = typer.Option("cpu"),
 ):
-    """Heat maps (attention rollout / Grad-CAM) over the original images, plus the differential, triage and
-    the fusion model's concept / metadata attention, one JSON per lesion."""
-    from ..data.manifest import IMAGE_COLUMNS, load_manifest
+    """Heat maps (attention rollout / Grad-CAM) over the original images, plus the differential, prediction set,
+    triage and the fusion model's concept / metadata attention, one JSON per lesion — through the clinical engine,
+    the same path as the service's /v1/analyze."""
+    from ..clinical import Engine
+    from ..clinical.explanation import fusion_explanation, render_heatmaps
+    from ..clinical.lesion import lesion_from_row
+    from ..clinical.settings import load_clinical_settings
+    from ..data.manifest import load_manifest
     from ..inference import load_run
-    from ..service.analyzer import Analyzer, InputError, Upload
-    from ..service.schemas import PatientMetadata
 
-    cfg = _service_config(config)
+    settings = load_clinical_settings(config)
     df = load_manifest(manifest)
     wanted = [i.strip() for i in ids.split(",") if i.strip()]
     df = df.set_index(df["lesion_id"].astype(str), drop=False)
     missing = [i for i in wanted if i not in df.index]
     if missing:
         fail(f"lesion id(s) not in {manifest}: {', '.join(missing)}")
-    analyzer = Analyzer(load_run(bundle, device=device), cfg)
+    engine = Engine(load_run(bundle, device=device), settings)
+    extra = [f for f in engine.metadata_fields if f not in ("age", "sex", "skin_tone", "site")]
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for lid in wanted:
         row = df.loc[lid]
         row = row.iloc[0] if hasattr(row, "iloc") and getattr(row, "ndim", 1) == 2 else row
-        uploads = {}
-        for m, col in IMAGE_COLUMNS.items():
-            path = str(row.get(col, "") or "")
-            if path and path != "nan":
-                p = Path(path)
-                if not p.exists():
-                    err_console.print(f"[yellow]{lid}: {m} image {p} not found; skipped[/]")
-                    continue
-                uploads[m] = Upload(m, p.read_bytes(), "")
-        fields, notes = _row_metadata(row.to_dict())
-        try:
-            res = analyzer.analyze(uploads, PatientMetadata.model_validate(fields), request_id=lid, explain=True)
-        except InputError as e:
-            err_console.print(f"[red]{lid}: {e.message}[/]")
+        lesion = lesion_from_row(row.to_dict(), engine.modalities, extra)
+        for m, why in lesion.errors.items():
+            err_console.print(f"[yellow]{lid}: {m} image unreadable ({why}); skipped[/]")
+        if engine.modalities and not lesion.images:
+            err_console.print(f"[red]{lid}: no readable image of the kind this model analyses[/]")
             failures += 1
             continue
-        resp = res.response
+        a = engine.assess([lesion], explain=True)[0]
+        resp = {"lesion_id": lid, **engine.clinical_payload(a),
+                "explanations": {"heatmaps": render_heatmaps(lesion.images, a.maps, a.methods, engine.crop_pct,
+                                                             settings.explain),
+                                 "fusion": fusion_explanation(a.contributions)},
+                "inputs": {"modalities_used": sorted(lesion.images), "metadata_used": lesion.metadata,
+                           "modalities_missing": a.missing_images, "metadata_missing": a.missing_metadata}}
         safe = _file_stem(lid)
         for h in resp["explanations"]["heatmaps"]:
             f = out / f"{safe}_{h['modality']}.png"
             f.write_bytes(base64.b64decode(h.pop("overlay_png_base64")))
             h["overlay_file"] = f.name
-        resp["warnings"] = resp["warnings"] + notes
-        resp["lesion_id"] = lid
         (out / f"{safe}.json").write_text(json.dumps(resp, indent=2, default=_json_default))
         top = resp["primary_diagnosis"]
+        pset = resp["prediction_set"]
         console.print(f"{lid}: {top['code']} ({top['probability']:.2f}) · risk {resp['risk_score']:.0f} · "
-                      f"{resp['action']}{' · review' if resp['review_recommended'] else ''} · "
-                      f"{len(resp['explanations']['heatmaps'])} heat map(s)")
+                      f"{resp['action']}{' · review' if resp['review_recommended'] else ''}"
+                      + (f" · {pset['text']}" if pset else "")
+                      + f" · {len(resp['explanations']['heatmaps'])} heat map(s)")
     console.print(f"[green]wrote[/] {out}")
     if failures:
         raise typer.Exit(1)

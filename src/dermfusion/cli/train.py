@@ -1,6 +1,8 @@
 """``dermfusion train``: cross-validated training (single process, or under torchrun)."""
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
@@ -32,6 +34,9 @@ def train_cmd(
     from ..training.cv import train_cv
 
     cfg = load_config(config, set_)  # a misspelt key in any section fails here, before anything runs
+    if model_family(cfg) in experimental_families():
+        console.print(f"[yellow]{model_family(cfg)} is experimental[/]: it has no real-data figure yet (README, "
+                      "\"Model zoo\"); judge it on your own held-out data")
 
     def run() -> None:
         # fold-parallel ranks only exchange results (gloo), and may wait for the slowest fold: no short timeout
@@ -61,3 +66,22 @@ def train_cmd(
 
     record_errors(run)()
 
+
+def model_zoo() -> list[dict]:
+    """The model families and their configs (``models/zoo.json``: the table README's "Model zoo" follows), read
+    as data so that ``dermfusion --help`` imports no model code."""
+    return json.loads((resources.files("dermfusion") / "models" / "zoo.json").read_text(encoding="utf-8"))["families"]
+
+
+def experimental_families() -> list[str]:
+    """The families without a real-data figure yet."""
+    return [f["family"] for f in model_zoo() if f["experimental"]]
+
+
+def model_family(cfg) -> str:
+    """A config's family as the zoo names it: the network's registered name, or ``tabular:<backend>``."""
+    return f"tabular:{cfg.model.backend}" if cfg.model.kind == "tabular" else cfg.model.name
+
+
+train_cmd.__doc__ += ("\n\nExperimental model families (no real-data figure yet: README, \"Model zoo\"): "
+                      + ", ".join(experimental_families()) + ".")

@@ -30,7 +30,9 @@ class ConceptCache:
     """``get(sha) -> {concept: score} | None`` and ``put(sha, scores)`` for one scorer (``scorer_key``)."""
 
     def __init__(self, root: str | os.PathLike | None, scorer_key: str):
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in scorer_key)[:120]
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in scorer_key)
+        if len(safe) > 120:  # a long model path: cut, the fingerprints at the end would be lost — a digest keeps them
+            safe = f"{safe[:103]}-{hashlib.sha256(scorer_key.encode('utf-8')).hexdigest()[:16]}"
         self.root = Path(root if root is not None else default_cache_dir()) / safe
         self.hits = self.misses = 0
 

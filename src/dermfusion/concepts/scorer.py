@@ -1,19 +1,21 @@
 """Concept scores for images that have none: a CLIP-family model against prompt ensembles (MONET's recipe).
 
-For each concept, every prompt of its ensemble is embedded, L2-normalised, averaged and normalised again (the
-ensemble lives in embedding space, not in score space); the reference prompts ("This is skin image") give one
-reference direction the same way. An image's score for a concept is the two-way softmax of its similarity to the
-concept against its similarity to the reference, at the model's own logit scale:
+As MONET computes them (suinleelab/MONET@3ae0a64, tutorial/automatic_concept_annotation.ipynb,
+``calculate_concept_presence_score``; the same function in SiyuanYan1/Derm1M@92d8fa9 concept_annotation/model.py for
+DermLIP): every prompt and the image are embedded and L2-normalised; per group g (a template with its reference
+prompt, prompts.py) the image's cosine similarity to the concept is the mean over the concept's terms, t_g, and to the
+reference the mean over the group's references, r_g; then
 
-    p = sigmoid(scale · (cos(image, concept) − cos(image, reference)))   ∈ [0, 1]
+    p = mean_g softmax([t_g / T, r_g / T])[0] = mean_g sigmoid((t_g − r_g) / T),   T = 1 / exp(4.5944)   ∈ [0, 1]
 
-Raw scores are cached by the image's sha256; an optional :class:`~dermfusion.concepts.mapping.ConceptMapping`
-then puts them on MILK10k's scale.
+— a fixed temperature (≈ 1/98.9), the same for every model, not the model's own logit scale. Raw scores are cached
+by the image's sha256; an optional :class:`~dermfusion.concepts.mapping.ConceptMapping` then puts them on MILK10k's scale.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +30,7 @@ from .cache import ConceptCache, content_hash
 from .mapping import ConceptMapping
 from .prompts import ConceptSet, load_concept_set
 
-MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learnt temperature here
+MONET_TEMPERATURE = 1 / math.exp(4.5944)  # MONET's calculate_concept_presence_score default
 
 
 class ConceptScorer:
@@ -70,15 +72,19 @@ class ConceptScorer:
 
     # ------------------------------------------------------------------------------------------ text side
     @torch.no_grad()
-    def _ensemble(self, prompts: Sequence[str]) -> torch.Tensor:
-        emb = F.normalize(self.clip.model.encode_text(self.clip.tokenizer(list(prompts)).to(self.device)).float(), dim=-1)
-        return F.normalize(emb.mean(dim=0), dim=-1)
+    def _mean_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The mean of the prompts' normalised embeddings (not normalised again: its dot product with a normalised
+        image embedding is the mean cosine similarity, as MONET averages them)."""
+        emb = self.clip.model.encode_text(self.clip.tokenizer(list(prompts)).to(self.device)).float()
+        return F.normalize(emb, dim=-1).mean(dim=0)
 
     def directions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K×D concept directions, D reference direction), each the normalised mean of its prompts' embeddings."""
+        """(K×G×D concept directions, G×D reference directions), one per concept and group (prompts.py)."""
         if self._directions is None:
-            concepts = torch.stack([self._ensemble(self.concept_set.prompts(c)) for c in self.names])
-            self._directions = concepts, self._ensemble(self.concept_set.reference)
+            groups = self.concept_set.groups()
+            concepts = torch.stack([torch.stack([self._mean_embedding(self.concept_set.prompts(c, templates))
+                                                 for templates, _ in groups]) for c in self.names])
+            self._directions = concepts, torch.stack([self._mean_embedding(refs) for _, refs in groups])
         return self._directions
 
     # ----------------------------------------------------------------------------------------- image side
@@ -100,13 +106,10 @@ class ConceptScorer:
         """B×K raw probabilities for preprocessed images (B×3×H×W)."""
         concepts, reference = self.directions()
         feats = F.normalize(self.clip.model.encode_image(images.to(self.device)).float(), dim=-1)
-        scale = self.logit_scale()
         self.model_calls += images.shape[0]
-        return torch.sigmoid(scale * (feats @ concepts.T - (feats @ reference)[:, None])).cpu().numpy()
-
-    def logit_scale(self) -> float:
-        ls = getattr(self.clip.model, "logit_scale", None)
-        return float(min(ls.detach().exp().item(), MAX_LOGIT_SCALE)) if ls is not None else MAX_LOGIT_SCALE
+        target = torch.einsum("bd,kgd->bkg", feats, concepts)         # mean cosine over each group's terms
+        ref = (feats @ reference.T)[:, None, :]                         # B×1×G
+        return torch.sigmoid((target - ref) / MONET_TEMPERATURE).mean(-1).cpu().numpy()
 
     # ------------------------------------------------------------------------------------------ entry points
     def score_bytes(self, blobs: Sequence[bytes], names: Sequence[str] | None = None,

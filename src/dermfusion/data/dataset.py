@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from ..criteria import criteria_column, get_criteria
@@ -37,7 +38,9 @@ class LesionDataset(Dataset):
         self.seed = seed
         self.epoch_sizes = [int(x) for x in epoch_sizes] if epoch_sizes else []
         self.lesion_ids = self.df["lesion_id"].astype(str).tolist()
-        self.paths = {m: self.df[IMAGE_COLUMNS[m]].astype(str).tolist() for m in spec.modalities}
+        # an image column holds file paths, or — for in-memory rows (the clinical engine's stacks) — PIL images
+        self.paths = {m: [v if isinstance(v, Image.Image) else ("" if v is None else str(v))
+                          for v in self.df[IMAGE_COLUMNS[m]].tolist()] for m in spec.modalities}
         self.numeric, self.numeric_present = spec.encode_numeric(self.df)
         self.categorical = spec.encode_categorical(self.df)
         self.concepts, self.concepts_present = spec.encode_concepts(self.df)
@@ -102,7 +105,9 @@ class LesionDataset(Dataset):
 
     def _load(self, modality: str, i: int, pre: Preprocess, cache) -> torch.Tensor | None:
         path = self.paths[modality][i]
-        if not path:
+        if isinstance(path, Image.Image):  # in memory: the same evaluation path as an upload (training never gets here)
+            return torch.from_numpy(np.asarray(path.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        if not path or path == "nan":
             return None
         arr = load_rgb_array(path, cache, size=None if cache is not None else self._load_size(pre))
         arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
@@ -205,36 +210,48 @@ def class_balanced_sampler(targets: np.ndarray, power: float = 0.5, num_samples:
     return WeightedRandomSampler(w, num_samples or len(targets), replacement=True, generator=g)
 
 
-def batch_from_inputs(images: dict, metadata: dict, spec: FeatureSpec, preprocess: dict[str, Preprocess]) -> dict:
-    """A one-lesion Batch from in-memory inputs (the API path): `images` maps modality -> PIL RGB image
-    (absent modalities are simply not in the dict), `metadata` holds manifest-style fields
-    (age, sex, skin_tone, site, concept_<modality>_<name> …; missing keys = unknown)."""
+def image_tensor(img, pre: Preprocess) -> torch.Tensor:
+    """A decoded RGB PIL image as the model's input (3×size×size float): the one evaluation path every prediction
+    takes — the API's uploads, ``dermfusion predict``'s files, in-memory manifest rows."""
+    t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return eval_transform(pre)(t)
+
+
+def batch_from_lesions(images: Sequence[dict], metadata: Sequence[dict], spec: FeatureSpec,
+                       preprocess: dict[str, Preprocess], lesion_ids: Sequence[str] | None = None) -> dict:
+    """A Batch of N in-memory lesions: ``images[i]`` maps modality -> PIL RGB image (absent modalities are simply
+    not in the dict), ``metadata[i]`` holds manifest-style fields (age, sex, skin_tone, site,
+    concept_<modality>_<name> …; missing keys = unknown)."""
+    n = len(images)
     if spec.numeric or spec.categorical or spec.concepts:
-        row = {"age": float("nan"), "sex": "", "skin_tone": "", "site": "",
-               **{k: v for k, v in metadata.items() if v is not None}}
-        frame = pd.DataFrame([row])
+        frame = pd.DataFrame([{"age": float("nan"), "sex": "", "skin_tone": "", "site": "",
+                               **{k: v for k, v in m.items() if v is not None}} for m in metadata])
         for c in spec.concepts:
             if c not in frame.columns:
                 frame[c] = float("nan")
         numeric, numeric_present = spec.encode_numeric(frame)
         concepts, concepts_present = spec.encode_concepts(frame)
         categorical = spec.encode_categorical(frame)
-    else:  # an image-only model: no one-row DataFrame (~1 ms of a request's ~20)
-        numeric = concepts = np.zeros((1, 0), np.float32)
-        numeric_present = concepts_present = np.zeros((1, 0), bool)
-        categorical = np.zeros((1, 0), np.int64)
+    else:  # an image-only model: no DataFrame (~1 ms of a request's ~20)
+        numeric = concepts = np.zeros((n, 0), np.float32)
+        numeric_present = concepts_present = np.zeros((n, 0), bool)
+        categorical = np.zeros((n, 0), np.int64)
     tensors, present = {}, []
     for m in spec.modalities:
         pre = preprocess[m]
-        img = images.get(m)
-        if img is None:
-            tensors[m] = torch.zeros(1, 3, pre.size, pre.size)
-            present.append(False)
-        else:
-            t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-            tensors[m] = eval_transform(pre)(t).unsqueeze(0)
-            present.append(True)
-    return {"images": tensors, "image_present": torch.tensor([present]),
+        rows = []
+        for imgs in images:
+            img = imgs.get(m)
+            rows.append(torch.zeros(3, pre.size, pre.size) if img is None else image_tensor(img, pre))
+        tensors[m] = torch.stack(rows) if rows else torch.zeros(0, 3, pre.size, pre.size)
+    present = [[imgs.get(m) is not None for m in spec.modalities] for imgs in images]
+    return {"images": tensors, "image_present": torch.tensor(present, dtype=torch.bool).reshape(n, len(spec.modalities)),
             "concepts": torch.from_numpy(concepts), "concepts_present": torch.from_numpy(concepts_present),
             "numeric": torch.from_numpy(numeric), "numeric_present": torch.from_numpy(numeric_present),
-            "categorical": torch.from_numpy(categorical), "lesion_id": ["request"]}
+            "categorical": torch.from_numpy(categorical),
+            "lesion_id": list(lesion_ids) if lesion_ids is not None else ["request"] * n}
+
+
+def batch_from_inputs(images: dict, metadata: dict, spec: FeatureSpec, preprocess: dict[str, Preprocess]) -> dict:
+    """A one-lesion Batch from in-memory inputs (``batch_from_lesions`` of one)."""
+    return batch_from_lesions([images], [metadata], spec, preprocess)

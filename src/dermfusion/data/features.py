@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..errors import DermfusionError
 from .manifest import concept_columns
 
 SEXES = ("female", "male")
@@ -30,8 +31,40 @@ SITE_ALIASES = {
     "leg": "lower_extremity",
     "palms/soles": "acral", "genital areas": "genital", "oral/genital": "genital",
 }
+# Derm7pt's clinical elevation of the lesion (meta.csv `elevation`), an observation made before any decision
+ELEVATIONS = ("flat", "palpable", "nodular")
 MISSING_TOKENS = {"", "unknown", "nan", "none", "na", "n/a", "?"}
 AGE_RANGE = (0.0, 120.0)
+
+# Every metadata field a network can read (``data.metadata_fields`` picks among them; default: DEFAULT_METADATA):
+# numeric fields with the scale that brings them to about [0, 1], categorical ones with their vocabulary.
+NUMERIC_FIELDS = {"age": AGE_RANGE[1]}
+CATEGORICAL_FIELDS = {"sex": SEXES, "skin_tone": SKIN_TONES, "site": SITES, "elevation": ELEVATIONS}
+DEFAULT_METADATA = ("age", "sex", "skin_tone", "site")
+# Columns that record a clinician's decision or how the label was obtained: reading them would leak the label
+# (Derm7pt's `management` — excision, follow-up — is decided *because of* the suspected diagnosis).
+LABEL_LEAKS = ("management", "management_label_leak", "dx_confirmation", "diagnosis_fine")
+
+
+class FeatureError(DermfusionError, ValueError):
+    """Metadata fields a network cannot read; the message names the ones it can."""
+
+
+def check_metadata_fields(fields) -> list[str]:
+    """``fields`` validated: known to NUMERIC_FIELDS / CATEGORICAL_FIELDS, none a label leak, no repeats."""
+    fields = [str(f) for f in fields]
+    leaks = [f for f in fields if f in LABEL_LEAKS or f.startswith(("label_", "aux_"))]
+    if leaks:
+        raise FeatureError(f"metadata field(s) {leaks} are never model inputs: they record the diagnosis or a "
+                           "clinician's decision made because of it (a label leak); analyse them with "
+                           "`dermfusion evaluate --subset-column` instead")
+    unknown = [f for f in fields if f not in NUMERIC_FIELDS and f not in CATEGORICAL_FIELDS]
+    if unknown:
+        raise FeatureError(f"unknown metadata field(s) {unknown}: a network reads "
+                           f"{', '.join([*NUMERIC_FIELDS, *CATEGORICAL_FIELDS])}")
+    if len(set(fields)) != len(fields):
+        raise FeatureError(f"metadata fields {fields} name one field twice")
+    return fields
 
 
 def canonical_site(value) -> str:
@@ -43,6 +76,12 @@ def canonical_site(value) -> str:
         return ""
     v = SITE_ALIASES.get(v, v).replace(" ", "_")
     return v if v in SITES else ""
+
+
+def canonical_elevation(value) -> str:
+    """Derm7pt's elevation (flat / palpable / nodular); "" when unknown."""
+    v = "" if value is None else str(value).strip().lower()
+    return v if v in ELEVATIONS else ""
 
 
 def canonical_sex(value) -> str:
@@ -63,10 +102,16 @@ class FeatureSpec:
 
     @classmethod
     def from_manifest(cls, df: pd.DataFrame, modalities: list[str] | tuple[str, ...], use_metadata: bool = True,
-                      use_concepts: bool = True) -> "FeatureSpec":
+                      use_concepts: bool = True, metadata_fields=None) -> "FeatureSpec":
+        """``metadata_fields``: the metadata to read, in token order (NUMERIC_FIELDS / CATEGORICAL_FIELDS; None =
+        DEFAULT_METADATA, the spec's defaults)."""
         spec = cls(modalities=list(modalities), concepts=concept_columns(df) if use_concepts else [])
         if not use_metadata:
             spec.numeric, spec.categorical = [], {}
+        elif metadata_fields is not None:
+            fields = check_metadata_fields(metadata_fields)
+            spec.numeric = [f for f in fields if f in NUMERIC_FIELDS]
+            spec.categorical = {f: list(CATEGORICAL_FIELDS[f]) for f in fields if f in CATEGORICAL_FIELDS}
         return spec
 
     def to_dict(self) -> dict:
@@ -87,7 +132,7 @@ class FeatureSpec:
             return np.zeros((len(df), 0), np.float32), np.zeros((len(df), 0), bool)
         vals = df[self.numeric].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
         present = ~np.isnan(vals)
-        scale = np.array([AGE_RANGE[1] if c == "age" else 1.0 for c in self.numeric], np.float32)
+        scale = np.array([NUMERIC_FIELDS.get(c, 1.0) for c in self.numeric], np.float32)
         return np.where(present, vals / scale, 0.0).astype(np.float32), present
 
     def encode_categorical(self, df: pd.DataFrame) -> np.ndarray:

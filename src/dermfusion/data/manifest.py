@@ -9,6 +9,9 @@ Columns
   aux_<name>                          optional auxiliary targets (e.g. Derm7pt criteria)
   dx_confirmation                     optional: how the label was established (HAM10000 dx_type, MILK10k
                                       diagnosis_confirm_type) — for evaluation by provenance, never a model input
+  difficulty, management_label_leak   optional (Derm7pt): diagnostic difficulty low/medium/high (reported per level
+                                      by `evaluate`) and the clinicians' management decision — never model inputs
+  elevation                           optional (Derm7pt): flat/palpable/nodular, a metadata field a network may read
 Relative image paths are resolved against the manifest file's folder.
 """
 from __future__ import annotations
@@ -45,6 +48,14 @@ def aux_columns(df: pd.DataFrame) -> list[str]:
 def has_labels(df: pd.DataFrame, task: TaskSpec | None = None) -> bool:
     cols = task.label_columns() if task else label_columns(df)
     return bool(cols) and all(c in df.columns for c in cols) and df[cols].notna().all(axis=None)
+
+
+def train_only_mask(df: pd.DataFrame) -> pd.Series:
+    """Rows added for training only (``train_only`` true, written by ``dermfusion data combine``): they train every
+    fold and the full-data refit but are never validated, so out-of-fold figures stay on the main dataset."""
+    if "train_only" not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df["train_only"].fillna(False).astype(bool)
 
 
 def targets(df: pd.DataFrame, task: TaskSpec) -> np.ndarray:

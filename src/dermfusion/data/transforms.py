@@ -25,6 +25,7 @@ class Preprocess:
     interpolation: str = "bicubic"
     color_constancy: str = "none"   # none | shades_of_gray (see ShadesOfGray)
     crop_pct: float = 1.0           # evaluation: resize the short side to size / crop_pct, then centre-crop size
+    source: str = ""                # where these values come from (a foundation model's pinned upstream code)
 
     @classmethod
     def from_data_config(cls, cfg: dict, color_constancy: str = "none") -> "Preprocess":
@@ -35,11 +36,11 @@ class Preprocess:
         return cls(size=int(size[-1]), mean=tuple(float(x) for x in cfg.get("mean", cls.mean)),
                    std=tuple(float(x) for x in cfg.get("std", cls.std)),
                    interpolation=str(cfg.get("interpolation", "bicubic")), color_constancy=color_constancy,
-                   crop_pct=float(cfg.get("resize_crop_pct", 1.0)))
+                   crop_pct=float(cfg.get("resize_crop_pct", 1.0)), source=str(cfg.get("preprocess_source", "")))
 
     def to_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
-                "color_constancy": self.color_constancy, "crop_pct": self.crop_pct}
+                "color_constancy": self.color_constancy, "crop_pct": self.crop_pct, "source": self.source}
 
 
 class ShadesOfGray(torch.nn.Module):

@@ -21,7 +21,9 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from ..tasks import TaskSpec
+from .decision_rules import balanced_scores
 from .metrics import bootstrap_ci as _bootstrap, dice_per_class, expected_calibration_error, log_loss, official_score
+from .posterior import apply_bias_temperature
 
 _EPS = 1e-12
 CUT_MIN, CUT_MAX = 1e-4, 1.0 - 1e-4
@@ -32,13 +34,9 @@ DEFAULT_GRID = np.round(np.arange(0.05, 0.9501, 0.01), 2)
 
 # ---------------------------------------------------------------------------- transforms
 def apply_temperature(probs, temperature: float = 1.0, prior_adjustment=None) -> np.ndarray:
-    """softmax(log(clip(p)) / T + adj): temperature on log-probabilities (= logits up to a constant)."""
-    z = np.log(np.clip(np.asarray(probs, float), _EPS, 1.0)) / float(temperature)
-    if prior_adjustment is not None:
-        z = z + np.asarray(prior_adjustment, float)[None, :]
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    """softmax(log(clip(p)) / T + adj): temperature on log-probabilities (= logits up to a constant), plus an
+    additive per-class term (a bias, or the older folded-in prior adjustment)."""
+    return apply_bias_temperature(probs, temperature, prior_adjustment)
 
 
 def rescale_cuts(probs, cuts) -> np.ndarray:
@@ -60,42 +58,76 @@ def rescale_cuts(probs, cuts) -> np.ndarray:
 
 @dataclass
 class Calibration:
-    """Temperature (+ optional prior adjustment) on the log-probabilities, then optional per-class cut
-    rescaling for the multi-label submission. The identity by default."""
+    """A bundle's ``calibration.json``: how raw network output becomes **posteriors** — temperature and per-class
+    bias on the log-probabilities (``evaluation.posterior``), under the class ``prior`` stored beside them — and
+    the **balanced rule** built on them (divide by ``prior ** prior_strength``), plus optional per-class cut
+    rescaling for the multi-label MILK10k submission. The identity by default.
+
+    ``prior_adjustment`` is the older form of the balanced rule (a logit shift folded into the calibration, bundles
+    written before posteriors and decisions were kept apart): ``balanced`` still honours it, ``posterior`` ignores
+    it — those bundles' posteriors are then under the prior their sampler trained with (``prior`` unknown)."""
 
     temperature: float = 1.0
     prior_adjustment: list[float] | None = None
     cuts: list[float] | None = None
+    bias: list[float] | None = None
+    prior: list[float] | None = None
+    prior_strength: float = 1.0
 
     def __post_init__(self):
         self.temperature = float(self.temperature)
         if not np.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
-        self.prior_adjustment = None if self.prior_adjustment is None else [float(v) for v in self.prior_adjustment]
-        self.cuts = None if self.cuts is None else [float(v) for v in self.cuts]
+        for name in ("prior_adjustment", "cuts", "bias", "prior"):
+            v = getattr(self, name)
+            setattr(self, name, None if v is None else [float(x) for x in v])
+        self.prior_strength = float(self.prior_strength)
 
     def to_dict(self) -> dict:
-        return {"temperature": self.temperature, "prior_adjustment": self.prior_adjustment, "cuts": self.cuts}
+        d = {"temperature": self.temperature, "prior_adjustment": self.prior_adjustment, "cuts": self.cuts}
+        if self.bias is not None or self.prior is not None:
+            d.update(bias=self.bias, prior=self.prior, prior_strength=self.prior_strength)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Calibration":
         """Read a bundle's calibration.json; None / {} is the identity, unknown keys are ignored."""
         d = d or {}
-        return cls(d.get("temperature", 1.0) or 1.0, d.get("prior_adjustment"), d.get("cuts"))
+        return cls(d.get("temperature", 1.0) or 1.0, d.get("prior_adjustment"), d.get("cuts"), d.get("bias"),
+                   d.get("prior"), d.get("prior_strength", 1.0) if d.get("prior_strength") is not None else 1.0)
 
     @property
     def is_identity(self) -> bool:
-        return self.temperature == 1.0 and self.prior_adjustment is None and self.cuts is None
+        return self.temperature == 1.0 and self.prior_adjustment is None and self.cuts is None and self.bias is None \
+            and (self.prior is None or self.prior_strength == 0)
 
-    def apply(self, probs, rescale_cuts: bool = False) -> np.ndarray:
-        """Calibrated N×C probabilities (rows sum to 1); with ``rescale_cuts`` the submission scores,
-        whose rows no longer sum to 1 but whose > 0.5 decisions equal p > cut."""
-        probs = np.asarray(probs, float)
-        C = probs.shape[1]
-        for name, v in (("prior_adjustment", self.prior_adjustment), ("cuts", self.cuts)):
+    def _check(self, C: int) -> None:
+        for name in ("prior_adjustment", "cuts", "bias", "prior"):
+            v = getattr(self, name)
             if v is not None and len(v) != C:
                 raise ValueError(f"calibration has {len(v)} {name} values for {C} classes")
-        out = apply_temperature(probs, self.temperature, self.prior_adjustment)
+
+    def posterior(self, probs) -> np.ndarray:
+        """N×C posteriors under ``prior`` (rows sum to 1): softmax(log p / T + bias)."""
+        probs = np.asarray(probs, float)
+        self._check(probs.shape[1])
+        return apply_temperature(probs, self.temperature, self.bias)
+
+    def balanced(self, probs) -> np.ndarray:
+        """N×C scores of the balanced-accuracy rule (rows sum to 1): posteriors divided by ``prior ** strength``
+        (or, for an older bundle, its folded-in ``prior_adjustment``). Decision scores, not probabilities."""
+        probs = np.asarray(probs, float)
+        self._check(probs.shape[1])
+        if self.prior is not None:
+            return balanced_scores(self.posterior(probs), self.prior, self.prior_strength)
+        adj = self.prior_adjustment if self.bias is None else (
+            None if self.prior_adjustment is None else (np.asarray(self.prior_adjustment) + np.asarray(self.bias)))
+        return apply_temperature(probs, self.temperature, adj if adj is not None else self.bias)
+
+    def apply(self, probs, rescale_cuts: bool = False) -> np.ndarray:
+        """The balanced rule's scores (``balanced``); with ``rescale_cuts`` the submission scores, whose rows no
+        longer sum to 1 but whose > 0.5 decisions equal score > cut."""
+        out = self.balanced(probs)
         if rescale_cuts and self.cuts is not None:
             out = _rescale(out, self.cuts)
         return out

@@ -143,11 +143,13 @@ def _cell(c: dict, minimum: int) -> str:
             + (f" · {ci[0]:.2f}–{ci[1]:.2f}" if ci else "") + "</span></td>")
 
 
-def provenance_section_html(task: TaskSpec, prov: dict, figure=None) -> str:
-    """The report section: a recall table (groups × classes), warnings in the flag style, the figure."""
+def provenance_section_html(task: TaskSpec, prov: dict, figure=None, title: str = "") -> str:
+    """The report section: a recall table (groups × classes), warnings in the flag style, the figure. ``title``
+    names a part of the evaluated lesions (e.g. one dataset of a combined manifest)."""
     col = html.escape(prov["column"])
+    heading = "Recall by label provenance" + (f" — {html.escape(title)}" if title else "")
     if not prov["available"]:
-        return (f"<section><h2>Recall by label provenance</h2><p>The manifest carries no label provenance (no "
+        return (f"<section><h2>{heading}</h2><p>The manifest carries no label provenance (no "
                 f"<code>{col}</code> column, or nothing recorded in it), so recall cannot be split by how each "
                 "diagnosis was established. Re-import the data with an importer that keeps it (HAM10000 "
                 "<code>dx_type</code>, MILK10k <code>diagnosis_confirm_type</code>) to check this shortcut.</p></section>")
@@ -165,7 +167,7 @@ def provenance_section_html(task: TaskSpec, prov: dict, figure=None) -> str:
     small = ", ".join(f"{html.escape(GROUP_LABELS.get(s['group'], s['group']))} ({s['n']})" for s in prov["too_small"])
     fig = (f"<figure style='margin-top:12px'><img alt='{html.escape(figure.title)}' src='data:image/png;base64,"
            f"{figure.png_base64}'><figcaption>{html.escape(figure.title)}</figcaption></figure>") if figure else ""
-    return f"""<section><h2>Recall by label provenance</h2>
+    return f"""<section><h2>{heading}</h2>
 <p>How each diagnosis was established (<code>{col}</code>). A model that recalls a class far better for one kind of
 confirmation than another may have learnt a shortcut, and its overall score will not carry over to a population
 confirmed differently (e.g. a histopathology-confirmed test set).</p>

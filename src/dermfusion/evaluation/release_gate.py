@@ -3,11 +3,12 @@
 ``dermfusion gate BUNDLE --manifest HELD_OUT --criteria gate.yaml`` predicts the held-out lesions, then checks each
 criterion of ``gate.yaml`` (``GateCriteria``; every key optional, unknown keys are errors):
 
-  balanced_accuracy_min             argmax balanced accuracy (``metrics.balanced_accuracy``)
+  balanced_accuracy_min             balanced accuracy of the balanced rule's diagnosis (``metrics.balanced_accuracy``)
   melanoma_sensitivity_min          share of melanomas *referred* at the deployed operating point
+  specificity_min                   share of benign lesions *not* referred at that operating point
   skin_tone_sensitivity_spread_max  largest minus smallest malignant referral sensitivity across the skin-tone groups
                                     present, in percentage points (skipped, with a note, without skin tone)
-  calibration_error_max             top-label ECE, 15 bins (``metrics.expected_calibration_error``)
+  calibration_error_max             top-label ECE of the posteriors, 15 bins (``metrics.expected_calibration_error``)
   latency_ms_max                    p95 of single-lesion predictions on this machine, in milliseconds
 
 **Passing rule.** A point estimate on a few hundred lesions is not evidence, so each statistical criterion is judged
@@ -20,8 +21,13 @@ except the skin-tone spread, which is skipped when fewer than two skin-tone grou
 malignant lesions.
 
 **Operating point.** A lesion counts as detected when the triage policy would *refer* it (urgent or routine
-referral); the caller passes that rule as ``refer`` (``dermfusion gate`` uses the service's ``triage.decide`` with
-the service config's cut-offs). The "cannot assess" image gate is not applied.
+referral); the caller passes that rule as ``refer`` (``dermfusion gate``: ``decision_rules.triage_levels`` at the
+operating point the clinical engine uses — the bundle's, unless a service config overrides it). The "cannot assess"
+image gate is not applied.
+
+**A model change** (``--compare OLD``): with ``noninferiority_margin`` set, the new model must be non-inferior to the
+old overall and — with a subset (``--subset COLUMN=VALUE``) — superior on it by more than ``subset_min_difference``,
+on paired cases (``evaluation.paired_comparison``: Newcombe's interval, McNemar's exact test).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from ..errors import DermfusionError
 from ..tasks import TaskSpec
 from .fairness import UNKNOWN, slice_labels
 from .metrics import balanced_accuracy, bootstrap_ci, expected_calibration_error, sensitivity_specificity
+from .paired_comparison import change_rule
 from .report import align, evaluate_predictions
 from .report_html import fmt, jsonable
 
@@ -60,6 +67,11 @@ class GateCriteria(BaseModel):
 
     balanced_accuracy_min: Optional[float] = Field(None, ge=0, le=1)
     melanoma_sensitivity_min: Optional[float] = Field(None, ge=0, le=1)
+    specificity_min: Optional[float] = Field(None, ge=0, le=1)
+    noninferiority_margin: Optional[float] = Field(None, ge=0, le=1, description="a model change (--compare): its "
+                                                   "correct-diagnosis rate may be lower than the old one's by less")
+    subset_min_difference: float = Field(0.0, ge=-1, le=1, description="a model change with --subset: the lower bound "
+                                         "of its improvement on the subset must exceed this")
     skin_tone_sensitivity_spread_max: Optional[float] = Field(None, ge=0, le=100, description="percentage points")
     calibration_error_max: Optional[float] = Field(None, ge=0, le=1)
     latency_ms_max: Optional[float] = Field(None, gt=0)
@@ -72,8 +84,8 @@ class GateCriteria(BaseModel):
 
     @model_validator(mode="after")
     def _something_to_check(self):
-        if all(getattr(self, name) is None for name in CRITERIA):
-            raise ValueError(f"no criterion set: give at least one of {', '.join(CRITERIA)}")
+        if all(getattr(self, name) is None for name in CRITERIA) and self.noninferiority_margin is None:
+            raise ValueError(f"no criterion set: give at least one of {', '.join(CRITERIA)}, noninferiority_margin")
         return self
 
 
@@ -81,6 +93,7 @@ class GateCriteria(BaseModel):
 CRITERIA = {
     "balanced_accuracy_min": ("Balanced accuracy", "min", ""),
     "melanoma_sensitivity_min": ("Melanoma sensitivity (referred)", "min", ""),
+    "specificity_min": ("Specificity (benign not referred)", "min", ""),
     "skin_tone_sensitivity_spread_max": ("Skin-tone sensitivity spread", "max", " pts"),
     "calibration_error_max": ("Calibration error (ECE)", "max", ""),
     "latency_ms_max": ("Latency p95, one lesion", "max", " ms"),
@@ -121,8 +134,10 @@ def skin_tone_groups(rows: pd.DataFrame, malignant: np.ndarray, min_malignant: i
 
 
 def gate_statistics(task: TaskSpec, y_true: np.ndarray, y_prob: np.ndarray, referred: np.ndarray,
-                    groups: dict[str, np.ndarray]) -> Callable[[np.ndarray], dict]:
-    """The gate's statistics of the lesions at row indices ``idx`` (all lesions, or one bootstrap resample)."""
+                    groups: dict[str, np.ndarray], decision_probs: np.ndarray | None = None) -> Callable[[np.ndarray], dict]:
+    """The gate's statistics of the lesions at row indices ``idx`` (all lesions, or one bootstrap resample):
+    ``y_prob`` are posteriors (calibration), ``decision_probs`` the balanced rule's scores (the diagnosis)."""
+    decide = y_prob if decision_probs is None else decision_probs
     truth = y_true.argmax(1)
     melanoma = truth == task.index(task.melanoma_class) if task.melanoma_class else np.zeros(len(truth), bool)
     malignant = np.isin(truth, task.malignant_indices)
@@ -134,8 +149,9 @@ def gate_statistics(task: TaskSpec, y_true: np.ndarray, y_prob: np.ndarray, refe
         ref, mal, grp = referred[idx], malignant[idx], group_of[idx]
         sens = [sensitivity_specificity(mal[grp == i], ref[grp == i])[0] for i in range(len(groups))]
         sens = [s for s in sens if np.isfinite(s)]
-        return {"balanced_accuracy_min": balanced_accuracy(y_true[idx], y_prob[idx]),
+        return {"balanced_accuracy_min": balanced_accuracy(y_true[idx], decide[idx]),
                 "melanoma_sensitivity_min": sensitivity_specificity(melanoma[idx], ref)[0],
+                "specificity_min": sensitivity_specificity(mal, ref)[1],
                 "skin_tone_sensitivity_spread_max": 100 * (max(sens) - min(sens)) if len(sens) >= 2 else NAN,
                 "calibration_error_max": expected_calibration_error(y_true[idx], y_prob[idx])}
     return stats
@@ -152,7 +168,8 @@ def judge(name: str, threshold: float, lo: float, hi: float) -> tuple[str, float
 
 def run_gate(predictions: pd.DataFrame, manifest_df: pd.DataFrame, task: TaskSpec, criteria: GateCriteria,
              out_dir: str | Path, *, refer: Callable[[np.ndarray], np.ndarray], latencies_ms: list[float] | None = None,
-             operating_point: dict | None = None, model: dict | None = None, manifest: str = "") -> dict:
+             operating_point: dict | None = None, model: dict | None = None, manifest: str = "",
+             decision_probs: np.ndarray | None = None, comparison: dict | None = None) -> dict:
     """Judge ``predictions`` (lesion_id + class columns) of the labelled ``manifest_df`` lesions against
     ``criteria``; write the evaluate report (report.html with the gate's verdict on top, metrics.json) and the gate
     record (gate.json) into ``out_dir``. Returns the record; ``record["passed"]`` is the verdict."""
@@ -161,7 +178,10 @@ def run_gate(predictions: pd.DataFrame, manifest_df: pd.DataFrame, task: TaskSpe
     referred = np.asarray(refer(y_prob), dtype=bool)
     malignant = np.isin(y_true.argmax(1), task.malignant_indices)
     groups, tone_note = skin_tone_groups(rows, malignant, criteria.skin_tone_min_malignant)
-    stats = gate_statistics(task, y_true, y_prob, referred, groups)
+    if decision_probs is not None:  # row-aligned with predictions; align() may reorder to the manifest
+        order = pd.Series(np.arange(len(predictions)), index=predictions["lesion_id"].astype(str))
+        decision_probs = np.asarray(decision_probs)[order.loc[rows["lesion_id"].astype(str)].to_numpy()]
+    stats = gate_statistics(task, y_true, y_prob, referred, groups, decision_probs)
     n = len(y_true)
     point = stats(np.arange(n))
     # resample row indices with the report's bootstrap (same seed → the same draws as its intervals)
@@ -197,6 +217,11 @@ def run_gate(predictions: pd.DataFrame, manifest_df: pd.DataFrame, task: TaskSpe
                 row["note"] = "malignant lesions referred; groups (malignant lesions): " + ", ".join(
                     f"{g} ({int(malignant[m].sum())})" for g, m in groups.items())
         results.append(row)
+    change = None
+    if comparison is not None:
+        change = _change_rule(task, predictions, rows, y_true, decision_probs if decision_probs is not None else y_prob,
+                              comparison, criteria)
+        results += change.pop("rows")
     passed = all(r["status"] != "fail" for r in results)
     mel = task.melanoma_class
     record = jsonable({
@@ -207,7 +232,7 @@ def run_gate(predictions: pd.DataFrame, manifest_df: pd.DataFrame, task: TaskSpe
         "operating_point": {**(operating_point or {}), "referral_rate": float(referred.mean()),
                             "melanoma_lesions": int((y_true.argmax(1) == task.index(mel)).sum()) if mel else 0,
                             "malignant_lesions": int(malignant.sum())},
-        "latencies_ms": [round(float(x), 3) for x in (latencies_ms or [])],
+        "latencies_ms": [round(float(x), 3) for x in (latencies_ms or [])], "change_rule": change,
         "settings": criteria.model_dump(), "report": "report.html",
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "version": __version__})
     evaluate_predictions(predictions, manifest_df, task, out, n_bootstrap=criteria.bootstrap, seed=criteria.seed)
@@ -220,6 +245,39 @@ def run_gate(predictions: pd.DataFrame, manifest_df: pd.DataFrame, task: TaskSpe
     report.write_text(page, encoding="utf-8")
     (out / GATE_FILE).write_text(json.dumps(record, indent=2))
     return record
+
+
+def _change_rule(task, predictions, rows, y_true, new_probs, comparison: dict, criteria: GateCriteria) -> dict:
+    """The change rule's two verdicts as gate rows, and its figures."""
+    order = pd.Series(np.arange(len(predictions)), index=predictions["lesion_id"].astype(str))
+    idx = order.loc[rows["lesion_id"].astype(str)].to_numpy()
+    old = np.asarray(comparison["balanced_old"])[idx]
+    subset = np.asarray(comparison["subset_mask"], dtype=bool)[idx]
+    truth = y_true.argmax(1)
+    right_new = np.asarray(new_probs).argmax(1) == truth
+    right_old = old.argmax(1) == truth
+    res = change_rule(right_new, right_old, subset, margin=criteria.noninferiority_margin,
+                      subset_min_difference=criteria.subset_min_difference, confidence=criteria.confidence,
+                      subset_name=comparison.get("subset") or "all lesions")
+    out_rows = []
+    ni, sup = res["noninferiority"], res["superiority"]
+    out_rows.append({"criterion": "noninferiority_margin", "label": "Change: non-inferior overall", "kind": "min",
+                     "threshold": -criteria.noninferiority_margin, "unit": "", "value": ni["difference"],
+                     "ci": ni["ci"], "bound": ni["ci"][0], "status": "pass" if ni["passed"] else "fail",
+                     "note": (f"correct diagnoses new {ni['new']:.3f} vs old {ni['old']:.3f} on {ni['n']} paired "
+                              f"lesions (Newcombe interval); McNemar p = {ni['mcnemar']['p_value']:.3g}; "
+                              f"compared with {comparison['compare']}")})
+    if comparison.get("subset"):
+        out_rows.append({"criterion": "subset_min_difference", "label": f"Change: superior on {comparison['subset']}",
+                         "kind": "min", "threshold": criteria.subset_min_difference, "unit": "",
+                         "value": sup["difference"], "ci": sup["ci"], "bound": sup["ci"][0],
+                         "status": "pass" if sup["passed"] else "fail",
+                         "note": (f"new {sup.get('new', float('nan')):.3f} vs old {sup.get('old', float('nan')):.3f} "
+                                  f"on {sup['n']} paired lesions; McNemar p = "
+                                  f"{(sup.get('mcnemar') or {}).get('p_value', float('nan')):.3g}")})
+    res["compare"] = comparison["compare"]
+    res["rows"] = out_rows
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ output

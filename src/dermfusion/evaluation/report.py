@@ -17,9 +17,10 @@ import pandas as pd
 from .. import __version__
 from ..console import console as default_console
 from ..data.manifest import IMAGE_COLUMNS, ManifestError, targets
-from ..data.predictions import read_predictions_csv, with_lesion_id
+from ..data.predictions import read_predictions_csv, to_manifest_ids, with_lesion_id
 from ..errors import DermfusionError
 from ..tasks import TASKS, TaskSpec
+from .clinical_report import clinical_metrics, clinical_section_html
 from .fairness import fairness_table
 from .figures import all_figures
 from .metrics import HEADLINE, bootstrap_metrics, compute_metrics, reliability_bins
@@ -28,6 +29,7 @@ from .provenance import DEFAULT_MARGIN, MIN_CLASS_LESIONS, provenance_figure, pr
 from .report_html import LABELS, MAX_ERRORS, fmt, jsonable, render_html
 from .shift import ShiftConfig, check_shift
 from .shift_report import print_shift_summary, shift_section_html
+from .subsets import default_subset_columns, print_subsets, subset_metrics, subsets_section_html
 
 THUMB_PX = 96
 ALL_CLASS_NAMES = frozenset(c for t in TASKS.values() for c in t.classes)
@@ -43,7 +45,8 @@ def align(predictions, manifest_df: pd.DataFrame, task: TaskSpec):
 
     Predictions may cover a subset of the manifest (e.g. the test split); every predicted lesion must be
     in the manifest with labels, and the class columns must be exactly the task's. The id column may be
-    headed `lesion_id` or `image` (the ISIC single-image format); the returned frame names it `lesion_id`.
+    headed `lesion_id` or `image` (the ISIC single-image format) and hold lesion ids or the dataset's own ids
+    (``TaskSpec.id_source``: Derm7pt's image paths); the returned frame names it `lesion_id` and holds lesion ids.
     """
     pred = (read_predictions_csv(predictions) if isinstance(predictions, (str, Path))
             else with_lesion_id(predictions.copy()))
@@ -58,13 +61,14 @@ def align(predictions, manifest_df: pd.DataFrame, task: TaskSpec):
             + (f"missing {', '.join(missing)}" if missing else "")
             + ("; " if missing and foreign else "") + (f"not in the task: {', '.join(foreign)}" if foreign else "")
             + ". Was --task right?")
-    pred["lesion_id"] = pred["lesion_id"].astype(str)
-    dup = pred["lesion_id"][pred["lesion_id"].duplicated()].unique()
-    if len(dup):
-        raise EvaluationError(f"{len(dup)} lesion id(s) appear more than once in the predictions, e.g. {', '.join(dup[:5])}")
     man = manifest_df.assign(lesion_id=manifest_df["lesion_id"].astype(str))
     if man["lesion_id"].duplicated().any():
         raise ManifestError("the manifest has duplicate lesion ids; it must have one row per lesion")
+    pred["lesion_id"] = pred["lesion_id"].astype(str)
+    pred = to_manifest_ids(pred, man, task)  # a file keyed as the dataset keys it (Derm7pt: meta.csv's image)
+    dup = pred["lesion_id"][pred["lesion_id"].duplicated()].unique()
+    if len(dup):
+        raise EvaluationError(f"{len(dup)} lesion id(s) appear more than once in the predictions, e.g. {', '.join(dup[:5])}")
     unknown = sorted(set(pred["lesion_id"]) - set(man["lesion_id"]))
     if unknown:
         raise EvaluationError(f"{len(unknown)} predicted lesion id(s) are not in the manifest, e.g. "
@@ -95,13 +99,17 @@ def align(predictions, manifest_df: pd.DataFrame, task: TaskSpec):
 def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec, out_dir, n_bootstrap: int = 200,
                          seed: int = 0, *, provenance_margin: float = DEFAULT_MARGIN,
                          provenance_min_class: int = MIN_CLASS_LESIONS, shift_reference: pd.DataFrame | None = None,
-                         shift_config=None) -> dict:
+                         shift_config=None, subset_columns=()) -> dict:
     """Metrics with bootstrap 95% CIs, fairness slices, recall by label provenance and worst errors →
     out_dir/metrics.json and out_dir/report.html. Returns the metrics dict (as written to metrics.json).
 
     With `shift_reference` (e.g. the training manifest), a covariate-shift check between it and the evaluated
     lesions is added (`evaluation.shift.check_shift`, configured by `shift_config`): evidence of whether the
-    evaluated images look like the ones a model learnt from."""
+    evaluated images look like the ones a model learnt from.
+
+    Metrics per subset (``evaluation.subsets``) are reported for every column in `subset_columns` and, unasked,
+    for Derm7pt's `difficulty` and — when the lesions come from several datasets — for `dataset` (whose label
+    provenance is then also broken down per dataset)."""
     pred, rows, y_true, y_prob = align(predictions, manifest_df, task)
     n_labelled_manifest = int(np.isfinite(targets(manifest_df, task).astype(float)).all(1).sum())
     out = Path(out_dir)
@@ -116,7 +124,22 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
     prov = provenance_recall(task, y_true, y_prob, rows, margin=provenance_margin, min_class_lesions=provenance_min_class)
     prov_fig = provenance_figure(task, prov) if prov["available"] else None
     crit = criteria_metrics(task, pred, rows)
-    sections = [provenance_section_html(task, prov, prov_fig), criteria_section_html(crit)]
+    columns = list(dict.fromkeys([*default_subset_columns(rows), *subset_columns]))
+    subsets = {c: subset_metrics(task, y_true, y_prob, rows, c, n_bootstrap=n_bootstrap, seed=seed) for c in columns}
+    sections = [subsets_section_html(task, s) for s in subsets.values()]
+    sections.append(provenance_section_html(task, prov, prov_fig))
+    if "dataset" in subsets:  # one training set from several datasets: how each one's labels were confirmed
+        prov["by_dataset"] = {}
+        for ds in rows["dataset"].astype(str).unique():
+            keep = (rows["dataset"].astype(str) == ds).to_numpy()
+            prov["by_dataset"][ds] = provenance_recall(task, y_true[keep], y_prob[keep], rows[keep].reset_index(drop=True),
+                                                       margin=provenance_margin, min_class_lesions=provenance_min_class)
+            if prov["by_dataset"][ds]["available"]:
+                sections.append(provenance_section_html(task, prov["by_dataset"][ds], title=f"dataset {ds}"))
+    sections.append(criteria_section_html(crit))
+    clinical = clinical_metrics(task, pred, y_true, n_boot=max(n_bootstrap, 200), seed=seed)  # a --clinical file
+    if clinical:
+        sections.insert(0, clinical_section_html(clinical))
     shift = None
     if shift_reference is not None:
         shift = check_shift(shift_reference, rows, shift_config or ShiftConfig(names=("reference", "evaluated")))
@@ -133,7 +156,9 @@ def evaluate_predictions(predictions, manifest_df: pd.DataFrame, task: TaskSpec,
         "worst_errors": [{k: v for k, v in e.items() if k != "thumbnail"} for e in errors],
         "figures": [f.describe() for f in figures] + ([prov_fig.describe()] if prov_fig else []),
         "provenance": prov,
+        **({"subsets": subsets} if subsets else {}),
         **({"criteria": crit} if crit.get("available") else {}),
+        **({"clinical": clinical} if clinical else {}),
         **({"shift": {k: v for k, v in shift.summary.items() if k != "all_differences"}} if shift else {}),
     }
     result = jsonable(result)
@@ -200,6 +225,8 @@ def print_summary(metrics: dict, console=None) -> None:
     prov = metrics.get("provenance") or {}
     for w in prov.get("warnings", []):
         console.print(f"[yellow]provenance shortcut?[/] {w['message']}", highlight=False)
+    if metrics.get("subsets"):
+        print_subsets(TASKS[metrics["task"]], metrics["subsets"], console)
     if prov and not prov.get("available"):
         console.print(f"[dim]no label provenance in the manifest ({prov.get('column')}): recall by provenance not checked[/]")
     if metrics.get("criteria"):

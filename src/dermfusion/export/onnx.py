@@ -305,7 +305,8 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     if preprocess is None:
         preprocess = {m: {"size": int(c["input_size"][-1]), "mean": list(c["mean"]), "std": list(c["std"]),
                           "interpolation": c.get("interpolation", "bicubic"),
-                          "crop_pct": float(c.get("resize_crop_pct", 1.0))} for m, c in model.data_config.items()}
+                          "crop_pct": float(c.get("resize_crop_pct", 1.0)),
+                          "source": str(c.get("preprocess_source", ""))} for m, c in model.data_config.items()}
     props = {"dermfusion.version": __version__,
              "dermfusion.modalities": list(model.feature_spec.modalities),
              "dermfusion.preprocess": preprocess,

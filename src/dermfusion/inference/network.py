@@ -18,6 +18,7 @@ from ..data.loading import BatchLoader
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import load_network
 from ..runtime.device import autocast_dtype, cpu_name, move_batch, native_bf16, resolve_device
+from .backend_policy import approved, read_record
 from .backends import list_backends, prepare_backend, select_backend
 from .predict_loop import predict_probs
 from .predictor import Predictor
@@ -58,10 +59,11 @@ class NetworkPredictor(Predictor):
         return move_batch(next(iter(self.loader(sample.head(SELECTION_ROWS)))), self.device)
 
     def choose_backend(self, sample: pd.DataFrame, candidates=None, options: dict | None = None) -> str:
-        """Pick the fastest backend whose probabilities on ``sample`` (real lesions) match fp32 eager
-        (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %); fp32 eager is the fallback. Returns its name. ``options``
+        """Pick the fastest backend the policy allows (``inference.backend_policy``: exact ones, plus approximate
+        ones the bundle's agreement record approves) whose probabilities on ``sample`` (real lesions) match fp32
+        eager (max |Δp| ≤ 0.02, argmax agreement ≥ 99 %); fp32 eager is the fallback. Returns its name. ``options``
         go to every candidate's factory (e.g. ``layer_stats``: the service's familiarity check)."""
-        cands = candidates if candidates is not None else default_candidates(self.device, self.model)
+        cands = candidates if candidates is not None else default_candidates(self.device, self.model, self.bundle)
         sel = select_backend(self.model, self.sample_batch(sample), cands, device=self.device,
                              backend_options={c: dict(options or {}) for c in cands})
         self.amp, self.backend, self.selection = None, sel.name, sel.candidates
@@ -99,21 +101,14 @@ class NetworkPredictor(Predictor):
 
 
 
-def default_candidates(device, model=None) -> list[str]:
-    """Backends worth trying: on CPU bf16 where it is native (AMX / AVX-512 BF16; emulated bf16 on an
-    AVX2-only CPU is many times slower than fp32, not worth a check), int8, and with onnxruntime installed ONNX
-    Runtime int8 (the fastest passing backend for ViT-S/16 and open_clip ViT-B/16 pairs in BENCHMARKS.md),
-    ONNX Runtime float32 (exact; 3-5x fp32 eager for the fine-tuned EfficientNet-Lite0) and, for a convolutional
-    encoder (more than a patch embedding's convolutions), static int8 (``onnx-qdq``). Preparing an ONNX backend
-    exports the model once (~30 s for a ViT-B pair, ~5 s for Lite0). bf16 on CUDA."""
+def default_candidates(device, model=None, bundle=None) -> list[str]:
+    """The backends ``auto`` may pick: the one policy of ``inference.backend_policy`` — exact ones (ONNX Runtime
+    float32), plus the approximate ones the bundle's agreement record approves for this CPU; bf16 on CUDA."""
     device = torch.device(device)
     if device.type != "cpu":
         return ["bf16"]
-    onnx = ["onnx-int8", "onnx"] if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx") \
-        else []
-    if onnx and model is not None and sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 4:
-        onnx.append("onnx-qdq")
-    return (["bf16"] if native_bf16(device) else []) + ["int8"] + onnx
+    exact = ["onnx"] if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx") else []
+    return exact + ([b for b in approved(read_record(bundle.path)) if b not in exact] if bundle is not None else [])
 
 
 def load_network_bundle(bundle: Bundle, **options) -> NetworkPredictor:
@@ -127,9 +122,9 @@ def write_backend_check(bundle: Bundle, chosen: str, candidates: list[dict], les
     path = bundle.path / "backend_check.json"
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
-        data[cpu_name()] = {"date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "chosen": chosen,
-                            "lesions_checked": lesions,
-                            "candidates": [{k: v for k, v in c.items() if k != "error"} for c in candidates]}
+        data.setdefault(cpu_name(), {}).update({  # the agreement record (backend_policy) under the same key stays
+            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "chosen": chosen,
+            "lesions_checked": lesions, "candidates": [{k: v for k, v in c.items() if k != "error"} for c in candidates]})
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=1, default=float))
         tmp.replace(path)

@@ -3,7 +3,7 @@
 **Ensembles** (a run's fold bundles, several bundles named on the command line, an ``average`` or ``ensemble``
 bundle, a stack): the members contribute their *raw* (uncalibrated) probabilities; the ensemble combines them —
 the mean for fold ensembles and ad-hoc lists, the searched weights for ``ensemble`` bundles, the meta-model for
-stacks — and applies **one** calibration, its own. For a run's fold ensemble that is the run's calibration,
+stacks — and applies **one** calibration, its own (posteriors; the balanced rule and the decisions are built on them). For a run's fold ensemble that is the run's calibration,
 which was fitted on the raw out-of-fold probabilities, i.e. on exactly what each fold member outputs raw.
 Bundles whose calibrations differ cannot be averaged ad hoc (``BundleError``): combine them with
 ``dermfusion ensemble``, which fits one calibration on the blend. The service follows the same rule
@@ -43,12 +43,22 @@ class Predictor:
         uses it to run each network itself (explanations, its backend) and still combine them as this does."""
         return None
 
+    @property
+    def decisions(self) -> dict:
+        """The bundle's decision rules (``decisions.json``: triage operating point, conformal calibration) or {}."""
+        return dict(getattr(self.bundle, "decisions", None) or {})
+
     def predict_proba(self, df: pd.DataFrame, *, tta: int = 0, progress: bool = False) -> np.ndarray:
-        """N x C calibrated probabilities (temperature + prior adjustment; rows sum to 1)."""
-        return self.calibration.apply(self.predict_raw(df, tta=tta, progress=progress))
+        """N×C calibrated **posteriors** under the bundle's training prior (rows sum to 1)."""
+        return self.calibration.posterior(self.predict_raw(df, tta=tta, progress=progress))
+
+    def predict_balanced(self, df: pd.DataFrame, *, tta: int = 0, progress: bool = False) -> np.ndarray:
+        """N×C scores of the balanced-accuracy rule (posteriors divided by the training prior): what the challenges'
+        official files carry; decision scores, not probabilities of anything a clinician meets."""
+        return self.calibration.balanced(self.predict_raw(df, tta=tta, progress=progress))
 
     def predict_submission(self, df: pd.DataFrame, *, tta: int = 0, progress: bool = False) -> np.ndarray:
-        """N x C scores for the multi-label submission: tuned per-class cuts rescaled to land at 0.5."""
+        """N×C scores for the multi-label submission: tuned per-class cuts rescaled to land at 0.5."""
         return self.calibration.apply(self.predict_raw(df, tta=tta, progress=progress), rescale_cuts=True)
 
 

@@ -1,6 +1,6 @@
 """Image encoders behind one interface: timm, open_clip and PanDerm.
 
-``create_backbone("timm:resnet18")``, ``create_backbone("open_clip:/weights/dermlip")``,
+``create_backbone("timm:resnet18")``, ``create_backbone("open_clip:/weights/dermlip_vit_b16")``,
 ``create_backbone("panderm:vit_large_patch16_224", pretrained_path=...)`` all return a
 :class:`Backbone` whose ``forward_tokens(x)`` gives ``(tokens B×T×Dt, pooled B×D)``. Fusion models
 only see this interface, so any encoder can feed any fusion head. Weights load strictly; hub ids
@@ -90,12 +90,11 @@ class OpenClipBackbone(Backbone):
         return tokens, pooled
 
 
-class TimmTowerBackbone(Backbone):
-    """An open_clip timm image tower (``trunk`` + projection ``head``, e.g. DermLIP PanDerm-base): tokens from the
-    trunk, pooled after the tower's own pooling and projection (what the CLIP model embeds)."""
+class ClipTowerBackbone(Backbone):
+    """A CLIP image tower with a timm ``trunk`` and its own pooling + ``head`` (DermLIP PanDerm-base, DermFM-Zero):
+    tokens from the trunk after its final norm, pooled = the image embedding the CLIP model computes."""
     def forward_tokens(self, x):
-        feats = self.model.trunk.forward_features(x)
-        return feats, self.model.head(self.model.trunk.forward_head(feats))
+        return self.model.tokens_and_embedding(x)
 
 
 # ----------------------------------------------------------------------------------------------- factory
@@ -106,7 +105,8 @@ def create_backbone(spec: str | dict, pretrained_path: str | Path | None = None,
 
     Sources: ``timm:`` (any timm name, ``hf-hub:`` ids included), ``open_clip:`` (built-in name,
     ``hf-hub:`` id or local directory), ``panderm:`` (``vit_base_patch16_224`` / ``vit_large_patch16_224``),
-    ``dermlip:`` (``PanDerm-base-w-PubMed-256``: DermLIP's PanDerm-base image tower, weights = its HF download).
+    ``dermlip:`` (``PanDerm-base-w-PubMed-256``: DermLIP's PanDerm-base image tower, weights = its HF download;
+    ``DermFM-Zero`` likewise).
     ``pretrained_path`` (file or directory) is always loaded strictly. Extra kwargs go to the model
     constructor (``img_size``, ``depth``, ``drop_path_rate`` …). ``pretrained=True`` asks the
     library's own hub download (needs network).
@@ -137,14 +137,14 @@ def create_backbone(spec: str | dict, pretrained_path: str | Path | None = None,
                                    allow_head_mismatch=allow_head_mismatch, **kwargs)
         dc = dict(PANDERM_DATA_CONFIG, input_size=(3, *_img_size(model, input_size or 224)))
         return _wrap_timm(model, f"panderm:{ident}", dc)
-    if source == "dermlip":  # DermLIP's PanDerm-base variant, through its open_clip model config (dermlip.py)
+    if source == "dermlip":  # DermLIP's PanDerm-base variant / DermFM-Zero: PanDerm's tower + head (dermlip.py)
         for key in kwargs:
             if key not in ("drop_path_rate", "arch"):
                 raise ModelSettingsError(f"model.encoder.{key}: encoder {name!r} has no setting {key!r}; it takes "
                                          f"drop_path_rate (and input_size, pretrained_path)")
         tower, dc = dermlip.create_visual(ident, pretrained_path, input_size=input_size, **kwargs)
         layer_map, num = _timm_layer_map(tower.trunk, "model.trunk.")
-        return TimmTowerBackbone(tower, name=f"dermlip:{ident}", dim=int(tower.head.proj.out_features),
+        return ClipTowerBackbone(tower, name=f"dermlip:{ident}", dim=int(tower.head.out_features),
                                  token_dim=tower.trunk.num_features, data_config=dc, layer_map=layer_map,
                                  num_blocks=num)
     raise ValueError(f"unknown backbone source {source!r} in {name!r}; use timm:, open_clip:, panderm: or dermlip:")
@@ -241,6 +241,9 @@ def _wrap_timm(model, name: str, data_config: dict) -> TimmBackbone:
     layer_map, num_blocks = _timm_layer_map(model, "model.")
     token_dim = model.num_features  # width of forward_features; pooled may differ (head_hidden_size)
     dc = {k: data_config[k] for k in ("input_size", "mean", "std", "interpolation")}
+    # a foundation model's published evaluation crop and where its preprocessing comes from travel with it (timm's
+    # own crop_pct does not: Preprocess ignores it)
+    dc.update({k: data_config[k] for k in ("resize_crop_pct", "preprocess_source") if k in data_config})
     dc["mean"], dc["std"] = tuple(dc["mean"]), tuple(dc["std"])
     return TimmBackbone(model, name=name, dim=getattr(model, "head_hidden_size", None) or token_dim, token_dim=token_dim,
                         data_config=dc, layer_map=layer_map, num_blocks=num_blocks)
@@ -308,7 +311,9 @@ def _create_open_clip(ident, pretrained_path, pretrained, input_size, kwargs) ->
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     dc = {"input_size": (3, *size), "mean": tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)),
           "std": tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)),
-          "interpolation": pp.get("interpolation", "bicubic")}
+          "interpolation": pp.get("interpolation", "bicubic"),
+          "preprocess_source": (f"open_clip preprocess_cfg of {local / 'open_clip_config.json'}" if local.is_dir()
+                                else f"open_clip preprocess_cfg of {ident}")}
     if hasattr(visual, "output_tokens"):
         visual.output_tokens = True
     dim = getattr(visual, "output_dim", None) or model.visual.proj.shape[1]

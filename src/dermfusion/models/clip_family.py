@@ -5,9 +5,16 @@ weights are an OpenAI-CLIP-layout state dict (``visual.conv1.weight``, ``visual.
 in_proj_weight``, ``token_embedding.weight``, ``text_projection``, ``logit_scale`` …) for a network with
 **QuickGELU** activations — open_clip's ``ViT-L-14-quickgelu``. Loading those weights into the plain ``ViT-L-14``
 (exact GELU) would run without error and give subtly wrong embeddings, so the architecture is fixed here and the
-load is strict. Preprocessing is OpenAI CLIP's: bicubic resize of the short side to 224, centre crop, CLIP mean/std.
+load is strict (key set with shapes and sources: models/upstream_keys/monet_vit_l14.json).
 
-``create_clip("monet:/weights/monet.pt")``, ``create_clip("open_clip:/dir")``, ``create_clip("open_clip:ViT-B-32",
+MONET's preprocessing is pinned to suinleelab/MONET@3ae0a64 (README "Using original openai CLIP implementation",
+``get_transform(n_px=224)``): bicubic resize of the short side to 224, centre crop 224, RGB, ImageNet mean/std
+(0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) — the statistics its training data module also defaults to
+(src/MONET/datamodules/multiplex_datamodule.py). The first published tutorial (219b2e8, 2024-03-27) used
+``clip.load``'s own preprocessing instead, i.e. OpenAI CLIP's statistics; every revision since 6c6cf38 (2024-04-09)
+uses ImageNet's. Other open_clip models keep their own ``preprocess_cfg``.
+
+``create_clip("monet:/weights/weight_clip.pt")``, ``create_clip("open_clip:/dir")``, ``create_clip("open_clip:ViT-B-32",
 pretrained_path=...)`` return a :class:`ClipModel` (network, tokenizer, data config). Hub ids fail fast when offline.
 """
 from __future__ import annotations
@@ -25,9 +32,13 @@ from .checkpoint import (WeightsNotFoundError, hub_error, hub_offline, load_stat
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# MONET and DermLIP both keep OpenAI CLIP's preprocessing: bicubic short-side resize, centre crop, CLIP mean/std
+# open_clip's default (PreprocessCfg): bicubic short-side resize, centre crop, OpenAI CLIP mean/std
 CLIP_DATA_CONFIG = dict(input_size=(3, 224, 224), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
                         interpolation="bicubic", crop_pct=1.0, crop_mode="center")
+MONET_SOURCE = "suinleelab/MONET@3ae0a64dcc96a6fa23c191f85d85325181caf1dd:README.md (get_transform)"
+MONET_DATA_CONFIG = dict(CLIP_DATA_CONFIG, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                         preprocess_source=MONET_SOURCE)
+MONET_WEIGHTS_URL = "https://aimslab.cs.washington.edu/MONET/weight_clip.pt"
 MONET_ARCH = "ViT-L-14-quickgelu"
 # bookkeeping entries of an OpenAI JIT archive's state dict: not parameters (open_clip drops them too)
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -118,25 +129,26 @@ def create_clip(spec: str, pretrained_path: str | Path | None = None, *, arch: s
     small config with the same key names). ``open_clip:<dir>``: a directory with ``open_clip_config.json`` + weights
     (DermLIP). ``open_clip:<arch>`` with ``pretrained_path``: a built-in architecture and a local weights file.
     ``open_clip:hf-hub:<id>``: the hub (needs network; fails at once when offline). ``dermlip:PanDerm-base-w-PubMed-256``
-    with ``pretrained_path`` (the HF download): DermLIP's PanDerm-base variant (models/dermlip.py); its PubMedBERT
-    config + tokenizer come from ``text_dir`` or a folder beside the weights (needs ``transformers``).
+    (or ``dermlip:DermFM-Zero``) with ``pretrained_path`` (the HF download): PanDerm's tower + PubMedBERT
+    (models/dermlip.py); the text model's config + tokenizer come from ``text_dir`` or a folder beside the weights
+    (needs ``transformers``).
     """
     source, _, ident = spec.partition(":")
     if source == "monet":
         path = ident or pretrained_path
         if not path or str(path).startswith("hf-hub:"):
-            how = "create_clip('monet:/path/to/monet.pt') (an OpenAI-CLIP-layout ViT-L/14 state dict)"
+            how = "create_clip('monet:/weights/weight_clip.pt') (an OpenAI-CLIP-layout ViT-L/14 state dict)"
             if path and hub_offline():
                 raise hub_error(str(path), how)
             if not path:
                 raise ClipWeightsError(f"MONET needs its weights file: {how}")
             return _from_hub(str(path), how)
         if not Path(path).expanduser().exists():
-            raise ClipWeightsError(f"MONET weights not found: {path} — download the MONET checkpoint (see README, "
+            raise ClipWeightsError(f"MONET weights not found: {path} — download {MONET_WEIGHTS_URL} (README, "
                                    f"'Foundation models') and give its local path")
         model = build_clip(arch or MONET_ARCH)
         dropped = load_openai_clip_state_dict(model, Path(path).expanduser())
-        return ClipModel(model.eval(), _tokenizer(model), dict(CLIP_DATA_CONFIG, input_size=(3, *_size(model))),
+        return ClipModel(model.eval(), _tokenizer(model), dict(MONET_DATA_CONFIG, input_size=(3, *_size(model))),
                          name=f"monet:{Path(path).name}", dropped_keys=dropped)
     if source == "open_clip":
         return _create_open_clip(ident, pretrained_path, arch)
@@ -198,4 +210,5 @@ def _data_config(model: nn.Module) -> dict[str, Any]:
     size = pp.get("size", _size(model))
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     return dict(CLIP_DATA_CONFIG, input_size=(3, *size), mean=tuple(pp.get("mean", OPENAI_CLIP_MEAN)),
-                std=tuple(pp.get("std", OPENAI_CLIP_STD)), interpolation=pp.get("interpolation", "bicubic"))
+                std=tuple(pp.get("std", OPENAI_CLIP_STD)), interpolation=pp.get("interpolation", "bicubic"),
+                preprocess_source="the model's open_clip preprocess_cfg")

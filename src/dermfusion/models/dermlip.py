@@ -1,29 +1,32 @@
-"""DermLIP with the PanDerm-base image tower (Derm1M, github.com/SiyuanYan1/Derm1M), built from its open_clip config.
+"""DermLIP with PanDerm's image tower (Derm1M, github.com/SiyuanYan1/Derm1M) and its successor DermFM-Zero.
 
 DermLIP comes in two layouts. ``DermLIP_ViT-B-16`` is a stock open_clip ViT-B/16 and loads as ``open_clip:<dir>``
-(backbones.py, clip_family.py). ``DermLIP_PanDerm-base-w-PubMed-256`` pairs PanDerm's ViT-B/16 encoder (CAE/BEiT
-blocks: layer scale, q/v biases only) with PubMedBERT at 256 tokens; open_clip has no config for it — Derm1M
-registers its own. That config is shipped here as ``open_clip_configs/PanDerm-base-w-PubMed-256.json`` (registered
-with ``open_clip.add_model_config``), reconstructed without network access on these assumptions (docs/CONCEPTS.md):
+(backbones.py, clip_family.py). ``DermLIP_PanDerm-base-w-PubMed-256`` is *not* a stock open_clip model: the authors'
+open_clip fork builds a ``CustomTextCLIP`` and, because the model name contains "PanDerm-base", replaces its image
+tower with PanDerm's own CAE ViT (loaded first from a separate PanDerm file, then overwritten by the DermLIP
+checkpoint). What that tower is, read from the fork (SiyuanYan1/Derm1M@92d8fa9, src/CAE/models/modeling_finetune.py,
+src/open_clip/{factory,utils,hf_model}.py; the facts with paths: models/upstream_keys/dermlip_panderm_base.json):
 
-* BiomedCLIP's layout (``embed_dim`` 512; a timm image tower ``visual.trunk.*`` with its own CLS-token pooling and
-  final norm, then ``visual.head.proj`` 768→512 without bias; an HF text tower ``text.transformer.*`` with CLS
-  pooling and a 2-layer MLP projection ``text.proj.0`` / ``text.proj.2`` without biases; ``logit_scale``);
-* the trunk is PanDerm-base: ViT-B/16, 224 px, absolute position embeddings, LayerNorm eps 1e-6, layer scale.
-  Its keys may be CAE-style (``q_bias``/``v_bias``, ``gamma_1``/``gamma_2``, as PanDerm's own code names them) or
-  timm-style; both load (CAE keys through :func:`~dermfusion.models.panderm.panderm_checkpoint_filter_fn`);
-* preprocessing: the ``preprocess_cfg`` of the ``open_clip_config.json`` next to the weights when there is one,
-  else open_clip's default (OpenAI CLIP mean/std, bicubic short-side resize to 224, centre crop).
+* ``visual.*`` in CAE naming (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.N.attn.q_bias`` /
+  ``v_bias``, ``gamma_1`` / ``gamma_2``, ``norm``) plus ``visual.head`` — a Linear to the embedding width **with**
+  bias; the embedding is ``head(norm(mean of the patch tokens of norm(tokens))))``: the final LayerNorm runs over
+  every token, the patch tokens (not the class token) are averaged, and the same LayerNorm runs again;
+* ``text.*``: a HuggingFace BERT (``neuml/pubmedbert-base-embeddings``, no pooler) under ``text.transformer``, a
+  masked mean over the tokens, a bias-free 2-layer MLP projection (``text.proj.0`` / ``text.proj.2``);
+* ``logit_scale``; context length 256.
 
-The timm name the config refers to (``dermlip_panderm_base_patch16_224``) is this project's; it is registered in
-timm on first use. Loading is strict: every ``visual.*`` tensor must fit. An image encoder needs the image tower
-only (no ``transformers``): the text-tower keys are set aside by name — and anything else is refused.
+DermFM-Zero (SiyuanYan1/DermFM-Zero@afbe6ba) is the same construction on PanDerm-*large* (1024 wide, 24 blocks) with
+a 768-wide embedding; its weights were private at that commit. Both descriptions ship as ``dermlip_configs/*.json``.
+
+Here the trunk is a timm ViT (PanDerm's key mapping, ``panderm.panderm_checkpoint_filter_fn``) and the tower adds the
+head and the double-norm mean pooling (:class:`PanDermClipTower`). Loading is strict: every ``visual.*`` tensor must
+fit; an image encoder needs the image tower only (no ``transformers``): the ``text.*`` / ``logit_scale`` tensors are
+set aside by name and anything else is refused.
 """
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,108 +36,103 @@ from torch import nn
 from ..errors import DermfusionError
 from .checkpoint import (CheckpointMismatchError, WeightsNotFoundError, load_state_dict_strict, read_state_dict,
                          strip_prefixes)
-from .panderm import PANDERM_ARCHS, panderm_checkpoint_filter_fn
+from .panderm import create_panderm_vit, panderm_checkpoint_filter_fn
 
-CONFIG_DIR = Path(__file__).with_name("open_clip_configs")
+CONFIG_DIR = Path(__file__).with_name("dermlip_configs")
 PANDERM_BASE_CLIP = "PanDerm-base-w-PubMed-256"
-ALIASES = {"panderm-base": PANDERM_BASE_CLIP, PANDERM_BASE_CLIP.lower(): PANDERM_BASE_CLIP}
-TRUNK_NAME = "dermlip_panderm_base_patch16_224"
+DERMFM_ZERO = "DermFM-Zero"
+MODELS = (PANDERM_BASE_CLIP, DERMFM_ZERO)
+ALIASES = {"panderm-base": PANDERM_BASE_CLIP, "dermfm-zero": DERMFM_ZERO, **{m.lower(): m for m in MODELS}}
 HUB_REPO = "redlessone/DermLIP_PanDerm-base-w-PubMed-256"
-TEXT_MODEL = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"   # formerly BiomedNLP-PubMedBERT-…
-# open_clip's default preprocessing (its OpenAI CLIP statistics), used unless the published config says otherwise
+TEXT_MODEL = "neuml/pubmedbert-base-embeddings"
+# open_clip's default preprocessing (PreprocessCfg: OpenAI CLIP statistics, bicubic, shortest side, centre crop): the
+# fork trains and evaluates PanDerm-base with it (the tower sets no statistics of its own), and the hub config
+# written by its push_to_hf_hub records the same values
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_SOURCE = "open_clip default PreprocessCfg (SiyuanYan1/Derm1M@92d8fa9:src/open_clip/transform.py)"
 NON_VISUAL = ("text.", "logit_scale", "logit_bias")
 # transformers >= 4.31 no longer keeps BERT's position_ids buffer; checkpoints written before still carry it
 STALE_TEXT_BUFFERS = ("text.transformer.embeddings.position_ids",)
 log = logging.getLogger(__name__)
-_REGISTERED: set[str] = set()
 
 
 class DermLipWeightsError(WeightsNotFoundError):
     """DermLIP PanDerm-base weights (or its text model's files) named but not there."""
 
 
-def how_to_get(target: str = "/weights/dermlip_panderm") -> str:
-    return (f"download it on a machine with network: `huggingface-cli download {HUB_REPO} --local-dir {target}` "
+def how_to_get(target: str = "/weights/dermlip_panderm", name: str = PANDERM_BASE_CLIP) -> str:
+    repo = model_config(name)["hub_id"] if name in MODELS else HUB_REPO
+    return (f"download it on a machine with network: `huggingface-cli download {repo} --local-dir {target}` "
             f"(README, 'Foundation models')")
 
 
 def resolve_name(ident: str) -> str:
     name = ALIASES.get(ident.lower(), ident)
-    if name != PANDERM_BASE_CLIP:
-        raise ValueError(f"unknown DermLIP model {ident!r}: 'dermlip:{PANDERM_BASE_CLIP}' (alias 'dermlip:panderm-base')"
-                         f" is the PanDerm-base variant; the stock DermLIP ViT-B/16 loads as 'open_clip:<dir>'")
+    if name not in MODELS:
+        raise ValueError(f"unknown DermLIP model {ident!r}: 'dermlip:{PANDERM_BASE_CLIP}' (alias "
+                         f"'dermlip:panderm-base') or 'dermlip:{DERMFM_ZERO}'; the stock DermLIP ViT-B/16 loads as "
+                         f"'open_clip:<dir>'")
     return name
-
-
-def register_panderm_trunk(name: str, **arch) -> str:
-    """Register a PanDerm-shaped timm ViT (layer scale, qkv bias, eps 1e-6) under ``name`` so an open_clip config can
-    name it as ``timm_model_name``; ``arch`` overrides PanDerm-base's shape. Idempotent."""
-    if name in _REGISTERED:
-        return name
-    from timm.models import build_model_with_cfg, register_model
-    from timm.models.vision_transformer import VisionTransformer
-
-    args = dict(PANDERM_ARCHS["vit_base_patch16_224"], patch_size=16, img_size=224, init_values=0.1, qkv_bias=True)
-    args.update(arch)
-    size = args["img_size"]
-
-    def entry(pretrained: bool = False, **kwargs):
-        if pretrained:
-            raise ValueError(f"{name} has no timm weights: load a DermLIP checkpoint (dermlip.load_visual_weights)")
-        if kwargs.get("pretrained_cfg") is None:
-            kwargs["pretrained_cfg"] = dict(input_size=(3, size, size), mean=OPENAI_MEAN, std=OPENAI_STD,
-                                            interpolation="bicubic", crop_pct=1.0, num_classes=0)
-        return build_model_with_cfg(VisionTransformer, name, pretrained, **{**args, **kwargs})
-
-    entry.__name__ = entry.__qualname__ = name
-    entry.__module__ = __name__
-    setattr(sys.modules[__name__], name, entry)  # timm looks the entrypoint up in its module
-    register_model(entry)
-    _REGISTERED.add(name)
-    return name
-
-
-def register() -> None:
-    """The PanDerm-base trunk in timm and this package's model configs in open_clip (once per process)."""
-    if "open_clip" in _REGISTERED:
-        return
-    import open_clip
-
-    register_panderm_trunk(TRUNK_NAME)
-    open_clip.add_model_config(CONFIG_DIR)
-    _REGISTERED.add("open_clip")
 
 
 def model_config(name: str = PANDERM_BASE_CLIP) -> dict:
-    """The shipped open_clip model config (a fresh copy)."""
+    """The shipped description of ``name`` (a fresh copy)."""
     return json.loads((CONFIG_DIR / f"{resolve_name(name)}.json").read_text(encoding="utf-8"))
 
 
-def build_visual(cfg: dict, drop_path_rate: float | None = None) -> nn.Module:
-    """open_clip's timm image tower (``trunk`` + ``head``) for a config's ``vision_cfg`` — no text tower."""
-    from open_clip.timm_model import TimmModel
+class PanDermClipTower(nn.Module):
+    """The fork's image tower: PanDerm's ViT (``trunk``, a timm ViT with class token and final norm) and ``head``.
 
-    register()
-    vc = cfg["vision_cfg"]
-    return TimmModel(vc["timm_model_name"], cfg["embed_dim"], image_size=vc.get("image_size", 224),
-                     pool=vc.get("timm_pool", ""), proj=vc.get("timm_proj", "linear"),
-                     proj_bias=vc.get("timm_proj_bias", False), drop=vc.get("timm_drop", 0.0),
-                     drop_path=drop_path_rate if drop_path_rate is not None else vc.get("timm_drop_path"))
+    ``forward`` gives the image embedding; :meth:`tokens_and_embedding` also the tokens after the final norm (what a
+    fusion model attends over)."""
+
+    def __init__(self, trunk: nn.Module, embed_dim: int, head_bias: bool = True):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(trunk.num_features, embed_dim, bias=head_bias)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.trunk.patch_embed.img_size
+        return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+    def set_input_size(self, size: int) -> None:
+        self.trunk.set_input_size(img_size=size)  # resamples the position embeddings
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        # upstream applies the final norm to all tokens, then again to the mean of the patch tokens (same weights)
+        return self.trunk.norm(tokens[:, self.trunk.num_prefix_tokens:].mean(1))
+
+    def tokens_and_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.trunk.forward_features(x)
+        return tokens, self.head(self.pool(tokens))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens_and_embedding(x)[1]
 
 
-def weights_location(pretrained_path) -> Path:
+def build_visual(cfg: dict, drop_path_rate: float | None = None) -> PanDermClipTower:
+    """The image tower for a description's ``vision`` part, randomly initialised."""
+    v = cfg["vision"]
+    trunk = create_panderm_vit(v.get("arch", "vit_base_patch16_224"), None, embed_dim=v["width"], depth=v["depth"],
+                               num_heads=v["heads"], img_size=v["image_size"], patch_size=v["patch_size"],
+                               drop_path_rate=drop_path_rate or 0.0)
+    return PanDermClipTower(trunk, cfg["embed_dim"], v.get("head_bias", True))
+
+
+def weights_location(pretrained_path, name: str = PANDERM_BASE_CLIP) -> Path:
     path = Path(pretrained_path).expanduser()
     if not path.exists():
-        raise DermLipWeightsError(f"DermLIP PanDerm-base weights not found: {path} — {how_to_get()} and give that "
+        raise DermLipWeightsError(f"DermLIP {name} weights not found: {path} — {how_to_get(name=name)} and give that "
                                   f"directory (or its weights file) as pretrained_path / --weights")
     return path
 
 
 def published_preprocessing(pretrained_path) -> dict:
-    """The data config: the ``preprocess_cfg`` of an ``open_clip_config.json`` beside the weights, else
-    open_clip's default (OpenAI CLIP mean/std, bicubic short-side resize, centre crop)."""
-    dc = dict(input_size=(3, 224, 224), mean=OPENAI_MEAN, std=OPENAI_STD, interpolation="bicubic", crop_pct=1.0)
+    """The data config: the ``preprocess_cfg`` of an ``open_clip_config.json`` beside the weights, else open_clip's
+    default (OpenAI CLIP mean/std, bicubic short-side resize, centre crop); ``preprocess_source`` says which."""
+    dc = dict(input_size=(3, 224, 224), mean=OPENAI_MEAN, std=OPENAI_STD, interpolation="bicubic", crop_pct=1.0,
+              preprocess_source=DEFAULT_SOURCE)
     if pretrained_path is None:
         return dc
     path = Path(pretrained_path).expanduser()
@@ -142,10 +140,14 @@ def published_preprocessing(pretrained_path) -> dict:
     if not f.is_file():
         return dc
     pp = json.loads(f.read_text(encoding="utf-8")).get("preprocess_cfg") or {}
+    if pp.get("resize_mode", "shortest") != "shortest":
+        log.warning("%s: resize_mode %r — dermfusion resizes the short side and centre-crops ('shortest')", f,
+                    pp["resize_mode"])
     size = pp.get("size", 224)
     size = int(size[-1] if isinstance(size, (list, tuple)) else size)
     return dict(dc, input_size=(3, size, size), mean=tuple(pp.get("mean", OPENAI_MEAN)),
-                std=tuple(pp.get("std", OPENAI_STD)), interpolation=pp.get("interpolation", "bicubic"))
+                std=tuple(pp.get("std", OPENAI_STD)), interpolation=pp.get("interpolation", "bicubic"),
+                preprocess_source=f"preprocess_cfg of {f.name} published with the weights")
 
 
 def split_checkpoint(sd: dict[str, torch.Tensor], source: str) -> tuple[dict, dict]:
@@ -154,101 +156,120 @@ def split_checkpoint(sd: dict[str, torch.Tensor], source: str) -> tuple[dict, di
     visual = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     rest = {k: v for k, v in sd.items() if not k.startswith("visual.")}
     foreign = sorted(k for k in rest if not k.startswith(NON_VISUAL))
-    if foreign or not any(k.startswith("trunk.") for k in visual):
-        raise CheckpointMismatchError(source, [] if visual else ["visual.trunk.*"], foreign, hint=(
-            "a DermLIP PanDerm-base checkpoint holds visual.trunk.* (PanDerm ViT-B/16), visual.head.proj.weight, "
-            "text.* (PubMedBERT) and logit_scale; a stock open_clip ViT (visual.conv1 …, transformer.*) loads as "
-            "'open_clip:<dir>'"))
+    if foreign or not any(k.startswith("blocks.") for k in visual):
+        raise CheckpointMismatchError(source, [] if visual else ["visual.blocks.*"], foreign, hint=(
+            "a DermLIP PanDerm checkpoint holds visual.* (PanDerm's CAE ViT: patch_embed, cls_token, pos_embed, "
+            "blocks.N with q_bias / v_bias / gamma_1 / gamma_2, norm, head), text.* (PubMedBERT + proj) and "
+            "logit_scale; a stock open_clip ViT (visual.conv1 …, transformer.*) loads as 'open_clip:<dir>'"))
     return visual, rest
 
 
 def map_visual(visual_sd: dict[str, torch.Tensor], tower: nn.Module) -> dict[str, torch.Tensor]:
-    """CAE/BEiT-named trunk tensors onto timm names (timm-named ones pass through); the head is kept as is."""
-    trunk = {k[len("trunk."):]: v for k, v in visual_sd.items() if k.startswith("trunk.")}
+    """The fork's ``visual.*`` names (CAE trunk + ``head``) onto the tower's (``trunk.*`` timm names + ``head``)."""
+    trunk = {k: v for k, v in visual_sd.items() if not k.startswith("head.")}
     out = {f"trunk.{k}": v for k, v in panderm_checkpoint_filter_fn(trunk, tower.trunk).items()}
-    out.update({k: v for k, v in visual_sd.items() if not k.startswith("trunk.")})
+    out.update({k: v for k, v in visual_sd.items() if k.startswith("head.")})
     return out
 
 
-def load_visual_weights(tower: nn.Module, pretrained_path) -> list[str]:
-    """Load a DermLIP PanDerm-base checkpoint's image tower strictly; the text-tower keys set aside (returned)."""
-    path = weights_location(pretrained_path)
+def load_visual_weights(tower: nn.Module, pretrained_path, name: str = PANDERM_BASE_CLIP) -> list[str]:
+    """Load a DermLIP PanDerm checkpoint's image tower strictly; the text-tower keys set aside (returned)."""
+    path = weights_location(pretrained_path, name)
     visual, rest = split_checkpoint(read_state_dict(path), str(path))
     load_state_dict_strict(tower, map_visual(visual, tower), source=str(path),
-                           hint="the image tower of DermLIP PanDerm-base is a ViT-B/16 (768 wide, 12 blocks) projected "
-                                "to 512")
+                           hint=f"the image tower of DermLIP {name} is PanDerm's CAE ViT ({tower.trunk.num_features} "
+                                f"wide, {len(tower.trunk.blocks)} blocks) with a head to {tower.head.out_features}")
     return sorted(rest)
 
 
 def create_visual(ident: str, pretrained_path=None, *, input_size: int | None = None, arch: dict | None = None,
-                  drop_path_rate: float | None = None) -> tuple[nn.Module, dict]:
+                  drop_path_rate: float | None = None) -> tuple[PanDermClipTower, dict]:
     """(image tower, data config) of ``dermlip:<ident>``; ``pretrained_path`` (directory or file) loaded strictly,
-    None for a randomly initialised tower (a bundle's weights follow). ``arch``: a config dict instead of the
+    None for a randomly initialised tower (a bundle's weights follow). ``arch``: a description instead of the
     shipped one (tests use a small one with the same key names)."""
-    cfg = arch if arch is not None else model_config(resolve_name(ident))
+    name = resolve_name(ident)
+    cfg = arch if arch is not None else model_config(name)
     if pretrained_path is not None:
-        weights_location(pretrained_path)  # a missing download fails before the tower is built
+        weights_location(pretrained_path, name)  # a missing download fails before the tower is built
     tower = build_visual(cfg, drop_path_rate)
     if pretrained_path is not None:
-        set_aside = load_visual_weights(tower, pretrained_path)
+        set_aside = load_visual_weights(tower, pretrained_path, name)
         log.info("%s: image tower loaded; %d text-tower tensor(s) not needed by an image encoder", pretrained_path,
                  len(set_aside))
     dc = published_preprocessing(pretrained_path)
     size = int(tower.image_size[0])
     if input_size and int(input_size) != size:
-        tower.set_input_size(int(input_size))  # resamples the position embeddings
+        tower.set_input_size(int(input_size))
         size = int(input_size)
     return tower, dict(dc, input_size=(3, size, size))
 
 
 # ------------------------------------------------------------------------------------ the whole CLIP (scorer)
+class DermLipClip(nn.Module):
+    """Both towers as the fork's ``CustomTextCLIP`` holds them (``visual``, ``text``, ``logit_scale``)."""
+
+    def __init__(self, visual: PanDermClipTower, text: nn.Module):
+        super().__init__()
+        self.visual, self.text = visual, text
+        self.logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07); the checkpoint's value replaces it
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text(ids)
+
+
 def text_model_dir(cfg: dict, pretrained_path, text_dir=None) -> Path:
-    """The local copy of the text model's config and tokenizer: ``text_dir``, else a folder beside the weights
-    named like the model (``BiomedNLP-BiomedBERT-base-uncased-abstract``, the older ``…PubMedBERT…``, ``text``)."""
+    """The local copy of the text model's config and tokenizer: ``text_dir``, else a folder beside the weights named
+    like the model (``pubmedbert-base-embeddings``) or ``text``."""
+    hf_name = cfg["text"]["hf_model_name"]
     if text_dir is not None:
         found = Path(text_dir).expanduser()
         if not (found / "config.json").is_file():
-            raise DermLipWeightsError(f"{found}: no config.json of the text model ({TEXT_MODEL})")
+            raise DermLipWeightsError(f"{found}: no config.json of the text model ({hf_name})")
         return found
     root = Path(pretrained_path).expanduser()
     root = root if root.is_dir() else root.parent
-    names = [cfg["text_cfg"]["hf_model_name"].split("/")[-1], "BiomedNLP-PubMedBERT-base-uncased-abstract", "text"]
+    names = [hf_name.split("/")[-1], "text"]
     for name in names:
         if (root / name / "config.json").is_file():
             return root / name
     raise DermLipWeightsError(
-        f"DermLIP PanDerm-base's text tower needs {TEXT_MODEL}'s config and tokenizer, looked for in "
-        f"{', '.join(str(root / n) for n in names[:1] + names[2:])}: on a machine with network run `huggingface-cli "
-        f"download {TEXT_MODEL} config.json vocab.txt tokenizer_config.json --local-dir {root / names[0]}`")
+        f"the text tower needs {hf_name}'s config and tokenizer, looked for in "
+        f"{', '.join(str(root / n) for n in names)}: on a machine with network run `huggingface-cli download "
+        f"{hf_name} config.json vocab.txt tokenizer_config.json special_tokens_map.json --local-dir {root / names[0]}`")
 
 
 def create_clip_model(ident: str, pretrained_path, *, text_dir=None, arch: dict | None = None):
-    """(open_clip ``CustomTextCLIP``, tokenizer, data config, set-aside keys) for the concept scorer: both towers,
-    the text tower from a local copy of its HF config (needs ``transformers``), the checkpoint loaded strictly."""
+    """(:class:`DermLipClip`, tokenizer, data config, set-aside keys) for the concept scorer: both towers, the text
+    tower from a local copy of its HF config (needs ``transformers``), the checkpoint loaded strictly."""
+    name = resolve_name(ident)
     if pretrained_path is None:
         raise DermLipWeightsError(f"dermlip:{ident} needs its weights (a random scorer gives meaningless concept "
-                                  f"scores): {how_to_get()}")
-    path = weights_location(pretrained_path)
-    cfg = arch if arch is not None else model_config(resolve_name(ident))
+                                  f"scores): {how_to_get(name=name)}")
+    path = weights_location(pretrained_path, name)
+    cfg = arch if arch is not None else model_config(name)
     text = text_model_dir(cfg, path, text_dir)
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise DermfusionError("DermLIP PanDerm-base's text tower is a HuggingFace BERT: `pip install transformers` "
-                              "(the image encoder alone needs no transformers)") from None
-    from open_clip.model import CustomTextCLIP
+        raise DermfusionError("DermLIP's text tower is a HuggingFace BERT: `pip install transformers` (the image "
+                              "encoder alone needs no transformers)") from None
+    from open_clip.hf_model import HFTextEncoder
     from open_clip.tokenizer import HFTokenizer
 
-    register()
-    text_cfg = dict(cfg["text_cfg"], hf_model_name=str(text), hf_tokenizer_name=str(text), hf_model_pretrained=False)
-    model = CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], text_cfg)
+    t = cfg["text"]
+    model = DermLipClip(build_visual(cfg), HFTextEncoder(str(text), output_dim=cfg["embed_dim"],
+                                                         pooler_type=t.get("pooler", "mean_pooler"),
+                                                         proj_type=t.get("proj", "mlp"), pretrained=False))
     visual, rest = split_checkpoint(read_state_dict(path), str(path))
     sd = OrderedDict((f"visual.{k}", v) for k, v in map_visual(visual, model.visual).items())
     own = model.state_dict()
     dropped = sorted(k for k in rest if k in STALE_TEXT_BUFFERS and k not in own)
     sd.update((k, v) for k, v in rest.items() if k not in dropped)
     load_state_dict_strict(model, sd, source=str(path))
-    tokenizer = HFTokenizer(str(text), context_length=int(cfg["text_cfg"].get("context_length", 256)))
+    tokenizer = HFTokenizer(str(text), context_length=int(t.get("context_length", 256)))
     dc = published_preprocessing(path)
     size = int(model.visual.image_size[0])
     return model.eval(), tokenizer, dict(dc, input_size=(3, size, size)), dropped

@@ -23,7 +23,8 @@ from .registry import create_model
 
 def feature_spec_for(cfg: ExperimentConfig, task: TaskSpec, df: pd.DataFrame) -> FeatureSpec:
     mods = cfg.data.modalities or [m for m in task.modalities if m in present_modalities(df)] or list(task.modalities)
-    return FeatureSpec.from_manifest(df, mods, use_metadata=cfg.data.use_metadata, use_concepts=cfg.data.use_concepts)
+    return FeatureSpec.from_manifest(df, mods, use_metadata=cfg.data.use_metadata, use_concepts=cfg.data.use_concepts,
+                                     metadata_fields=cfg.data.metadata_fields)
 
 
 def build_model(cfg: ExperimentConfig, task: TaskSpec, spec: FeatureSpec, for_inference: bool = False):

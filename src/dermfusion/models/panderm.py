@@ -1,10 +1,23 @@
 """PanDerm (CAE/BEiT-style) checkpoints loaded into a timm VisionTransformer.
 
-PanDerm ships ViT-B/16 and ViT-L/16 encoders whose blocks use BEiT naming: ``encoder.`` prefix,
-``gamma_1``/``gamma_2`` layer-scale, separate ``q_bias``/``v_bias`` (no k bias). timm's
-VisionTransformer with ``init_values`` (layer scale) and ``qkv_bias`` has the same maths, so a
-key mapping (:func:`panderm_checkpoint_filter_fn`) followed by a *strict* load gives the exact
-encoder — or an error naming every key that did not fit.
+PanDerm's encoder (SiyuanYan1/PanDerm@97e09d0, classification/models/modeling_finetune.py; key set with shapes and
+sources: models/upstream_keys/panderm_{base,large}.json) names its parameters BEiT/CAE-style: ``gamma_1``/``gamma_2``
+layer scale, separate ``q_bias``/``v_bias`` (no k bias), ``encoder.`` before every key in the released ViT-L file.
+timm's VisionTransformer with ``init_values`` (layer scale) and ``qkv_bias`` computes the same (LayerNorm eps 1e-6,
+exact GELU, scale head_dim ** -0.5), so a key mapping (:func:`panderm_checkpoint_filter_fn`) followed by a *strict*
+load gives the exact encoder — or an error naming every key that did not fit. Upstream's own loaders use
+``strict=False`` (its ViT-B loader does not even strip ``encoder.``), so a mismatch there goes unnoticed.
+
+Deliberate differences from upstream, none of which changes a forward pass of the loaded weights:
+
+* the k bias exists here (zeros from the mapping) and is trainable; attention is invariant to a k bias (it adds the
+  same number to every key of a query), so its gradient is zero and it stays zero;
+* ``pos_embed`` is a trainable parameter (upstream: a fixed 2-D sin-cos table, ``requires_grad=False``); fine-tuning
+  may move it — set a lower learning rate on it, or freeze it, to follow upstream exactly;
+* pooling: the class token after the final norm (upstream's linear-probe and feature-extraction forward, the
+  default); upstream's *fine-tuning* recipe averages the patch tokens into ``fc_norm`` initialised from the final
+  norm — ``model.encoder.global_pool: avg`` gives exactly that (the mapping moves ``norm.*`` to ``fc_norm.*``).
+  Upstream fine-tuning also adds a zero-initialised relative position bias per block (``rel_pos_bias``); not here.
 """
 from __future__ import annotations
 
@@ -20,12 +33,19 @@ PANDERM_ARCHS = {
     "vit_base_patch16_224": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16),
 }
-# PanDerm fine-tuning code normalises with ImageNet statistics.
-# PanDerm's published evaluation preprocessing (its code, as checked in the issue that asked for it): ImageNet mean,
-# std (0.228, 0.224, 0.225), bilinear resize of the short side to 224 / 0.875 = 256, then a 224 centre crop.
-# `resize_crop_pct` is the key dermfusion's Preprocess honours (timm's own `crop_pct` it ignores).
+# PanDerm's published evaluation preprocessing (SiyuanYan1/PanDerm@97e09d0, classification/models/builder.py
+# get_eval_transforms and run_class_finetuning.py val_trans): torchvision Resize(256) — the short side, bilinear (its
+# default), antialiased PIL — CenterCrop(224), ToTensor (RGB, [0, 1]), Normalize(ImageNet mean, std typed as
+# (0.228, 0.224, 0.225)). 256 = 224 / 0.875; `resize_crop_pct` is the key dermfusion's Preprocess honours (timm's own
+# `crop_pct` it ignores).
+PANDERM_SOURCE = ("SiyuanYan1/PanDerm@97e09d066c61b7d7cb3044a7318f66d8f308a017:"
+                  "classification/models/builder.py (get_eval_transforms)")
 PANDERM_DATA_CONFIG = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.228, 0.224, 0.225),
-                           interpolation="bilinear", crop_pct=0.875, resize_crop_pct=0.875)
+                           interpolation="bilinear", crop_pct=0.875, resize_crop_pct=0.875,
+                           preprocess_source=PANDERM_SOURCE)
+# The released files (PanDerm README, "Download PanDerm Pre-trained Weights"; Google Drive file ids)
+RELEASED_FILES = {"vit_base_patch16_224": ("panderm_bb_data6_checkpoint-499.pth", "17J4MjsZu3gdBP6xAQi_NMDVvH65a00HB"),
+                  "vit_large_patch16_224": ("panderm_ll_data6_checkpoint-499.pth", "1SwEzaOlFV_gBKf2UzeowMC8z9UH7AQbE")}
 # Keys that only exist in a *pre-training* checkpoint: the CAE/CAEv2 latent regressor ("regresser", PanDerm's
 # spelling) with its position embeddings and input projection, the alignment (EMA target) encoder, the decoder,
 # teacher and mask token. They are dropped only when the caller opts in with ``ignore_pretraining_keys=True``, and
@@ -96,6 +116,11 @@ def _fit_pos_embed(pe: torch.Tensor, target: torch.Tensor, num_prefix: int) -> t
     return resample_abs_pos_embed(pe, new_size=[side, side], num_prefix_tokens=num_prefix)
 
 
+def _released(arch: str) -> str:
+    name, drive_id = RELEASED_FILES.get(arch, RELEASED_FILES["vit_base_patch16_224"])
+    return f"{name} (Google Drive id {drive_id})"
+
+
 def create_panderm_vit(arch: str, pretrained_path=None, *, ignore_pretraining_keys: bool = False,
                        allow_head_mismatch: bool = False, init_values: float = 0.1, **kwargs) -> nn.Module:
     """A timm ViT shaped like PanDerm's encoder, strictly loaded from ``pretrained_path`` if given."""
@@ -108,8 +133,8 @@ def create_panderm_vit(arch: str, pretrained_path=None, *, ignore_pretraining_ke
             find_weight_file(pretrained_path)  # a missing download fails before the (large) model is built
         except WeightsNotFoundError:
             raise WeightsNotFoundError(
-                f"PanDerm weights not found: {pretrained_path} — download PanDerm's encoder checkpoint (the .pth "
-                f"linked from github.com/SiyuanYan1/PanDerm; README, 'Foundation models') and set "
+                f"PanDerm weights not found: {pretrained_path} — download {_released(arch)} (linked from the "
+                f"README of github.com/SiyuanYan1/PanDerm; dermfusion README, 'Foundation models') and set "
                 f"model.pretrained_path to its local path") from None
     args = dict(PANDERM_ARCHS[arch], init_values=init_values, qkv_bias=True, num_classes=0)
     args.update(kwargs)

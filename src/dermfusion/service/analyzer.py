@@ -1,11 +1,10 @@
-"""One analysis, end to end and independent of HTTP: uploaded bytes + metadata -> the response payload,
-the audit record and the drift observation. Used by the API (in worker threads) and by
-``dermfusion explain``.
+"""One analysis over HTTP's inputs: uploaded bytes + metadata -> the response payload, the audit record and the
+drift observation. Used by the API (in worker threads).
 
-Steps: decode (safely, ``inputs``) → check which inputs the model uses → the quality gate's image checks →
-the model pass (``model_pass``: the networks' raw probabilities combined as the predictor combines them, then its
-one calibration; the first network explained unless the gate already refused) → the gate's model check → triage
-(or ``cannot_assess``) → heat-map overlays at the original aspect ratio.
+What the product *decides* is not here: this module checks which uploads the model uses, decodes them
+(``inputs``), fills concept scores the request lacks, and hands one in-memory lesion to the clinical engine
+(``clinical.engine.Engine.assess``: quality gate → model pass → posteriors → decisions → explanation); it then
+renders heat maps and writes what the engine concluded into the response, the audit row and the drift observation.
 """
 from __future__ import annotations
 
@@ -20,18 +19,15 @@ from PIL import Image
 
 from .. import __version__
 from ..bundle.concept_mapping import find_concept_mapping
-from ..evaluation.drift_reference import image_stats, observation, read_reference_stats
-from ..evaluation.embedding_reference import read_reference
-from ..explain import center_crop_box, overlay_heatmap, png_base64
-from ..explain.overlay import display_size
+from ..clinical import Engine, Lesion
+from ..clinical.concept_scores import ConceptFiller
+from ..clinical.explanation import fusion_explanation, render_heatmaps
+from ..evaluation.drift_reference import image_stats, observation
 from ..inference.predictor import Predictor
 from ..tasks import MODALITIES
-from .concept_scores import ConceptFiller
 from .config import ServiceConfig
 from .inputs import InputError, Upload, decode_upload, public_metadata
-from .model_pass import ModelPass
 from .schemas import PatientMetadata
-from .triage import QualityGate, cannot_assess, class_name, decide
 
 log = logging.getLogger("dermfusion.service")
 
@@ -44,6 +40,8 @@ class Analysis:
     audit: dict
     observation: dict
     images: dict = field(default_factory=dict)   # modality -> (bytes, format) for optional storage
+    posterior: object = None                     # C posteriors under the training prior (case-mix estimate); None
+                                                 # when the lesion could not be assessed
 
 
 class Analyzer:
@@ -52,10 +50,11 @@ class Analyzer:
         self.predictor = predictor
         self.bundle = predictor.bundle
         self.task = predictor.task
-        self.model_pass = ModelPass(predictor)
-        self.modalities = self.model_pass.modalities
-        self.metadata_fields = self.model_pass.metadata_fields
-        self.concepts = self.model_pass.concepts
+        self.engine = Engine(predictor, self.config)
+        self.model_pass = self.engine.model_pass
+        self.modalities = self.engine.modalities
+        self.metadata_fields = self.engine.metadata_fields
+        self.concepts = self.engine.concepts
         self.explainer = self.model_pass.explainer
         self.calibration = dict(self.bundle.calibration or {})
         self.calibrated = bool(self.calibration)
@@ -64,13 +63,31 @@ class Analyzer:
         mapping = find_concept_mapping([path, *(n.bundle.path for n in self.model_pass.networks)]) \
             if self.config.concepts.model else None
         self.concept_filler = ConceptFiller(self.config.concepts, mapping)
-        # the share of the short side each modality's evaluation crop keeps (the heat map's "model region")
-        first = self.model_pass.networks[0] if self.model_pass.networks else None
-        self.crop_pct = {m: float(p.crop_pct) for m, p in first.preprocess.items()} if first is not None else {}
-        self.gate = QualityGate(self.config.quality, read_reference_stats(path) if path else None,
-                                familiarity_reference(predictor))
+        self.gate = self.engine.gate
+        self.override_out_of_fold = self._announce_operating_point()
         self.ready = False
         self.backends: list[str] = []
+
+    def _announce_operating_point(self) -> dict | None:
+        """Log the operating point in force; for a service.yaml override, what it does on the bundle's out-of-fold
+        lesions beside what the bundle's own operating point did (returned; also in /v1/model)."""
+        rules = self.engine.rules
+        first = self.model_pass.networks[0].bundle.path if self.model_pass.networks else self.bundle.path
+        rates = rules.override_consequences(first)
+        log.info("operating point (%s): %s", rules.operating_point_source, rules.operating_point)
+        if rules.operating_point_source.startswith("service config"):
+            own = ((self.predictor.decisions.get("triage") or {}).get("out_of_fold") or {}).get("in_sample")
+
+            def said(r):
+                return ("melanomas referred {:.1%}, malignant {:.1%}, benign referred {:.1%}, urgent {:.1%}".format(
+                    r.get("melanoma_sensitivity", float("nan")), r["malignant_sensitivity"], r["benign_referral_rate"],
+                    r["urgent_rate"]) if r else "not known (the bundle keeps no out-of-fold posteriors)")
+            log.warning("triage cut-offs from service.yaml override the bundle's operating point; on its "
+                        "out-of-fold lesions the override: %s; the bundle's own: %s", said(rates), said(own))
+        elif rules.operating_point_source.startswith("built-in"):
+            log.warning("the bundle carries no operating point: the built-in triage cut-offs apply, not chosen on "
+                        "evidence (`dermfusion operating-point RUN` writes one)")
+        return rates
 
     # --------------------------------------------------------------------------------------- info
     @property
@@ -135,79 +152,39 @@ class Analyzer:
         missing_images = [m for m in self.modalities if m not in used]
 
         t = time.perf_counter()
-        findings, measures = self.gate.check_images(images) if quality_gate else ([], {})
-        timings["quality_ms"] = (time.perf_counter() - t) * 1000
-
-        t = time.perf_counter()
-        want_maps = explain and self.can_explain and not findings
-        watch = self.gate.familiarity_modality if quality_gate and not findings else None
-        probs, maps, methods, contrib, layer_stats = self.model_pass.run(images, metadata_used, want_maps, watch)
-        criteria = self.model_pass.criteria(images, metadata_used)  # a multi-task model's 7-point criteria
+        lesion = Lesion(request_id, dict(images), metadata_used)
+        assessment = self.engine.assess([lesion], explain=explain and self.can_explain, quality_gate=quality_gate)[0]
         timings["inference_ms"] = (time.perf_counter() - t) * 1000
-        unfamiliarity = self.gate.unfamiliarity(layer_stats) if watch else None
-        probs = np.clip(probs, 0.0, 1.0)
-        probs = probs / probs.sum() if probs.sum() > 0 else probs
-        task = self.task
-        findings += (self.gate.check_familiarity(unfamiliarity) + self.gate.check_model(probs)) if quality_gate else []
-        decision = decide(task, probs, self.config.triage, self.config.uncertainty, missing_images, missing_meta)
-        if findings:  # "cannot assess" overrules triage, and there is nothing to explain
-            decision, want_maps, contrib = cannot_assess(decision, findings), False, {}
+        timings["quality_ms"] = assessment.timings_ms.get("quality_ms", 0.0)
+        clinical = self.engine.clinical_payload(assessment)
+        probs, task = assessment.shown, self.task
 
         t = time.perf_counter()
-        heatmaps = []
-        if want_maps:
-            ec = self.config.explain
-            for m in used:
-                grid = maps.get(m)
-                if grid is None:
-                    continue
-                crop = self.crop_pct.get(m, 1.0)
-                ov, _ = overlay_heatmap(images[m], grid, max_side=ec.max_side, alpha=ec.alpha, cmap=ec.colormap,
-                                        crop_pct=crop)
-                w0, h0 = images[m].size
-                heatmaps.append({"modality": m, "method": methods.get(m, ""), "overlay_png_base64": png_base64(ov),
-                                 "width": ov.size[0], "height": ov.size[1], "original_width": w0,
-                                 "original_height": h0,
-                                 "model_region": list(center_crop_box(display_size((w0, h0), ec.max_side), crop))})
+        heatmaps = render_heatmaps({m: images[m] for m in used}, assessment.maps, assessment.methods,
+                                   self.engine.crop_pct, self.config.explain) if assessment.maps else []
         timings["explain_render_ms"] = (time.perf_counter() - t) * 1000
-
-        differential = sorted(
-            ({"code": c, "name": class_name(task, c), "probability": float(p), "malignant": c in task.malignant}
-             for c, p in zip(task.classes, probs)), key=lambda d: -d["probability"])
-        fusion = None
-        if contrib:
-            c0 = contrib
-            fusion = {"image": c0.get("image", {}), "none": c0.get("null", 0.0),
-                      "concepts": [{k: d[k] for k in ("name", "label", "weight", "present")} for d in c0.get("concepts", [])],
-                      "metadata": [{k: d[k] for k in ("name", "label", "weight", "present")} for d in c0.get("metadata", [])]}
         if explain and not self.can_explain:
             warnings.append("explanations are not available for this bundle kind" if self.explainer is None
                             else "explanations are switched off in the service config")
+        if self.engine.rules.operating_point_source.startswith("built-in"):
+            warnings.append("the triage cut-offs are built-in defaults, not an operating point chosen on evidence "
+                            "(`dermfusion operating-point RUN` writes one into the bundle)")
         now = datetime.now(timezone.utc)
         timings["analysis_ms"] = (time.perf_counter() - t_start) * 1000
         response = {
-            "request_id": request_id, "created_at": now, "model": self.model_ref,
-            "differential": differential, "primary_diagnosis": differential[0],
-            "risk_score": round(decision.risk_score, 2), "risk_classes": sorted(task.malignant),
-            "action": decision.action, "action_reasons": decision.action_reasons,
-            "review_recommended": decision.review_recommended, "review_reasons": decision.review_reasons,
-            "uncertainty": {"normalized_entropy": decision.normalized_entropy, "top_probability": decision.top_probability,
-                            "margin": decision.margin},
-            "quality": {"assessable": not findings, "reasons": [{"code": c, "message": m} for c, m in findings],
-                        "measures": measures, "min_top_probability": self.gate.min_top_probability,
-                        "unfamiliarity": unfamiliarity, "max_unfamiliarity": self.gate.max_unfamiliarity},
+            "request_id": request_id, "created_at": now, "model": self.model_ref, **clinical,
             "inputs": {"modalities_received": received, "modalities_used": used, "modalities_missing": missing_images,
                        "metadata_used": public_metadata(metadata_used), "metadata_missing": missing_meta,
                        "image_sha256": {m: uploads[m].sha256 for m in received},
                        "image_size": {m: list(images[m].size) for m in used},
                        "concepts_supplied": concepts_supplied, "concepts_computed": concepts_computed},
             "warnings": warnings,
-            "explanations": {"heatmaps": heatmaps, "fusion": fusion},
-            "criteria": None if findings else criteria,
+            "explanations": {"heatmaps": heatmaps, "fusion": fusion_explanation(assessment.contributions)},
             "calibrated": self.calibrated,
             "timings_ms": {k: round(v, 2) for k, v in timings.items()},
             "disclaimer": self.config.disclaimer,
         }
+        d = assessment.decision
         audit = {
             "request_id": request_id, "created_at": now, "model_name": self.bundle.name,
             "model_version": self.model_ref["version"], "model_hash": self.bundle.content_hash, "task": task.name,
@@ -215,21 +192,29 @@ class Analyzer:
             "input_hashes": {m: uploads[m].sha256 for m in received}, "input_stats": stats,
             "patient_metadata": metadata.model_dump(exclude_none=True),
             "outputs": {c: float(p) for c, p in zip(task.classes, probs)},
-            "primary_class": differential[0]["code"], "top_probability": decision.top_probability,
-            "risk_score": decision.risk_score, "action": decision.action,
-            "review_recommended": decision.review_recommended, "review_reasons": decision.review_reasons,
+            "decisions": {"prior": clinical["prior"]["name"],
+                          "posterior_training_prior": {c: float(p) for c, p in zip(task.classes, assessment.posterior)},
+                          "prediction_set": assessment.prediction_set, "level": self.engine.rules.level,
+                          "operating_point": {k: clinical["operating_point"][k] for k in (
+                              "source", "urgent_risk", "routine_risk", "urgent_class_probability",
+                              "routine_class_probability")}},
+            "primary_class": clinical["primary_diagnosis"]["code"], "top_probability": d.top_probability,
+            "risk_score": clinical["risk_score"], "action": d.action,
+            "review_recommended": d.review_recommended, "review_reasons": d.review_reasons,
             "warnings": warnings, "client": client,
             # which concept scores were supplied, which computed (values, scorer, mapping): None if the model uses none
             "concepts": concept_fill.audit() if self.concepts else None,
         }
-        obs = observation(stats, probs, task.classes)
+        # the drift reference was computed on training-prior posteriors: compare like with like (a deployment prior
+        # would otherwise read as drift in the confidence and predicted-class signals)
+        obs = observation(stats, assessment.posterior, task.classes)
         raw = {m: (uploads[m].data, formats[m]) for m in used} if self.config.audit.store_images else {}
-        return Analysis(response, audit, obs, raw)
+        return Analysis(response, audit, obs, raw, None if assessment.findings else assessment.posterior)
 
     # ------------------------------------------------------------------------------------- warm-up
     def choose_backends(self) -> list[str]:
-        """Each network's inference backend (``config.backend``; see ``ModelPass.choose_backends``)."""
-        self.backends = self.model_pass.choose_backends(self.config.backend, self.gate.familiarity_modality)
+        """Each network's inference backend (``config.backend``; the one policy of ``inference.backend_policy``)."""
+        self.backends = self.engine.choose_backends()
         return self.backends
 
     def warmup(self) -> float:
@@ -248,11 +233,3 @@ class Analyzer:
         self.analyze(uploads, PatientMetadata(), request_id="warmup", explain=True, quality_gate=False)
         self.ready = True
         return time.perf_counter() - t
-
-
-def familiarity_reference(predictor) -> dict | None:
-    """The familiarity reference of the network whose layers the service watches (the first one, as in
-    ``ModelPass.run``): a fold ensemble is checked against its first fold's validation lesions."""
-    mix = predictor.mixture() if hasattr(predictor, "mixture") else []
-    first = mix[0][1] if mix else predictor
-    return read_reference(getattr(getattr(first, "bundle", None), "path", None))

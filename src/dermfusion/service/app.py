@@ -38,7 +38,10 @@ from .middleware import ServiceMiddleware
 from .pool import InferencePool
 from .routes import add_routes
 from .schemas import ErrorResponse
-from .state import ServiceState, digest, load_served_predictor
+from .auth import KeyRing
+from .exposure import config_warnings, guarded_h11
+from .ratelimit import RateLimiter
+from .state import ServiceState, load_served_predictor
 
 log = logging.getLogger("dermfusion.service")
 
@@ -59,7 +62,10 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
                          pool=InferencePool(config.workers.workers, config.workers.queue_size,
                                             config.workers.queue_timeout_s),
                          bundle_path=Path(bundle) if bundle else None, analyzer=analyzer)
-    state.key_digests = [digest(k) for k in config.auth.api_keys if k]
+    state.keys = KeyRing.from_config(config.auth)  # salted hashes only; scopes per key (service.auth)
+    state.limiter = RateLimiter(config.rate_limits)
+    for w in config_warnings(config):  # plain-text keys, images kept forever (serve adds the address's warnings)
+        log.warning("%s", w)
     state.audit_keeper = AuditKeeper(state)
     registry = registry or config.registry.dir
     if registry is not None and (bundle or predictor is not None or analyzer is not None):
@@ -141,15 +147,18 @@ def create_app(bundle: str | Path | None = None, config: ServiceConfig | None = 
     add_routes(app, state)
     add_lifecycle_routes(app, state)  # feedback, performance, admin (promote / shadow / rollback)
     add_docs(app, app.title)  # Swagger UI from the package, not a CDN
+    state.routes = app.router.routes  # the middleware refuses an unknown route before reading its body
     return app
 
 
 def server_options(config: ServiceConfig) -> dict:
     """uvicorn settings for ``dermfusion serve`` (and tests that start a real server): its own connection cap
     (a bare 503 without Retry-After, body unread) sits far above the service's admission limit
-    (``workers + queue_size``), so a busy client gets the service's drained 503 + Retry-After, not a reset."""
+    (``workers + queue_size``), so a busy client gets the service's drained 503 + Retry-After, not a reset; an idle
+    keep-alive connection closes after ``workers.keep_alive_s`` and a request head must arrive within
+    ``workers.header_timeout_s`` (``exposure.guarded_h11``), so idle or trickling sockets cannot fill that cap."""
     w = config.workers
-    return {"timeout_keep_alive": 5, "backlog": w.backlog,
+    return {"timeout_keep_alive": w.keep_alive_s, "backlog": w.backlog, "http": guarded_h11(w.header_timeout_s),
             "limit_concurrency": max(w.max_connections, 4 * (w.workers + w.queue_size))}
 
 

@@ -24,6 +24,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .feedback import AMENDMENT_REASONS, CONFIRMATION_STRENGTH, FEEDBACK_CONFIRMATIONS, resolve_feedback
+from .privacy import private_sqlite_file, whole_years
+
 TABLE = "dermfusion_audit"
 
 
@@ -54,13 +57,18 @@ class AuditRecord(_Base):
     review_reasons: Mapped[list] = mapped_column(JSON)
     warnings: Mapped[list] = mapped_column(JSON)
     latency_ms: Mapped[float] = mapped_column(Float)
-    client: Mapped[str | None] = mapped_column(String(32), nullable=True)   # API-key fingerprint, not the key
+    client: Mapped[str | None] = mapped_column(String(32), nullable=True)   # the API key's id, never the key
     images_stored: Mapped[bool] = mapped_column(Boolean, default=False)
+    image_files: Mapped[list | None] = mapped_column(JSON, nullable=True)   # stored images, relative to image_dir
+    images_purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # retention
     registry_version: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the answering one
     model_role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # promoted | canary (registry only)
     # {supplied: [column], computed: {column: value the model saw}, computed_raw: {column: scorer's score},
     #  scorer: {model, weights_sha256, concept_set}, mapping: {source, file, sha256}} — null for models without concepts
     concepts: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # what decided: {prior: training | deployment, posterior_training_prior: {class: p}, prediction_set: [classes],
+    #  level, operating_point: {source, cut-offs}} — outputs above are the shown posteriors
+    decisions: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class ShadowRecord(_Base):
@@ -84,12 +92,12 @@ class ShadowRecord(_Base):
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
-FEEDBACK_CONFIRMATIONS = ("histology", "follow_up", "consensus", "confocal")
-
-
 class FeedbackRecord(_Base):
-    """A clinician's confirmed diagnosis for an audited request: enumerated values only, never free text. Append-only
-    (a later confirmation, e.g. histology after follow-up, is a new row; reports use the latest)."""
+    """A clinician's confirmed diagnosis for an audited request: enumerated values only, never free text. Append-only:
+    nothing is ever overwritten. Which row counts (``resolve_feedback``): the first confirmation; a *stronger* one
+    replaces it (histology after follow-up); a weaker or equal one of another diagnosis is a conflict — kept,
+    flagged, not counted; an amendment (``kind`` = amendment, with a ``reason``) replaces whatever counted and
+    names it (``amends``)."""
     __tablename__ = "dermfusion_feedback"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -97,7 +105,10 @@ class FeedbackRecord(_Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     diagnosis: Mapped[str] = mapped_column(String(32))
     confirmation: Mapped[str] = mapped_column(String(16))
-    client: Mapped[str | None] = mapped_column(String(32), nullable=True)   # API-key fingerprint or "cli:<user>"
+    client: Mapped[str | None] = mapped_column(String(32), nullable=True)   # API key id or "cli:<user>"
+    kind: Mapped[str | None] = mapped_column(String(16), nullable=True)     # confirmation (null: older rows) | amendment
+    amends: Mapped[int | None] = mapped_column(Integer, nullable=True)      # the row an amendment replaces
+    reason: Mapped[str | None] = mapped_column(String(32), nullable=True)   # AMENDMENT_REASONS
 
 
 class AuditProbe(_Base):
@@ -131,13 +142,15 @@ def describe_url(url: str) -> str:
 
 
 def _add_missing_columns(engine: Engine) -> None:
-    """An audit table created by an older version lacks newer (nullable) columns: add them."""
-    have = {c["name"] for c in inspect(engine).get_columns(TABLE)}
-    with engine.begin() as conn:
-        for col in AuditRecord.__table__.columns:
-            if col.name not in have and col.nullable:
-                conn.execute(text(f"ALTER TABLE {TABLE} ADD COLUMN {col.name} "
-                                  f"{col.type.compile(dialect=engine.dialect)}"))
+    """Tables created by an older version lack newer (nullable) columns: add them."""
+    insp = inspect(engine)
+    for table in (AuditRecord.__table__, FeedbackRecord.__table__, ShadowRecord.__table__):
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        with engine.begin() as conn:
+            for col in table.columns:
+                if col.name not in have and col.nullable:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} "
+                                      f"{col.type.compile(dialect=engine.dialect)}"))
 
 
 class AuditStore:
@@ -151,8 +164,7 @@ class AuditStore:
             kw["connect_args"] = {"check_same_thread": False, "timeout": 10}
             db = u.database
             if db and db != ":memory:":
-                from pathlib import Path
-                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                private_sqlite_file(db)
             else:
                 from sqlalchemy.pool import StaticPool
                 kw["poolclass"] = StaticPool
@@ -178,6 +190,8 @@ class AuditStore:
     def write(self, record: dict) -> None:
         rec = dict(record)
         rec.setdefault("created_at", datetime.now(timezone.utc))
+        if "patient_metadata" in rec:
+            rec["patient_metadata"] = whole_years(rec["patient_metadata"])
         obj = AuditRecord(**{k: v for k, v in rec.items() if k in COLUMNS and k != "id"})
         with self._locked(), Session(self.engine) as s, s.begin():
             s.add(obj)
@@ -189,37 +203,89 @@ class AuditStore:
         with self._locked(), Session(self.engine) as s, s.begin():
             s.add(ShadowRecord(**rec))
 
-    def write_feedback(self, request_id: str, diagnosis: str, confirmation: str, client: str | None = None) -> dict:
-        """Record a confirmed diagnosis (the caller validated the enums against the audited row's task)."""
+    def feedback_rows(self, request_id: str) -> list[dict]:
+        """Every feedback row of one request, in the order written."""
+        with Session(self.engine) as s:
+            q = select(FeedbackRecord).where(FeedbackRecord.request_id == request_id).order_by(
+                FeedbackRecord.created_at, FeedbackRecord.id)
+            return [{c: getattr(r, c) for c in FEEDBACK_COLUMNS} for r in s.scalars(q)]
+
+    def write_feedback(self, request_id: str, diagnosis: str, confirmation: str, client: str | None = None,
+                       amendment_reason: str | None = None) -> dict:
+        """Record a confirmed diagnosis (the caller validated the enums against the audited row's task) by the rules
+        of ``resolve_feedback``. Returns the row written (or the one that counts) with ``status``: ``recorded`` (the
+        first), ``upgraded`` (a stronger confirmation replaced it), ``amended`` (an amendment replaced it), ``kept``
+        (a weaker or equal confirmation of the same diagnosis: kept beside it), ``unchanged`` (the same as the one
+        that counts: nothing written), ``conflict`` (a weaker or equal confirmation of another diagnosis: kept and
+        flagged; the stronger one still counts) or ``nothing_to_amend`` (nothing written)."""
         if confirmation not in FEEDBACK_CONFIRMATIONS:
             raise ValueError(f"confirmation must be one of {', '.join(FEEDBACK_CONFIRMATIONS)}")
+        if amendment_reason is not None and amendment_reason not in AMENDMENT_REASONS:
+            raise ValueError(f"an amendment's reason must be one of {', '.join(AMENDMENT_REASONS)}")
         rec = {"request_id": request_id, "created_at": datetime.now(timezone.utc), "diagnosis": diagnosis,
-               "confirmation": confirmation, "client": client}
+               "confirmation": confirmation, "client": client, "kind": "confirmation"}
         with self._locked(), Session(self.engine) as s, s.begin():
-            s.add(FeedbackRecord(**rec))
-        return rec
+            rows = [{c: getattr(r, c) for c in FEEDBACK_COLUMNS} for r in s.scalars(
+                select(FeedbackRecord).where(FeedbackRecord.request_id == request_id).order_by(
+                    FeedbackRecord.created_at, FeedbackRecord.id))]
+            current, _ = resolve_feedback(rows)
+            if amendment_reason is not None:
+                if current is None:
+                    return {**rec, "status": "nothing_to_amend", "id": None}
+                rec.update(kind="amendment", amends=current["id"], reason=amendment_reason)
+                status = "amended"
+            elif current is None:
+                status = "recorded"
+            elif (current["diagnosis"], current["confirmation"]) == (diagnosis, confirmation):
+                return {**current, "status": "unchanged"}
+            elif CONFIRMATION_STRENGTH[confirmation] > CONFIRMATION_STRENGTH.get(current["confirmation"], 0):
+                status = "upgraded"
+            else:
+                status = "kept" if diagnosis == current["diagnosis"] else "conflict"
+            obj = FeedbackRecord(**rec)
+            s.add(obj)
+            s.flush()
+            rec["id"] = obj.id
+        return {**rec, "status": status, "counted": current if status in ("kept", "conflict") else None}
 
     def confirmed_cases(self) -> list[dict]:
-        """Every audited request with a confirmed diagnosis (the latest feedback row): the answer's row, its
-        unreturned predictions (``shadows``) and the diagnosis — the input of the performance report."""
+        """Every audited request with a confirmed diagnosis (the feedback row that counts, ``resolve_feedback``):
+        the answer's row, its unreturned predictions (``shadows``), the diagnosis and its flags — the input of the
+        performance report."""
         with Session(self.engine) as s:
-            latest: dict[str, FeedbackRecord] = {}
+            rows: dict[str, list[dict]] = {}
             for f in s.scalars(select(FeedbackRecord).order_by(FeedbackRecord.created_at, FeedbackRecord.id)):
-                latest[f.request_id] = f
-            if not latest:
+                rows.setdefault(f.request_id, []).append({c: getattr(f, c) for c in FEEDBACK_COLUMNS})
+            if not rows:
                 return []
-            ids = list(latest)
+            counted = {rid: resolve_feedback(rs) for rid, rs in rows.items()}
+            ids = list(rows)
             out: dict[str, dict] = {}
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 for r in s.scalars(select(AuditRecord).where(AuditRecord.request_id.in_(chunk))):
-                    f = latest[r.request_id]
+                    f, flags = counted[r.request_id]
                     out[r.request_id] = {"row": {c: getattr(r, c) for c in COLUMNS}, "shadows": [],
-                                         "diagnosis": f.diagnosis, "confirmation": f.confirmation}
+                                         "diagnosis": f["diagnosis"], "confirmation": f["confirmation"], **flags}
                 for r in s.scalars(select(ShadowRecord).where(ShadowRecord.request_id.in_(chunk))):
                     if r.request_id in out:
                         out[r.request_id]["shadows"].append({c: getattr(r, c) for c in SHADOW_COLUMNS})
             return list(out.values())
+
+    def images_due(self, before: datetime) -> list[dict]:
+        """Rows whose images are stored, not yet purged, and written before ``before`` (retention)."""
+        q = select(AuditRecord).where(AuditRecord.images_stored.is_(True), AuditRecord.images_purged_at.is_(None),
+                                      AuditRecord.created_at < before).order_by(AuditRecord.created_at)
+        with Session(self.engine) as s:
+            return [{"request_id": r.request_id, "created_at": r.created_at, "image_files": r.image_files}
+                    for r in s.scalars(q)]
+
+    def mark_images_purged(self, request_ids: list[str], when: datetime) -> None:
+        """Record that these rows' images were deleted (the row itself stays: it holds no image)."""
+        with self._locked(), Session(self.engine) as s, s.begin():
+            for i in range(0, len(request_ids), 500):
+                s.execute(update(AuditRecord).where(AuditRecord.request_id.in_(request_ids[i:i + 500]))
+                          .values(images_purged_at=when))
 
     def recent(self, limit: int = 500, since: datetime | None = None, model_hash: str | None = None) -> list[dict]:
         """Newest first."""

@@ -3,7 +3,10 @@
 Validated by pydantic (unknown keys are errors, so a typo cannot silently fall back to a default).
 Secrets can come from the environment instead of the file:
 
-  DERMFUSION_API_KEYS       comma-separated API keys (added to ``auth.api_keys``)
+  DERMFUSION_API_KEYS       comma-separated keys ``ID:SCOPE+SCOPE:SECRET`` (e.g. ``web:analyze:Xy…,ops:admin:Ab…``;
+                            SECRET may also be a stored hash ``sha256:…``), added to ``auth.keys`` — a secret is
+                            hashed when read and not kept; a bare ``SECRET`` is the deprecated form
+                            (``auth.api_keys``: scope ``analyze`` only)
   DERMFUSION_AUDIT_DB_URL   overrides ``audit.db_url``
 """
 from __future__ import annotations
@@ -11,13 +14,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
+from ..clinical.settings import (ConceptScorerConfig, DifferentialConfig, ExplainConfig, PriorConfig, QualityConfig,
+                                 TriageConfig, UncertaintyConfig)
 from ..config import read_yaml_mapping
 from ..errors import DermfusionError
+from .auth import KEY_ID, SCOPES, hash_key, parse_hash
 
 DISCLAIMER = (
     "Decision support only — not a diagnosis. This output was produced by a machine-learning model and "
@@ -30,74 +37,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class TriageConfig(_Strict):
-    """Cut-offs that turn the calibrated output into an action (defaults are for primary care, where
-    missing a melanoma costs far more than an extra referral)."""
-
-    urgent_risk: float = Field(50.0, ge=0, le=100, description="urgent referral when risk score ≥ this")
-    routine_risk: float = Field(15.0, ge=0, le=100, description="routine referral when risk score ≥ this")
-    urgent_class_probability: dict[str, float] = Field(
-        default_factory=lambda: {"MEL": 0.30, "SCCKA": 0.40, "SCC": 0.40, "MAL_OTH": 0.40},
-        description="urgent referral when a class' calibrated probability ≥ its cut (classes not in the task are ignored)")
-    routine_class_probability: dict[str, float] = Field(
-        default_factory=lambda: {"BCC": 0.25, "AKIEC": 0.30, "AK": 0.30},
-        description="routine referral when a class' calibrated probability ≥ its cut")
-
-    @field_validator("urgent_class_probability", "routine_class_probability")
-    @classmethod
-    def _probabilities(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: p for k, p in v.items() if not 0.0 <= float(p) <= 1.0}
-        if bad:
-            raise ValueError(f"class probability cut-offs must lie in [0, 1]: {bad}")
-        return v
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.routine_risk > self.urgent_risk:
-            raise ValueError(f"routine_risk ({self.routine_risk}) must not exceed urgent_risk ({self.urgent_risk})")
-        return self
-
-
-class UncertaintyConfig(_Strict):
-    max_normalized_entropy: float = Field(0.70, ge=0, le=1, description="review when entropy / ln(C) exceeds this")
-    min_top_probability: float = Field(0.45, ge=0, le=1, description="review when the top class is less likely than this")
-    review_on_missing_image: bool = True
-    review_on_missing_metadata: bool = True
-
-
-class QualityConfig(_Strict):
-    """The "cannot assess" gate (``evaluation.quality_gate``): an image that fails a check gets the action
-    ``cannot_assess`` ("image not assessable — retake") instead of a referral. Image cut-offs are on the centre
-    square the model sees (≤ 224 px, CIE L*a*b*); defaults were chosen on the 5,984 HAM10000 training images and
-    pass ≥ 99 % of the 1,512 ISIC 2018 test images (BENCHMARKS.md). The model check compares the top calibrated
-    probability with the served bundle's out-of-fold quantiles (``drift_reference.json``); the familiarity check
-    compares the image's intermediate-layer statistics with the bundle's reference lesions
-    (``embedding_reference.npz``, ``evaluation.embedding_reference``)."""
-
-    enabled: bool = True
-    min_colour_spread: float = Field(2.0, ge=0, description="blank / one colour: largest L*a*b* channel std below this")
-    max_dark_fraction: float = Field(0.90, ge=0, le=1, description="too dark: share of near-black pixels (L* < 15) above this")
-    max_bright_fraction: float = Field(0.60, ge=0, le=1, description="overexposed: share of clipped pixels (L* > 95) above this")
-    min_sharpness: float = Field(0.6, ge=0, description="too blurred: variance of the Laplacian of L* below this")
-    min_skin_fraction: float = Field(0.50, ge=0, le=1, description="not skin: share of the coloured pixels with a skin hue below this")
-    model_check: bool = Field(True, description="refuse when the model's top probability is below the OOF cut")
-    oof_rejection_rate: float = Field(0.0, ge=0, le=0.05, description=(
-        "share of the bundle's out-of-fold lesions the model check would have refused (0 = none: the cut is the "
-        "lowest top probability any of them had)"))
-    min_top_probability: Optional[float] = Field(None, ge=0, le=1, description=(
-        "a fixed cut instead of the bundle's out-of-fold one (needed for bundles without that reference)"))
-    min_reference_lesions: int = Field(100, ge=1, description="ignore an out-of-fold reference of fewer lesions")
-    familiarity_check: bool = Field(True, description=(
-        "refuse an image unlike the bundle's reference lesions inside the network (embedding_reference.npz: "
-        "intermediate-layer statistics; catches skin-coloured photos of other things)"))
-    familiarity_margin: float = Field(1.0, gt=0, description=(
-        "the cut: this × the largest cross-fitted unfamiliarity score of the reference lesions"))
-
-    def image_cuts(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("min_colour_spread", "max_dark_fraction", "max_bright_fraction",
-                                              "min_sharpness", "min_skin_fraction")}
-
-
 class LimitsConfig(_Strict):
     max_upload_bytes: int = Field(15 * 2**20, gt=0, description="per image file; larger → 413")
     max_request_bytes: int = Field(32 * 2**20, gt=0, description="whole request body; larger → 413")
@@ -107,6 +46,8 @@ class LimitsConfig(_Strict):
     min_side: int = Field(16, ge=1, description="images smaller than this on either side are refused")
     allowed_content_types: list[str] = Field(
         default_factory=lambda: ["image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp"])
+    max_json_bytes: int = Field(4096, gt=0, le=65536, description=(
+        "body of a JSON route (feedback, admin); larger → 413 before it is read"))
 
 
 class WorkersConfig(_Strict):
@@ -121,12 +62,74 @@ class WorkersConfig(_Strict):
         "workers + queue_size, so clients normally get the service's 503 + Retry-After"))
     backlog: int = Field(2048, ge=1, description="connections waiting to be accepted by the listening socket")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    header_timeout_s: float = Field(10.0, gt=0, description=(
+        "a connection must deliver a request's complete header within this (from its start, or from the end of "
+        "the previous answer); else 408 and closed — an idle or trickling socket holds no connection slot"))
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this many seconds")
+
+
+class ApiKeyConfig(_Strict):
+    """One named key (``dermfusion keys new ID --scope …`` prints this entry): only a salted hash of the secret."""
+    id: str = Field(..., description="short name recorded in audit, feedback and registry-history rows "
+                                     "(lower case, digits, . _ -; at most 32)")
+    scopes: list[Literal[SCOPES]] = Field(..., min_length=1, description="analyze | feedback | admin | metrics")
+    hash: str = Field(..., description="sha256:<salt>:<digest> of the secret (never the secret itself)")
+    analyses_per_minute: Optional[float] = Field(None, ge=0, description="this key's rate (default: rate_limits)")
+    analyses_per_day: Optional[int] = Field(None, ge=0, description="this key's daily quota (default: rate_limits)")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not KEY_ID.match(v):
+            raise ValueError("a key id is 1–32 characters: lower-case letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        parse_hash(v)
+        return v
 
 
 class AuthConfig(_Strict):
-    api_keys: list[str] = Field(default_factory=list, description="empty = no authentication")
+    """Named keys with scopes (``service.auth``). Empty = no authentication: analysis only, for a local demo."""
+    keys: list[ApiKeyConfig] = Field(default_factory=list, description="named keys with scopes; empty = open "
+                                                                       "analysis, no feedback / admin")
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "deprecated: plain secrets, each read as key 'key-<n>' with the analyze scope only; use keys"))
     header: str = "X-API-Key"
-    protect_metrics: bool = False
+    protect_metrics: bool = Field(True, description="with keys configured, /metrics needs the metrics or admin scope")
+    _plaintext: int = PrivateAttr(0)   # how many secrets arrived in plain text from the file (a warning at start)
+
+    @model_validator(mode="after")
+    def _hash_plain_keys(self):
+        """Deprecated plain secrets become hashed ``analyze`` keys; the plain text is not kept."""
+        if self.api_keys:
+            taken = {k.id for k in self.keys}
+            for i, secret in enumerate(s for s in self.api_keys if s):
+                kid = f"key-{i + 1}"
+                while kid in taken:
+                    kid += "x"
+                taken.add(kid)
+                self.keys.append(ApiKeyConfig(id=kid, scopes=["analyze"], hash=hash_key(secret)))
+            self._plaintext = len(self.api_keys)
+            self.api_keys = []
+        ids = [k.id for k in self.keys]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"auth.keys: key id(s) {', '.join(dupes)} used more than once")
+        return self
+
+
+class RateLimitConfig(_Strict):
+    """Per key, in this process (with keys configured; several processes each keep their own count — put a
+    global limit in the reverse proxy). Beyond a rate: 429 ``rate_limited`` + Retry-After; beyond the day's quota:
+    429 ``quota_exceeded`` + Retry-After until 00:00 UTC."""
+    analyses_per_minute: float = Field(120.0, ge=0, description="POST /v1/analyze per key per minute (0 = no limit)")
+    analysis_burst: int = Field(30, ge=1, description="analyses a key may send at once before the rate applies")
+    requests_per_minute: float = Field(600.0, ge=0, description="every other keyed route per key per minute (0 = off)")
+    request_burst: int = Field(120, ge=1)
+    analyses_per_day: int = Field(0, ge=0, description="analyses per key per UTC day (0 = no quota)")
 
 
 def user_data_dir(env: dict | None = None) -> Path:
@@ -151,37 +154,17 @@ class AuditConfig(_Strict):
     db_url: str = Field(default_factory=default_audit_url, description=(
         "SQLAlchemy URL; default sqlite:///$XDG_DATA_HOME/dermfusion/audit.db (~/.local/share/dermfusion/audit.db)"))
     required: bool = Field(True, description="fail the request (503) when the audit record cannot be written")
-    store_images: bool = False
+    store_images: bool = Field(False, description=(
+        "keep each analysed image, re-encoded as PNG without any metadata (EXIF, XMP, ICC, comments), 0600"))
     image_dir: str = Field(default_factory=lambda: str(user_data_dir() / "images"),
                            description="where store_images puts uploads (default: the data folder's images/)")
+    retention_days: Optional[int] = Field(None, ge=1, description=(
+        "stored images older than this are deleted by `dermfusion audit purge` (run it daily); null = kept"))
 
 
 class DriftConfig(_Strict):
     window: int = Field(500, ge=10, description="recent analyses compared with the bundle's reference")
     min_samples: int = Field(30, ge=1, description="no drift gauge until this many analyses are in the window")
-
-
-class ExplainConfig(_Strict):
-    enabled: bool = True
-    max_side: int = Field(512, ge=32, description="overlay PNGs are at most this many pixels on the long side")
-    alpha: float = Field(0.5, ge=0, le=1)
-    colormap: str = "jet"
-
-
-class ConceptScorerConfig(_Strict):
-    """Concept scores computed from the uploaded images when a request sends none (``dermfusion.concepts``); off
-    unless ``model`` names a scorer. Only for models that use concept scores; supplied scores are always kept."""
-    model: Optional[str] = Field(None, description="monet:<weights file> | open_clip:<dir> | open_clip:<arch> (with "
-                                                   "weights) | dermlip:PanDerm-base-w-PubMed-256 (with weights); "
-                                                   "null = off")
-    weights: Optional[str] = Field(None, description="local weights: a file for open_clip:<arch>, the download "
-                                                     "directory for dermlip:…")
-    concept_set: str = Field("milk10k", description="milk10k | seven_point | a YAML file of prompts")
-    mapping: Optional[str] = Field(None, description="monotone map onto MILK10k's scale (JSON from `dermfusion "
-                                                     "concepts --fit-mapping`) for bundles that carry none; a bundle's "
-                                                     "own concept_mapping.json is used first (`dermfusion bundle "
-                                                     "concept-mapping`)")
-    cache_dir: Optional[str] = Field(None, description="score cache by image sha256 (default: the user cache dir)")
 
 
 class RegistryConfig(_Strict):
@@ -196,18 +179,22 @@ class ServiceConfig(_Strict):
     triage: TriageConfig = Field(default_factory=TriageConfig)
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    differential: DifferentialConfig = Field(default_factory=DifferentialConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     concepts: ConceptScorerConfig = Field(default_factory=ConceptScorerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     device: str = "cpu"
-    backend: str = Field("auto", description="auto = the fastest backend matching fp32 eager on real images "
-                                             "(fp32 if none) | trained | fp32 | bf16 | autocast | int8 | onnx | "
-                                             "onnx-int8 | compile")
+    backend: str = Field("auto", description="auto = the one policy (inference.backend_policy): the fastest exact "
+                                             "backend, or an approximate one the bundle's agreement record approves "
+                                             "for this CPU, matching fp32 eager on real images (fp32 if none) | "
+                                             "trained | fp32 | bf16 | autocast | int8 | onnx | onnx-int8 | compile")
     disclaimer: str = DISCLAIMER
     cors_origins: list[str] = Field(default_factory=list)
 
@@ -230,9 +217,15 @@ def load_service_config(path: str | Path | None = None, env: dict | None = None,
     if path is not None:
         raw = read_yaml_mapping(path, ServiceConfigError, "service config")
     if env.get("DERMFUSION_API_KEYS"):
-        keys = [k.strip() for k in env["DERMFUSION_API_KEYS"].split(",") if k.strip()]
-        raw.setdefault("auth", {})
-        raw["auth"]["api_keys"] = list(raw["auth"].get("api_keys", [])) + keys
+        auth = raw.setdefault("auth", {})
+        for entry in (e.strip() for e in env["DERMFUSION_API_KEYS"].split(",")):
+            if entry.count(":") >= 2:  # ID:SCOPE+SCOPE:SECRET (or a stored hash sha256:…)
+                kid, scopes, secret = entry.split(":", 2)
+                auth.setdefault("keys", []).append({
+                    "id": kid.strip(), "scopes": [s.strip() for s in scopes.split("+") if s.strip()],
+                    "hash": secret if secret.startswith("sha256:") else hash_key(secret)})
+            elif entry:
+                auth["api_keys"] = list(auth.get("api_keys", [])) + [entry]
     if env.get("DERMFUSION_AUDIT_DB_URL"):
         raw.setdefault("audit", {})["db_url"] = env["DERMFUSION_AUDIT_DB_URL"]
     for section, values in overrides.items():

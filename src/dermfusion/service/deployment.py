@@ -10,14 +10,17 @@ stay cached, so a rollback is a swap, not a reload.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bundle.registry import Registry, RegistryError, previous_promoted
 from ..evaluation.drift_reference import read_reference_stats
 from .analyzer import Analyzer
+from .case_mix import CaseMixMonitor
 from .drift import DriftMonitor
 from .integrity import BundleIntegrityError, verify_predictor, verify_served
 from .state import load_served_predictor
@@ -40,20 +43,35 @@ class Deployment:
     shadow: Analyzer | None = None
     shadow_version: str | None = None
     share: float = 0.0                 # share of requests the shadow answers (canary); 0 = audited only
+    salt: bytes = field(default_factory=lambda: canary_secret(), repr=False)  # the server's secret for the split
 
     def route(self, request_id: str) -> tuple[Model, list[Model]]:
-        """(the model that answers, the models run but not returned) for one request. The canary share is decided by
-        the request id's hash, so a retried id gets the same version."""
+        """(the model that answers, the models run but not returned) for one request. Whether the canary answers is
+        decided here, by a keyed hash (HMAC with the server's secret) of the request id: a client that chooses its
+        request id cannot tell or choose which version will answer it."""
         promoted = Model(self.primary, self.version, "promoted" if self.version else None)
         if self.shadow is None:
             return promoted, []
-        if self.share > 0 and canary_fraction(request_id) < self.share:
+        if self.share > 0 and canary_fraction(request_id, self.salt) < self.share:
             return Model(self.shadow, self.shadow_version, "canary"), [promoted]
         return promoted, [Model(self.shadow, self.shadow_version, "shadow")]
 
 
-def canary_fraction(request_id: str) -> float:
-    return int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16) / 2 ** 32
+_SECRET: list[bytes] = []
+
+
+def canary_secret() -> bytes:
+    """``DERMFUSION_CANARY_SECRET`` (set the same value in every process behind one load balancer, so an id is split
+    the same way everywhere), else 32 random bytes drawn once per process."""
+    if not _SECRET:
+        env = os.environ.get("DERMFUSION_CANARY_SECRET", "")
+        _SECRET.append(hashlib.sha256(env.encode()).digest() if env else os.urandom(32))
+    return _SECRET[0]
+
+
+def canary_fraction(request_id: str, secret: bytes) -> float:
+    """A number in [0, 1) that only the server can compute from the id: HMAC-SHA256(secret, id)."""
+    return int.from_bytes(hmac.new(secret, request_id.encode(), hashlib.sha256).digest()[:8], "big") / 2 ** 64
 
 
 class RegistryWatcher:
@@ -150,6 +168,8 @@ def install(state, dep: Deployment) -> None:
         ref = read_reference_stats(an.bundle.path) if an.bundle.path else None
         c = state.config.drift
         state.drift = DriftMonitor(ref, c.window, c.min_samples)  # the window describes the answering model
+        state.case_mix = CaseMixMonitor(an.task.classes, an.engine.rules.training_prior,
+                                        state.config.prior.estimate_window)
     state.deployment = dep
     m = state.metrics
     m.model_info.clear()

@@ -52,6 +52,11 @@ class Metrics:
         self.drift = Gauge("dermfusion_input_drift_psi", "population stability index vs the bundle reference",
                            ["signal"], registry=r)
         self.drift_window = Gauge("dermfusion_drift_window_size", "analyses in the drift window", registry=r)
+        self.case_mix = Gauge("dermfusion_case_mix_estimate", "class prior of recent traffic, estimated by EM from the "
+                              "posteriors (no labels needed)", ["class"], registry=r)
+        self.case_mix_shift = Gauge("dermfusion_case_mix_shift", "total-variation distance between the estimated case "
+                                    "mix of recent traffic and the bundle's training prior (0 = same mix)", registry=r)
+        self.case_mix_window = Gauge("dermfusion_case_mix_window_size", "analyses in the case-mix window", registry=r)
         self.model_info = Gauge("dermfusion_model_info", "the loaded model (value 1)",
                                 ["name", "version", "hash", "task"], registry=r)
         self.ready = Gauge("dermfusion_ready", "1 when the model is loaded and warmed", registry=r)

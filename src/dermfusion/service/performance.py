@@ -6,6 +6,10 @@ correctness with a sample-size caveat (``evaluation.ab_compare``).
 Every prediction counts under the version that made it: the answer's row (``registry_version``) and the
 predictions made but not returned (``dermfusion_audit_shadow``). Without a registry a row's version is
 ``hash:<first 12 characters of the model hash>``.
+
+Each case counts with the confirmed diagnosis that counts by the feedback rules (``audit.resolve_feedback``: the
+strongest confirmation, or an explicit amendment); ``feedback`` says how the diagnoses were confirmed and flags the
+cases whose confirmations disagree (``conflicts``) — read those before trusting a figure.
 """
 from __future__ import annotations
 
@@ -60,6 +64,13 @@ def performance_report(store, version_a: str | None = None, version_b: str | Non
                                                 "routine; cannot_assess is not a referral)",
                         "auroc": "one-vs-rest, for classes with both positive and negative confirmed cases",
                         "mcnemar": "exact two-sided binomial test on the discordant pairs of paired correctness"}}
+    conflicting = sorted(c["row"]["request_id"] for c in cases if c.get("conflict"))
+    report["feedback"] = {
+        "by_confirmation": dict(Counter(c.get("confirmation") for c in cases)),
+        "amended": sum(1 for c in cases if c.get("amended")),
+        "conflicts": len(conflicting), "conflicting_request_ids": conflicting[:100],
+        "rule": "the strongest confirmation counts (histology > confocal > follow_up > consensus) unless an explicit "
+                "amendment replaced it; a conflict is a confirmation of another diagnosis that was not amended"}
     for v in [x for x in (a, b) if x]:
         p = preds.get(v, {})
         ids = sorted(p)
@@ -90,6 +101,12 @@ def performance_report(store, version_a: str | None = None, version_b: str | Non
 def format_report(report: dict) -> list[str]:
     """Plain-text lines for the CLI."""
     lines = [f"confirmed cases: {report['confirmed_cases']}"]
+    fb = report.get("feedback") or {}
+    if fb.get("conflicts"):
+        lines.append(f"WARNING: {fb['conflicts']} case(s) with conflicting confirmations (not amended): "
+                     + ", ".join(fb["conflicting_request_ids"][:10]) + (" …" if fb["conflicts"] > 10 else ""))
+    if fb.get("amended"):
+        lines.append(f"{fb['amended']} case(s) with an amended diagnosis")
     f = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
     for v, p in report["versions"].items():
         if not p.get("n"):

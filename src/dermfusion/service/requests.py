@@ -18,7 +18,8 @@ MAX_METADATA_DEPTH = 8          # the schema needs 3 ({"concepts": {"dermoscopic
 FORM_FIELDS = {"clinical", "dermoscopic", "metadata"}
 # the only parts of an error location that may be shown back: names the API defines, never the client's own keys
 _SAFE_LOC = (set(PatientMetadata.model_fields) | set(MODALITIES) | FORM_FIELDS | set(MONET_CONCEPTS)
-             | {"query", "header", "path", "explain", "format"})
+             | {"query", "header", "path", "explain", "format", "request_id", "diagnosis", "confirmation",
+                "amendment", "reason", "version", "share", "a", "b", "delta"})
 
 
 def check_form(form) -> None:
@@ -70,6 +71,34 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names the same key twice (the last copy must never silently win)."""
+
+    def __init__(self, key: str):
+        super().__init__("duplicate key")
+        self.key = key
+
+
+def _unique_pairs(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def strict_json_loads(text: str | bytes):
+    """``json.loads`` that refuses an object naming a key twice (``DuplicateKey``) — ``{"age": 5, "age": 90}`` is
+    ambiguous, not "90"."""
+    return json.loads(text, object_pairs_hook=_unique_pairs)
+
+
+def safe_name(key: str) -> str:
+    """A key as it may be shown back: a name the API defines, else ``*``."""
+    return key if key in _SAFE_LOC else "*"
+
+
 def parse_metadata(raw: str | None, concepts: frozenset[str] | None = None) -> PatientMetadata:
     """The metadata field as validated ``PatientMetadata``; ``concepts``: the concept names accepted
     (``schemas.known_concepts``), None = any well-formed name."""
@@ -81,7 +110,10 @@ def parse_metadata(raw: str | None, concepts: frozenset[str] | None = None) -> P
         raise InputError(422, "invalid_metadata", f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep "
                          "(a flat object with a 'concepts' object of per-image scores is expected)", "metadata")
     try:
-        obj = json.loads(raw)
+        obj = strict_json_loads(raw)
+    except DuplicateKey as e:
+        raise InputError(422, "invalid_metadata", f"metadata names the key {safe_name(e.key)!r} more than once; "
+                         "send each key once", "metadata") from None
     except json.JSONDecodeError as e:
         raise InputError(422, "invalid_metadata", f"metadata is not valid JSON ({e.msg} at position {e.pos})",
                          "metadata") from None
@@ -103,9 +135,10 @@ def clean_errors(errors) -> list[dict]:
     of the location only the names the API defines (a client's own key is shown as ``*``)."""
     out = []
     for e in errors:
-        loc = ".".join(str(x) if isinstance(x, int) or x in _SAFE_LOC else "*" for x in e.get("loc", ())
-                       if x != "body")
+        where = tuple(e.get("loc", ()))
+        loc = ".".join(str(x) if isinstance(x, int) or x in _SAFE_LOC else "*" for x in where if x != "body")
         msg = e.get("msg", "invalid")
         msg = msg.removeprefix("Value error, ")
-        out.append({"field": loc or "metadata", "message": msg, "type": e.get("type", "")})
+        out.append({"field": loc or ("body" if where[:1] == ("body",) else "metadata"), "message": msg,
+                    "type": e.get("type", "")})
     return out

@@ -20,7 +20,7 @@ from .requests import check_form, parse_metadata, read_upload
 from .schemas import AnalyzeResponse, ErrorResponse, Health, ModelInfo, known_concepts
 from .lifecycle import run_unreturned
 from .state import ServiceState, current_deployment, ready_analyzer, served_model_card, store_images, write_audit
-from .triage import CANNOT_ASSESS, class_name
+from ..clinical.triage import CANNOT_ASSESS, class_name
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -28,7 +28,7 @@ WEB_DIR = Path(__file__).parent / "web"
 def add_routes(app: FastAPI, state: ServiceState) -> None:
     config, metrics = state.config, state.metrics
     api_key = APIKeyHeader(name=config.auth.header, auto_error=False, description="this service's API key")
-    auth = [Security(api_key)] if state.key_digests else []  # declared in OpenAPI only when it is enforced
+    auth = [Security(api_key)] if state.keys else []  # declared in OpenAPI only when it is enforced
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz():
@@ -60,6 +60,13 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             metrics.drift_window.set(len(state.drift.window))
             for name, d in state.drift.current().items():
                 metrics.drift.labels(name).set(d["psi"])
+        mix = state.case_mix.estimate() if state.case_mix is not None else None
+        if state.case_mix is not None:
+            metrics.case_mix_window.set(len(state.case_mix.window))
+        if mix is not None:
+            metrics.case_mix_shift.set(mix["shift"])
+            for c, v in mix["prior"].items():
+                metrics.case_mix.labels(c).set(v)
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
@@ -76,11 +83,14 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             "malignant": sorted(task.malignant), "modalities": an.modalities,
             "metadata_fields": an.metadata_fields, "concepts": an.concepts,
             "calibration": an.calibration, "calibrated": an.calibrated,
-            "thresholds": config.triage.model_dump(), "uncertainty": config.uncertainty.model_dump(),
+            "thresholds": {**an.engine.rules.operating_point_info(),
+                           "override_out_of_fold": an.override_out_of_fold},
+            "decisions": an.engine.rules.describe(),
+            "uncertainty": config.uncertainty.model_dump(),
             "quality": an.gate.describe(),
             "limits": {k: v for k, v in config.limits.model_dump().items()},
             "explanations": an.can_explain, "drift_reference": state.drift.enabled,
-            "auth_required": bool(state.key_digests), "backends": an.backends, "disclaimer": config.disclaimer,
+            "auth_required": bool(state.keys), "backends": an.backends, "disclaimer": config.disclaimer,
         }
 
     card_responses = {200: {"content": {"application/json": {}, "text/html": {}, "text/markdown": {}},
@@ -155,8 +165,8 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             if not ticket.commit():  # the client has its 503 already: record nothing
                 return None
             t = time.perf_counter()
-            stored = store_images(config, rid, analysis.images) if analysis.images else False
-            analysis.audit["images_stored"] = stored
+            stored = store_images(config, rid, analysis.images) if analysis.images else []  # no metadata, 0600
+            analysis.audit.update(images_stored=bool(stored), image_files=stored or None)
             analysis.audit["latency_ms"] = (time.perf_counter() - t_req) * 1000
             analysis.audit.update(registry_version=answer.version, model_role=answer.role)  # who answered
             write_audit(state, analysis.audit)
@@ -189,6 +199,8 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             if resp["review_recommended"]:
                 metrics.reviews.inc()
             state.drift.observe(analysis.observation)
+            if state.case_mix is not None:
+                state.case_mix.observe(analysis.posterior)
         return resp
 
     @app.get("/", include_in_schema=False)

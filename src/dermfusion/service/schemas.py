@@ -119,7 +119,7 @@ class PatientMetadata(_Model):
         return out
 
     def manifest_fields(self) -> dict:
-        """Manifest-style fields for ``batch_from_inputs`` (missing ones left out = unknown)."""
+        """Manifest-style fields for a ``clinical.Lesion``'s metadata (missing ones left out = unknown)."""
         d: dict = {}
         if self.age is not None:
             d["age"] = float(self.age)
@@ -151,8 +151,39 @@ class ErrorResponse(_Model):
 class ClassProbability(_Model):
     code: str = Field(..., description="class code from the task, e.g. MEL")
     name: str = Field(..., description="human-readable class name")
-    probability: float = Field(..., ge=0, le=1, description="calibrated probability")
+    probability: float = Field(..., ge=0, le=1, description="posterior probability under the stated prior (see "
+                                                            "`prior`)")
     malignant: bool
+    in_prediction_set: Optional[bool] = Field(None, description="whether the class is in the conformal prediction "
+                                                                "set (None: the bundle has no conformal calibration)")
+
+
+class PredictionSet(_Model):
+    level: float = Field(..., description="the coverage the set is calibrated for, e.g. 0.95")
+    classes: list[str] = Field(..., description="class codes in the set, most probable first")
+    names: list[str]
+    text: str = Field(..., description="e.g. 'with 95% confidence: MEL, NV or BKL'")
+    method: Optional[str] = None
+    melanoma_in_set: Optional[bool] = Field(None, description="whether melanoma cannot be ruled out at this level")
+
+
+class PriorInfo(_Model):
+    name: Literal["training", "deployment", "unknown"] = Field(..., description="the case mix the posteriors assume")
+    source: str
+    values: Optional[dict[str, float]] = None
+
+
+class OperatingPointInfo(_Model):
+    source: str = Field(..., description="bundle (chosen on out-of-fold posteriors) | service config (override) | "
+                                         "built-in defaults (not chosen on evidence)")
+    urgent_risk: float
+    routine_risk: float
+    urgent_class_probability: dict[str, float]
+    routine_class_probability: dict[str, float]
+    applied_to: str
+    targets: Optional[dict] = None
+    out_of_fold: Optional[dict] = Field(None, description="what this operating point did on the bundle's "
+                                                          "out-of-fold lesions (cross-validated where available)")
 
 
 class ModelRef(_Model):
@@ -258,7 +289,14 @@ class AnalyzeResponse(_Model):
     model: ModelRef
     differential: list[ClassProbability] = Field(..., description="every class, most likely first")
     primary_diagnosis: ClassProbability
-    risk_score: float = Field(..., ge=0, le=100, description="100 × calibrated probability of a malignant class")
+    prediction_set: Optional[PredictionSet] = Field(None, description="the conformal differential: the diagnosis is "
+                                                                      "among these classes with the stated confidence")
+    prior: PriorInfo
+    operating_point: OperatingPointInfo
+    risk_score: float = Field(..., ge=0, le=100, description="100 × posterior probability of a malignant class under "
+                                                             "the stated prior")
+    risk_score_training_prior: float = Field(..., ge=0, le=100, description="the same under the training prior: what "
+                                                                            "the operating point is applied to")
     risk_classes: list[str] = Field(..., description="the classes counted as malignant")
     action: Action = Field(..., description="cannot_assess: the input failed the quality gate (see quality) — "
                                             "no referral advice; the differential is not to be used")
@@ -291,7 +329,8 @@ class ModelInfo(_Model):
     site_aliases: dict[str, str] = Field(default_factory=lambda: dict(SITE_ALIASES))
     calibration: dict
     calibrated: bool
-    thresholds: dict
+    thresholds: dict = Field(..., description="the operating point in force (source, cut-offs, out-of-fold evidence)")
+    decisions: dict = Field(default_factory=dict, description="prior, operating point and differential in force")
     uncertainty: dict
     quality: dict = Field(default_factory=dict, description="the cannot-assess gate's cut-offs")
     limits: dict

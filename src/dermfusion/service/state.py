@@ -2,10 +2,8 @@
 card, the audit store (writes that must succeed before an answer goes out), stored images, JSON error bodies."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from fastapi.responses import JSONResponse
@@ -18,6 +16,7 @@ from .config import ServiceConfig
 from .drift import DriftMonitor
 from .inputs import InputError
 from .metrics import Metrics
+from . import retention
 from .pool import InferencePool
 
 log = logging.getLogger("dermfusion.service")
@@ -36,10 +35,13 @@ class ServiceState:
     analyzer: Analyzer | None = None
     audit: object | None = None
     drift: DriftMonitor = field(default_factory=lambda: DriftMonitor(None))
+    case_mix: object | None = None     # case_mix.CaseMixMonitor: the EM estimate of recent traffic's class prior
     ready: bool = False
     status: str = "starting"
     detail: str | None = None
-    key_digests: list[bytes] = field(default_factory=list)
+    keys: object | None = None         # auth.KeyRing: named keys with scopes (falsy: no authentication)
+    limiter: object | None = None      # ratelimit.RateLimiter: per-key rates and daily quota
+    routes: list | None = None         # the app's routes: unknown paths are refused before the body is read
     model_card: dict | None = None
     audit_keeper: object | None = None  # health.AuditKeeper: opens (and reopens) ``audit``, probes it for /readyz
     verified: dict = field(default_factory=dict)      # {bundle dir: bundle.Integrity}, checked at start
@@ -47,14 +49,6 @@ class ServiceState:
     request_ids: set = field(default_factory=set)     # client-supplied request ids in flight (guards)
     deployment: object | None = None   # deployment.Deployment: what answers; a request reads it once, at its start
     registry: object | None = None     # deployment.RegistryWatcher when serving from a model registry
-
-
-def digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-def key_fingerprint(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def error_body(status: int, code: str, message: str, request_id: str | None = None, field: str | None = None,
@@ -126,10 +120,6 @@ def write_audit(state: ServiceState, record: dict) -> None:
                                    "returned; retry shortly") from None
 
 
-def store_images(config: ServiceConfig, rid: str, images: dict) -> bool:
-    d = Path(config.audit.image_dir).expanduser() / datetime.utcnow().strftime("%Y%m%d")
-    d.mkdir(parents=True, exist_ok=True)
-    ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp"}
-    for m, (data, fmt) in images.items():
-        (d / f"{rid}_{m}.{ext.get(fmt, 'bin')}").write_bytes(data)
-    return True
+def store_images(config: ServiceConfig, rid: str, images: dict) -> list[str]:
+    """The analysis' images kept without metadata, 0600 (``retention.store_images``); the paths written."""
+    return retention.store_images(config, rid, images)

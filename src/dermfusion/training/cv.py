@@ -14,15 +14,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ..bundle import update_calibration
 from ..card import write_run_cards
 from ..config import ConfigError, ExperimentConfig, member_configs
 from ..console import console
-from ..data.manifest import ManifestError, targets
-from ..evaluation.calibration import calibrate_oof, Calibration, fit_prior_adjustment, training_prior
+from ..data.manifest import ManifestError, targets, train_only_mask
+from ..evaluation.calibration import Calibration
 from ..evaluation.drift_reference import compute_reference_stats, write_reference_stats
 from ..evaluation.embedding_reference import EmbeddingReferenceError
-from ..evaluation.metrics import balanced_accuracy
 from ..inference import load_predictor
 from ..inference.familiarity import write_familiarity_reference
 from ..models.registry import check_model_settings
@@ -31,12 +29,13 @@ from ..runtime.distributed import current, run_collectively
 from ..tabular.train import train_tabular_cv
 from ..tasks import get_task
 from .engine import FoldTrainer
+from .run_calibration import calibrate_run, write_calibrated_oof
 from .tracking import check_tracking, log_run, tracking_uri
 from .val_metrics import epoch_metrics
 
 
 def parse_folds(spec: str | None, df: pd.DataFrame, cfg: ExperimentConfig) -> list[int]:
-    available = sorted(int(f) for f in df["fold"].unique() if f >= 0)
+    available = sorted(int(f) for f in df.loc[~train_only_mask(df), "fold"].unique() if f >= 0)
     if not available:
         raise ManifestError("the manifest has no folds: run `dermfusion folds MANIFEST --k 5` first")
     if spec in (None, "", "all"):
@@ -68,7 +67,19 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
             raise ConfigError("tabular models train in one process: run `dermfusion train` without torchrun")
 
         parse_folds(folds, df, cfg)  # validates the manifest's folds; the tabular stage trains all of them
-        return train_tabular_cv(cfg.model_dump(), df, task, out)
+        summary = train_tabular_cv(cfg.model_dump(), df, task, out)
+        # the same posterior / balanced rule / decisions as a network run, from the experts' out-of-fold output,
+        # into the fold bundles and the refit (so every calibration key of the config is honoured)
+        oof = pd.read_csv(out / "oof.csv", dtype={"lesion_id": str})
+        lab = df.set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
+        bundles = [Path(p) for p in summary["fold_bundles"]] + ([Path(summary["bundle"])] if summary.get("bundle") else [])
+        weighting = (cfg.model_dump().get("model") or {}).get("class_weight")  # the experts' class weights: their prior
+        power = {"sqrt": 0.5, "balanced": 1.0}.get(weighting, 0.0)
+        summary["calibration"] = calibrate_run(cfg.calibration, task, targets(lab, task), oof, bundles, power)
+        write_calibrated_oof(task, oof, summary["calibration"]["fitted"], out / "oof_calibrated.csv")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_run_cards(out, manifest=df, strict=False)  # the cards train_tabular_cv wrote predate this calibration
+        return summary
 
     with compute_threads(cfg.train.threads):
         return _train_network_cv(cfg, members, task, df, out, parse_folds(folds, df, cfg), profile, fold_parallel,
@@ -206,25 +217,16 @@ def write_familiarity_references(df: pd.DataFrame, results, max_rows: int = 1000
             console.print(f"familiarity reference: {ref['n']} lesions ({source}) → {r.bundle}/embedding_reference.npz")
 
 
-def write_calibrated_oof(task, oof: pd.DataFrame, calibration: dict, path: Path) -> Path:
-    """The out-of-fold probabilities as the bundles will output them (the run's calibration applied) — the file
-    to evaluate: ``oof.csv`` holds the raw ones the calibration was fitted on."""
-    cal = oof.copy()
-    cal[list(task.classes)] = Calibration.from_dict(calibration).apply(oof[list(task.classes)].to_numpy())
-    cal.to_csv(path, index=False, float_format="%.6f")
-    return path
-
-
 def write_drift_references(task, lab: pd.DataFrame, oof: pd.DataFrame, bundles, calibration: dict) -> None:
     """Each fold bundle gets the input / output statistics of its validation lesions (drift_reference.json),
-    from the calibrated out-of-fold probabilities — the service compares live traffic against them."""
+    from the out-of-fold posteriors — the service compares live traffic against them."""
     calib = Calibration.from_dict(calibration)
     for b in bundles:
         fold = load_predictor(b)
         rows = (oof["fold"] == fold.bundle.config.get("fold", -2)).to_numpy()
         if not rows.any():
             continue
-        probs = calib.apply(oof.loc[rows, list(task.classes)].to_numpy())
+        probs = calib.posterior(oof.loc[rows, list(task.classes)].to_numpy())
         write_reference_stats(b, compute_reference_stats(fold, lab[rows].reset_index(drop=True), probs=probs))
 
 
@@ -234,54 +236,8 @@ def training_class_counts(df: pd.DataFrame, task, folds) -> np.ndarray:
     prior its sampler drew from, which the held-out fold's own counts need not match, e.g. Derm7pt's official
     validation split)."""
     counts = np.zeros(task.num_classes)
+    extra = train_only_mask(df)
     for f in folds:
-        rows = df[(df["fold"] >= 0) & (df["fold"] != int(f))]
+        rows = df[((df["fold"] >= 0) & (df["fold"] != int(f))) | extra]
         counts += np.nan_to_num(targets(rows, task).astype(float)).sum(0)
     return counts
-
-
-def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, sampler_power: float = 0.0, *,
-                  class_counts=None) -> dict:
-    """Fit calibration on out-of-fold predictions and write it into every bundle of the run.
-
-    options: temperature (bool), cuts ("auto" | bool: per-class cuts for the MILK10k score, nested estimate),
-    prior_adjustment ("balanced_accuracy": post-hoc logit adjustment −τ·log prior with τ chosen on OOF;
-    "training_prior": −log of the prior the sampler trained under, ``sampler_power``, from ``class_counts`` — the
-    training rows' class counts, see ``training_class_counts``; default: the out-of-fold labels' counts).
-    """
-    if hasattr(options, "model_dump"):
-        options = options.model_dump()
-
-    p = oof[list(task.classes)].to_numpy()
-    folds = oof["fold"].to_numpy()
-    cuts = options.get("cuts", "auto")
-    cuts = None if cuts == "auto" else bool(cuts)
-    calib, report = calibrate_oof(task, y, p, folds, temperature=bool(options.get("temperature", True)),
-                                  cuts=cuts, eval_size=options.get("eval_size"))
-    if options.get("prior_adjustment") == "balanced_accuracy":
-        tau, adj, table = tune_prior_adjustment(y, Calibration(temperature=calib.temperature).apply(p))
-        calib.prior_adjustment = adj
-        report["prior_adjustment"] = {"tau": tau, "balanced_accuracy_by_tau": table}
-    elif options.get("prior_adjustment") == "training_prior":
-        strength = float(options.get("prior_strength", 1.0))
-        counts = y.sum(0) if class_counts is None else np.asarray(class_counts, float)
-        calib.prior_adjustment = fit_prior_adjustment(training_prior(counts, sampler_power), strength)
-        report["prior_adjustment"] = {"training_prior_sampler_power": sampler_power, "prior_strength": strength}
-    after = calib.apply(p)
-    report["oof_after_calibration"] = epoch_metrics(task, y, after)
-    d = calib.to_dict()
-    for b in bundles:
-        update_calibration(b, d)
-    console.print(f"calibration: {d} → OOF after: {report['oof_after_calibration']}")
-    return {"fitted": d, "report": report}
-
-
-def tune_prior_adjustment(y: np.ndarray, p: np.ndarray, taus=None) -> tuple[float, list[float], dict]:
-    """Post-hoc logit adjustment for balanced accuracy: add −τ·log(prior) to the log-probabilities and
-    pick τ on the out-of-fold predictions (a single scalar, so the optimism of fitting it there is small)."""
-    taus = np.round(np.arange(0, 2.01, 0.1), 2) if taus is None else taus
-    prior = np.clip(y.mean(0), 1e-6, None)
-    logp = np.log(np.clip(p, 1e-12, None))
-    table = {float(t): balanced_accuracy(y, logp - t * np.log(prior)) for t in taus}
-    best = max(table, key=lambda t: (table[t], -t))
-    return best, (-best * np.log(prior)).tolist(), table

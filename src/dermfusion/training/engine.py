@@ -28,7 +28,7 @@ from ..config import ConfigError, ExperimentConfig
 from ..console import console, make_progress
 from ..data.dataset import LesionDataset, class_balanced_sampler, collate, scheduled_size
 from ..data.loading import BatchLoader
-from ..data.manifest import targets
+from ..data.manifest import targets, train_only_mask
 from ..data.samplers import EpochBatchSampler, ShardedEvalSampler
 from ..inference.predict_loop import predict_probs
 from ..models.factory import build_model, feature_spec_for, preprocess_of
@@ -44,6 +44,7 @@ from .epoch_log import NullProgress, epoch_line, tensorboard_writer
 from .fold_bundle import write_fold_bundle
 from .losses import build_loss
 from .optim import build_param_groups, build_scheduler
+from .out_of_fold import predict_out_of_fold
 from .val_metrics import epoch_metrics
 
 
@@ -77,11 +78,13 @@ class FoldTrainer:
         self.device = self.dist.device(cfg.train.device) if self.dist.launched else resolve_device(cfg.train.device)
         self.amp = autocast_dtype(self.device, cfg.train.precision)
         self.channels_last = cfg.train.channels_last and self.device.type in {"cuda", "cpu"}
+        # rows of a dataset added for training only (``dermfusion data combine``) train every fold, validate none
+        extra = train_only_mask(df)
         if fold >= 0:
-            self.train_df = df[(df["fold"] >= 0) & (df["fold"] != fold)].reset_index(drop=True)
-            self.val_df = df[df["fold"] == fold].reset_index(drop=True)
+            self.train_df = df[((df["fold"] >= 0) & (df["fold"] != fold)) | extra].reset_index(drop=True)
+            self.val_df = df[(df["fold"] == fold) & ~extra].reset_index(drop=True)
         else:  # full-data refit: no validation fold
-            self.train_df, self.val_df = df[df["fold"] >= 0].reset_index(drop=True), df.iloc[:0]
+            self.train_df, self.val_df = df[(df["fold"] >= 0) | extra].reset_index(drop=True), df.iloc[:0]
         if len(self.train_df) == 0:
             raise ValueError(f"fold {fold}: no training lesions (does the manifest have folds? run `dermfusion folds`)")
         self.spec = feature_spec_for(cfg, task, df)
@@ -261,6 +264,10 @@ class FoldTrainer:
             probs = gather_indexed(self.dist, list(loader.sampler), probs, len(frame))
         return probs
 
+    def predict_out_of_fold(self, model, tta: int = 0) -> np.ndarray:
+        """The validation lesions' probabilities from the final weights (``training.out_of_fold``)."""
+        return predict_out_of_fold(self, model, tta)
+
     def _validate_now(self, epoch: int) -> bool:
         """Per-epoch validation: every ``validate_every`` epochs and after the last; ``0`` = never (the fold's
         final, test-time-augmented prediction is scored anyway); always when early stopping needs the score.
@@ -335,7 +342,7 @@ class FoldTrainer:
         oof = pd.DataFrame(columns=["lesion_id", *self.task.classes])
         metrics = {}
         if len(self.val_df):
-            probs = self.predict(self.val_df, final, tta=cfg.train.tta)
+            probs = self.predict_out_of_fold(final, tta=cfg.train.tta)
             metrics = self.evaluate(probs)
             oof = pd.DataFrame(probs, columns=list(self.task.classes))
             oof.insert(0, "lesion_id", self.val_df["lesion_id"].to_numpy())

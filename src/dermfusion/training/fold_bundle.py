@@ -11,7 +11,8 @@ from ..bundle import write_bundle
 from ..criteria import label_prior
 from ..data.dataset import class_balanced_weights, criteria_targets
 from ..data.manifest import targets
-from ..evaluation.calibration import fit_prior_adjustment, training_prior
+from ..evaluation.calibration import Calibration, training_prior
+from ..evaluation.posterior import normalise_prior
 from .checkpoint import write_dir_atomic
 
 
@@ -36,16 +37,18 @@ def write_fold_bundle(trainer, model, metrics: dict) -> Path:
 
 
 def training_prior_calibration(trainer) -> dict | None:
-    """With ``calibration.prior_adjustment: training_prior`` every bundle — a full-data refit too, which has no
-    out-of-fold predictions to fit anything on — divides its probabilities by the class prior it was trained
-    under (the sampler's), the adjustment balanced accuracy calls for. Cross-validated runs refit the rest
-    of the calibration on OOF afterwards."""
-    if trainer.cfg.calibration.prior_adjustment != "training_prior":
-        return None
+    """Every network bundle — a full-data refit too, which has no out-of-fold predictions to fit anything on — turns
+    its raw output into posteriors under its training rows' class mix by Bayes' rule from the prior its sampler
+    drew with (``train.sampler_power``): bias = log(mix / sampling prior), temperature 1. With
+    ``calibration.prior_adjustment: training_prior`` its balanced rule divides by that mix (** prior_strength),
+    which equals dividing the raw output by the sampling prior — the rule the challenge files use. A cross-validated
+    run refits all of it on its out-of-fold predictions afterwards (``training.run_calibration``)."""
     counts = targets(trainer.train_df, trainer.task).sum(axis=0)
-    return {"temperature": 1.0, "cuts": None,
-            "prior_adjustment": fit_prior_adjustment(training_prior(counts, trainer.cfg.train.sampler_power),
-                                                     trainer.cfg.calibration.prior_strength)}
+    mix = normalise_prior(counts + 1e-9)
+    bias = (np.log(mix) - np.log(training_prior(counts, trainer.cfg.train.sampler_power))).tolist()
+    cal = trainer.cfg.calibration
+    strength = cal.prior_strength if cal.prior_adjustment == "training_prior" else 0.0
+    return Calibration(1.0, None, None, bias, mix.tolist(), strength).to_dict()
 
 
 def criteria_training_prior(trainer, criteria) -> dict[str, list[float]]:

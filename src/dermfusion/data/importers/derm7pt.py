@@ -2,7 +2,13 @@
 the 7-point checklist criteria kept as auxiliary targets (`aux_<criterion>`, grouped as in the Derm7pt paper:
 see ``dermfusion.criteria``; the published value in `aux_<criterion>_raw`); the official split kept. The
 folds follow the official split — fold 0 = `valid`, fold 1 = `train`, test cases −1 — so `--folds 0` trains
-on the training split and validates on the validation split, and `--folds full` trains on both."""
+on the training split and validates on the validation split, and `--folds full` trains on both.
+
+Kept from meta.csv besides: `sex` and `location` (→ `site`) as metadata; `elevation` (flat / palpable / nodular),
+a metadata field a network may read (``data.metadata_fields``); `level_of_diagnostic_difficulty` as `difficulty`
+(low / medium / high: the atypical-lesion proxy `dermfusion evaluate` reports separately, never an input); and
+`management` as `management_label_leak` — the clinicians' decision (excision, clinical follow up, no further
+examination), taken *because of* the suspected diagnosis: for analysis only, and refused as a model input."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,10 +17,19 @@ import pandas as pd
 
 from ...criteria import SEVEN_POINT
 from ...tasks import DERM7PT
+from ..features import canonical_elevation
 from ..manifest import normalise
 from .common import ImportError_, clean_metadata, one_hot, read_csv, resolve_image
 
 OFFICIAL_FOLDS = {"valid": 0, "train": 1}
+DIFFICULTIES = ("low", "medium", "high")
+
+
+def _column(src: pd.DataFrame, name: str) -> list[str]:
+    """A text column of meta.csv, lower-cased and stripped ("" where absent or empty)."""
+    if name not in src.columns:
+        return [""] * len(src)
+    return src[name].fillna("").astype(str).str.strip().str.lower().replace({"nan": ""}).tolist()
 
 
 def five_group(diagnosis: str) -> str:
@@ -59,6 +74,9 @@ def import_derm7pt(meta_csv, images_dir=None, dataset: str = "derm7pt", splits=N
         "source_image": src[img_col].astype(str).str.strip(),  # as in meta.csv: the id a submission is keyed by
     })
     df = clean_metadata(df, [""] * len(src), src.get("sex", [""] * len(src)), src.get("location", [""] * len(src)))
+    df["elevation"] = [canonical_elevation(v) for v in _column(src, "elevation")]
+    df["difficulty"] = [v if v in DIFFICULTIES else "" for v in _column(src, "level_of_diagnostic_difficulty")]
+    df["management_label_leak"] = _column(src, "management")
     for c in SEVEN_POINT:
         if c.name in src.columns:
             df[f"aux_{c.name}"] = [c.group(v) for v in src[c.name]]

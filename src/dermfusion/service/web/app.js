@@ -78,7 +78,8 @@
     for (const id of ["action-reasons", "review-reasons", "warning-list", "differential", "heatmaps", "fusion"]) {
       $(id).replaceChildren();
     }
-    for (const id of ["action", "risk-score", "primary", "heatmap-note", "result-meta"]) $(id).textContent = "";
+    for (const id of ["action", "risk-score", "primary", "heatmap-note", "result-meta", "prediction-set", "prior-note",
+                      "operating-point"]) $(id).textContent = "";
   }
 
   function showPreview(m) {
@@ -281,7 +282,34 @@
     $("warnings").hidden = !res.warnings.length;
     $("warning-list").replaceChildren(...res.warnings.map(li));
 
-    $("differential").replaceChildren(...res.differential.map((d) => barRow(d.name, d.code, d.probability, d.malignant)));
+    $("differential").replaceChildren(...res.differential.map((d) => {
+      const row = barRow(d.name, d.code, d.probability, d.malignant);
+      if (d.in_prediction_set) row.classList.add("in-set");
+      return row;
+    }));
+    // the conformal differential: "with 95 % confidence: MEL, NV or BKL" beside the ranked list
+    const ps = res.prediction_set, psEl = $("prediction-set");
+    psEl.hidden = !ps;
+    psEl.textContent = ps ? ps.text.charAt(0).toUpperCase() + ps.text.slice(1) +
+      (ps.melanoma_in_set ? " — melanoma cannot be ruled out at this level." : "") : "";
+    // which case mix the probabilities assume, and which operating point decided the action
+    const pr = res.prior;
+    $("prior-note").textContent = pr.name === "deployment"
+      ? "Probabilities assume this clinic's case mix (deployment prior set by the service)."
+      : pr.name === "training"
+        ? "Probabilities assume the case mix of the training data (no deployment prior set)."
+        : "Probabilities: an older model whose outputs are not calibrated posteriors.";
+    const op = res.operating_point;
+    const cuts = (o) => Object.entries(o).map(([c, v]) => `P(${c}) ≥ ${v.toFixed(3)}`).join(", ");
+    const oof = op.out_of_fold;
+    $("operating-point").textContent =
+      `Operating point from the ${op.source}: routine referral when the risk score ≥ ${op.routine_risk > 100 ? "— (off)" : op.routine_risk.toFixed(1)}` +
+      (Object.keys(op.routine_class_probability).length ? ` or ${cuts(op.routine_class_probability)}` : "") +
+      `; urgent referral when ${Object.keys(op.urgent_class_probability).length ? cuts(op.urgent_class_probability) : "—"}` +
+      (op.urgent_risk <= 100 ? ` or risk ≥ ${op.urgent_risk.toFixed(1)}` : "") + ` (applied to ${op.applied_to}).` +
+      (oof && oof.melanoma_sensitivity !== undefined
+        ? ` On the model's out-of-fold lesions it referred ${(100 * oof.melanoma_sensitivity).toFixed(0)}% of melanomas ` +
+          `and ${(100 * oof.benign_referral_rate).toFixed(0)}% of benign lesions.` : "");
 
     const hm = $("heatmaps");
     hm.replaceChildren();

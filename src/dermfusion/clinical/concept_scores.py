@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..concepts import ConceptMapping, ConceptMappingError, ConceptScorer, load_scorer
 from ..concepts.mapping import file_sha256
-from .config import ConceptScorerConfig
+from .settings import ConceptScorerConfig
 
 
 @dataclass

@@ -1,0 +1,118 @@
+"""The clinical figures of a cross-validated run, from its out-of-fold predictions — and, label-free, what the same
+decisions do on a test set whose labels are held back.
+
+    python benchmarks/clinical_decisions.py --run runs/ham_rec --manifest ham_d7.parquet \
+        [--test-clinical isic2018_test_clinical.csv] [--n-boot 1000] [--markdown out.md]
+
+Out of fold (each lesion predicted by the fold model that did not train on it; HAM10000 lesions only when the run
+added train-only rows): balanced accuracy of the balanced rule, melanoma AUROC, top-label ECE of the raw output, the
+posteriors and the balanced scores; the bundle's operating point (in-sample and cross-validated); the conformal
+differential (cross-conformal); by label provenance (histology vs the rest). On the test file: the share referred,
+urgent, "cannot assess", the mean set size, and the EM estimate of the test case mix (Saerens et al. 2002) — none of
+which needs a label, and none of which was used to fit anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dermfusion.bundle import read_bundle, resolve_run
+from dermfusion.data.manifest import load_manifest, targets
+from dermfusion.evaluation.calibration import Calibration
+from dermfusion.evaluation.metrics import auroc_per_class, balanced_accuracy, bootstrap_ci, expected_calibration_error
+from dermfusion.evaluation.posterior import estimate_prior_em, prior_shift_distance
+from dermfusion.runtime.device import cpu_name
+
+
+def ci_text(fn, y, p, n_boot):
+    lo, hi = bootstrap_ci(fn, y, p, n=n_boot, seed=0)
+    return f"{fn(y, p):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--manifest", type=Path, required=True)
+    ap.add_argument("--test-clinical", type=Path)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--markdown", type=Path)
+    args = ap.parse_args()
+
+    b = read_bundle(resolve_run(args.run)[0])
+    task, cal, dec = b.task, Calibration.from_dict(b.calibration), b.decisions
+    C = list(task.classes)
+    oof = pd.read_csv(args.run / "oof.csv", dtype={"lesion_id": str})
+    man = load_manifest(args.manifest).set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
+    y = targets(man, task)
+    raw = oof[C].to_numpy()
+    post, bal = cal.posterior(raw), cal.balanced(raw)
+    mel = C.index("MEL")
+    lines = [f"# Clinical figures of {args.run} ({len(oof)} out-of-fold lesions)",
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu_name()} · Python {platform.python_version()}", ""]
+    n = args.n_boot
+    lines += ["| out of fold | value [95 % CI] |", "|---|---:|",
+              f"| balanced accuracy, balanced rule | {ci_text(balanced_accuracy, y, bal, n)} |",
+              f"| balanced accuracy, argmax of the posteriors | {ci_text(balanced_accuracy, y, post, n)} |",
+              f"| melanoma AUROC (posterior) | {ci_text(lambda t, p: float(auroc_per_class(t, p)[mel]), y, post, n)} |",
+              f"| top-label ECE, raw output | {ci_text(expected_calibration_error, y, raw, n)} |",
+              f"| top-label ECE, posteriors | {ci_text(expected_calibration_error, y, post, n)} |",
+              f"| top-label ECE, balanced scores | {ci_text(expected_calibration_error, y, bal, n)} |"]
+    if "dx_confirmation" in man.columns:
+        histo = (man["dx_confirmation"].astype(str) == "histo").to_numpy()
+        lines.append(f"| balanced accuracy, balanced rule, histology-confirmed only ({histo.sum()}) | "
+                     f"{ci_text(balanced_accuracy, y[histo], bal[histo], n)} |")
+    lines.append(f"\ncalibration: T = {cal.temperature:.3f}, prior (out-of-fold mix) "
+                 + ", ".join(f"{c} {v:.3f}" for c, v in zip(C, cal.prior or [])))
+    op = dec.get("triage")
+    if op:
+        rep = op["out_of_fold"]
+        lines += ["", f"operating point (targets {op['targets']}): routine referral at risk ≥ {op['routine_risk']:.1f} "
+                      f"or {op['routine_class_probability']}; urgent at {op['urgent_class_probability']}", "",
+                  "| operating point | in-sample [95 % CI] | cross-validated [95 % CI] |", "|---|---:|---:|"]
+        for k in ("melanoma_sensitivity", "malignant_sensitivity", "specificity", "benign_referral_rate",
+                  "referral_rate", "urgent_rate"):
+            i, ci = rep["in_sample"][k], rep["ci95"][k]
+            cv, cvci = rep.get("cross_validated", {}).get(k), rep.get("cross_validated_ci95", {}).get(k)
+            lines.append(f"| {k} | {i:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                         + (f"{cv:.3f} [{cvci[0]:.3f}, {cvci[1]:.3f}] |" if cv is not None else "— |"))
+    conf = dec.get("differential")
+    if conf:
+        cc, ci = conf["out_of_fold"]["cross_conformal"], conf["out_of_fold"]["ci95"]
+        lines += ["", f"conformal differential, level {conf['level']} (class levels {conf.get('class_levels') or {}}), "
+                      "cross-conformal:", "", "| measure | value [95 % CI] |", "|---|---:|"]
+        for k in ("coverage", "melanoma_coverage", "mean_set_size"):
+            lines.append(f"| {k} | {cc[k]:.3f} [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |")
+        lines.append("| coverage by class | " + ", ".join(f"{c} {v:.3f}" for c, v in cc["coverage_by_class"].items())
+                     + " |")
+    if args.test_clinical:
+        t = pd.read_csv(args.test_clinical)
+        p = t[C].to_numpy()
+        em = estimate_prior_em(p, cal.prior)
+        sizes = t["differential"].fillna("").map(lambda v: len([c for c in v.split("|") if c])) \
+            if "differential" in t else None
+        lines += ["", f"test file {args.test_clinical} ({len(t)} lesions, labels held back; nothing fitted on it):", "",
+                  "| label-free figure | value |", "|---|---:|",
+                  f"| referred (routine or urgent) | {t['action'].isin(['routine_referral', 'urgent_referral']).mean():.3f} |",
+                  f"| urgent | {(t['action'] == 'urgent_referral').mean():.3f} |",
+                  f"| cannot assess | {(t['action'] == 'cannot_assess').mean():.3f} |",
+                  f"| mean posterior per class | " + ", ".join(f"{c} {v:.3f}" for c, v in zip(C, p.mean(0))) + " |",
+                  f"| EM estimate of the test case mix | " + ", ".join(f"{c} {v:.3f}" for c, v in zip(C, em["prior"]))
+                  + f" (distance from the training prior {prior_shift_distance(em['prior'], cal.prior):.3f}) |"]
+        if sizes is not None:
+            lines.append(f"| mean prediction-set size | {sizes.mean():.2f} (empty sets {(sizes == 0).mean():.3f}) |")
+        op_mel = (t["differential"].fillna("").str.contains("MEL")).mean() if "differential" in t else float("nan")
+        lines.append(f"| sets naming MEL | {op_mel:.3f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

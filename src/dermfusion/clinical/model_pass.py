@@ -1,0 +1,273 @@
+"""The model pass: in-memory lesions in, the served predictor's **raw** combined probabilities out (plus what the
+gate and the explanation need).
+
+When the predictor is a weighted mean of networks (one network, a run's fold ensemble, an ``average`` or
+``ensemble`` bundle — ``Predictor.mixture``), each network runs here on the lesions' decoded images
+(``data.dataset.batch_from_lesions``: the one evaluation transform), on its chosen backend, averaged over the test-time
+views the bundle was validated with; the raw probabilities are combined with the predictor's own weights — the
+ensemble rule of ``inference.predictor``. Any other predictor (a tabular expert, a stack) gets in-memory manifest rows
+(``clinical.lesion.frame_from_lesions``: the images themselves in the image columns, no temporary files) and its own
+``predict_raw``. Calibration and decisions come after, in ``clinical.decisions``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..criteria import seven_point_score
+from ..data.dataset import batch_from_lesions
+from ..data.importers.isic import import_isic
+from ..data.transforms import tta_views
+from ..explain import Explainer
+from ..inference.backend_policy import policy_text
+from ..inference.backends import selection_text
+from ..inference.criteria import divide_label_prior
+from ..inference.network import NetworkPredictor
+from ..inference.predictor import Predictor
+from ..models.layer_stats import LayerStats
+from ..runtime.device import move_batch
+from ..tasks import MODALITIES
+from .lesion import Lesion, frame_from_lesions
+
+log = logging.getLogger("dermfusion.clinical")
+
+
+@dataclass
+class PassResult:
+    raw: np.ndarray                                   # N×C combined raw probabilities
+    maps: list[dict] = field(default_factory=list)    # per lesion {modality: grid} (explained lesions only)
+    methods: dict = field(default_factory=dict)       # modality -> explanation method
+    contributions: list[dict] = field(default_factory=list)  # per lesion: fusion attention shares
+    layer_stats: np.ndarray | None = None             # N×S of the watched image (familiarity check), or None
+
+
+def bundle_tta(predictor) -> int:
+    """The test-time views the bundle's networks were validated with (``train.tta`` of the first network's
+    experiment config; 0 for predictors without one)."""
+    mix = predictor.mixture() or []
+    for _, leaf in mix:
+        cfg = getattr(leaf, "bundle", None)
+        exp = (cfg.config.get("experiment") or {}) if cfg is not None else {}
+        return int(((exp.get("train") or {}).get("tta")) or 0)
+    return 0
+
+
+class ModelPass:
+    """The served predictor, seen as what it needs (image modalities, metadata fields, concept columns) and how it
+    turns lesions into raw probabilities."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        mix = predictor.mixture()
+        if mix and all(isinstance(leaf, NetworkPredictor) for _, leaf in mix):
+            self.networks = [leaf for _, leaf in mix]
+            self.weights = np.array([w for w, _ in mix], dtype=np.float64)
+        else:
+            self.networks, self.weights = [], np.zeros(0)
+        self.members = members_of(predictor)
+        self.backend_warnings: list[str] = []
+        self.backend_failures: list[int] = []
+        primary = self.networks[0] if self.networks else None
+        if primary is not None:
+            self.modalities = list(primary.spec.modalities)
+            self.metadata_fields = list(primary.spec.numeric) + list(primary.spec.categorical)
+            self.concepts = list(primary.spec.concepts)
+            self.explainer = Explainer.for_model(primary.model)
+        else:
+            self.modalities, self.metadata_fields, self.concepts = inputs_of(predictor)
+            self.explainer = None
+
+    @property
+    def is_network(self) -> bool:
+        return bool(self.networks)
+
+    def run(self, lesions: list[Lesion], *, tta: int = 0, want_maps: bool = False,
+            stats_modality: str | None = None) -> PassResult:
+        """Raw combined probabilities of ``lesions`` (N×C), averaged over ``tta`` views; heat maps of the first
+        network when ``want_maps``; the first network's layer statistics of ``stats_modality``'s image (view 0)."""
+        if not lesions:
+            return PassResult(np.zeros((0, self.predictor.task.num_classes)))
+        if not self.networks:
+            frame = frame_from_lesions(lesions, self.concepts)
+            return PassResult(np.asarray(self.predictor.predict_raw(frame, tta=tta), dtype=np.float64))
+        n_views = max(1, int(tta))
+        raw, maps, methods, contrib, stats = [], [{} for _ in lesions], {}, [{} for _ in lesions], None
+        for i, net in enumerate(self.networks):
+            batch = batch_from_lesions([{m: img for m, img in les.images.items() if m in net.spec.modalities}
+                                        for les in lesions], [les.metadata for les in lesions], net.spec,
+                                       net.preprocess, [les.lesion_id for les in lesions])
+            batch = move_batch(batch, net.device)
+            fast = getattr(net, "runner", None)
+            fast = fast if fast is not None and fast is not net.model else None
+            watch = stats_modality if i == 0 and any(stats_modality in les.images for les in lesions) else None
+            views = {m: tta_views(m, n_views) for m in net.spec.modalities}
+            acc = None
+            for v in range(n_views):
+                b = dict(batch, images={m: views[m][v](x) for m, x in batch["images"].items()}) if n_views > 1 \
+                    else batch
+                # layer statistics from the first view, on whichever pass runs: the fast backend's, else eager
+                probe = LayerStats(fast.module if fast is not None else net.model, watch) \
+                    if v == 0 and watch and (fast is None or fast.module is not None) else None
+                p = None
+                if fast is not None:
+                    with torch.no_grad(), probe if probe is not None else nullcontext():
+                        out = fast(b)
+                    p = torch.softmax(out["logits"].float(), -1).cpu().numpy()
+                    if v == 0 and watch and out.get("layer_stats") is not None:
+                        stats = np.asarray(out["layer_stats"], dtype=np.float64)
+                if i == 0 and v == 0 and (want_maps or fast is None) and self.explainer is not None:
+                    # the eager model explains (maps need gradients / hooks) — on the untransformed view
+                    with probe if probe is not None and fast is None else nullcontext():
+                        res = self.explainer.run(b, explain=want_maps)
+                    p = res.probs if p is None else p
+                    if want_maps:
+                        maps = [{m: rows[k] for m, rows in res.maps.items() if rows and rows[k] is not None}
+                                for k in range(len(lesions))]
+                        methods = res.methods
+                    if res.contributions:
+                        contrib = list(res.contributions)
+                elif p is None:
+                    with torch.no_grad(), probe if probe is not None else nullcontext():
+                        p = torch.softmax(net.model(b)["logits"].float(), -1).cpu().numpy()
+                if probe is not None and stats is None:
+                    taken = probe.take()
+                    stats = None if taken is None else taken.cpu().numpy().astype(np.float64)
+                acc = np.asarray(p, dtype=np.float64) if acc is None else acc + p
+            raw.append(acc / n_views)
+        mixed = np.tensordot(self.weights, np.stack(raw), axes=1)  # the predictor's own combination of raw output
+        return PassResult(mixed, maps, methods, contrib, stats)
+
+    def criteria(self, lesions: list[Lesion]) -> list[dict | None]:
+        """A multi-task network's dermoscopic criteria per lesion (the first network with criteria heads, an eager
+        pass: the fast backends export the diagnosis only) — labels, probabilities and the 7-point score; None per
+        lesion when no network predicts criteria."""
+        net = next((n for n in self.networks if getattr(n.model, "criteria_heads", None) is not None), None)
+        if net is None or not lesions:
+            return [None] * len(lesions)
+        batch = move_batch(batch_from_lesions([{m: img for m, img in les.images.items() if m in net.spec.modalities}
+                                               for les in lesions], [les.metadata for les in lesions], net.spec,
+                                              net.preprocess), net.device)
+        with torch.no_grad():
+            logits = net.model(batch)["criteria"]
+        heads = net.model.criteria_heads
+        probs = divide_label_prior({c.name: torch.softmax(logits[c.name].float(), -1).cpu().numpy()
+                                    for c in heads.criteria}, net.bundle.config.get("criteria_prior"))
+        out = []
+        for k in range(len(lesions)):
+            items, labels = [], {}
+            for c in heads.criteria:
+                p = probs[c.name][k]
+                labels[c.name] = c.labels[int(p.argmax())]
+                items.append({"criterion": c.name, "label": labels[c.name],
+                              "probabilities": {label: float(v) for label, v in zip(c.labels, p)}})
+            out.append({"set": heads.criteria_set, "items": items,
+                        "seven_point_score": seven_point_score(labels, heads.criteria)})
+        return out
+
+    def choose_backends(self, name: str, stats_modality: str | None = None, sample: pd.DataFrame | None = None,
+                        threads: int | None = None) -> list[str]:
+        """Each network's inference backend under the one policy (``inference.backend_policy``): ``auto`` = the
+        fastest of the exact backends and the approximate ones the bundle's agreement record approves for this CPU,
+        checked against fp32 eager on ``sample`` (default: the bundled real HAM10000 images); ``trained`` = as
+        validated in training; any other name is used as given. ``stats_modality``: the first network's backend
+        also gives that image's layer statistics (the gate's familiarity check)."""
+        chosen, self.backend_warnings, self.backend_failures = [], [], []
+        for i, net in enumerate(self.networks):
+            frame = sample if sample is not None else sample_frame(net.spec)
+            failed = []
+            options = {"layer_stats": stats_modality} if i == 0 and stats_modality else {}
+            # ONNX Runtime sessions get every core: one session serves all workers (its runs share the pool)
+            options["threads"] = threads or available_cores()
+            if name == "auto":
+                net.choose_backend(frame, options=options)
+                log.info("backend check (%s): %s", policy_text(net), selection_text(net.selection, net.backend))
+                failed = [rec for rec in net.selection or [] if rec.get("error")]  # faults, not accuracy refusals
+            elif name == "trained":  # as validated in training: bf16 autocast where it trained so, else fp32
+                net.use_backend("autocast" if net.backend == "autocast" else "fp32", frame, options)
+            else:
+                net.use_backend(name, frame, options)
+            for rec in failed:  # never silent: logged, in /readyz and in dermfusion_backend_failures
+                reason = (str(rec.get("reason", "")).splitlines() or ["failed"])[0][:200]
+                msg = f"member {i} ({net.bundle.name}): backend {rec['name']} failed ({reason}); using {net.backend}"
+                log.warning("backend fallback: %s", msg)
+                self.backend_warnings.append(msg)
+            self.backend_failures.append(len(failed))
+            chosen.append(net.backend)
+        if chosen:
+            log.info("inference backend: %s", ", ".join(sorted(set(chosen))))
+        return chosen
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def sample_frame(spec, n: int = 32) -> pd.DataFrame:
+    """A manifest of the bundled real HAM10000 sample images for backend checks (every image modality the
+    model uses gets the dermoscopic photo; metadata as recorded)."""
+    root = Path(str(resources.files("dermfusion") / "fixtures" / "ham10000_sample"))
+    df = import_isic(root / "train.csv", dataset="ham10000").head(n).reset_index(drop=True)
+    for m in spec.modalities:
+        df[f"image_{m}"] = df["image_dermoscopic"]
+    for c in spec.concepts:
+        if c not in df.columns:
+            df[c] = float("nan")
+    return df
+
+
+def members_of(predictor) -> list[dict]:
+    """Every bundle whose output goes into the answer — each fold of a run, each member of an ensemble or stack,
+    or the one bundle — as ``{"name", "version", "hash"}``, in the predictor's order (recorded in every audit row)."""
+    out: list[dict] = []
+
+    def walk(p):
+        members = getattr(p, "members", None)
+        if members:
+            for m in members:
+                walk(m)
+            return
+        b = getattr(p, "bundle", None)
+        if b is not None:
+            out.append({"name": b.name, "version": b.version, "hash": b.content_hash})
+
+    walk(predictor)
+    return out
+
+
+def inputs_of(predictor) -> tuple[list[str], list[str], list[str]]:
+    """(image modalities, metadata fields, concept columns) any part of a predictor uses — walks the
+    members of ensembles / stacks; network members have a FeatureSpec, tabular ones a TabularFeatureSpec."""
+    mods, meta, concepts, known = set(), [], [], []
+
+    def add(items, into):
+        for x in items:
+            if x not in into:
+                into.append(x)
+
+    def walk(p):
+        spec = getattr(p, "spec", None)
+        if hasattr(p, "model") and spec is not None and hasattr(spec, "numeric"):
+            known.append(p)
+            mods.update(spec.modalities)
+            add(list(spec.numeric) + list(spec.categorical), meta)
+            add(spec.concepts, concepts)
+        elif spec is not None and hasattr(spec, "use_metadata"):  # tabular: concepts + metadata, no images
+            known.append(p)
+            add([f"concept_{m}_{c}" for m in spec.modalities for c in spec.concepts], concepts)
+            if spec.use_metadata:
+                add(["age", *spec.categorical], meta)
+        for m in getattr(p, "members", None) or []:
+            walk(m)
+
+    walk(predictor)
+    if not known:  # a kind we cannot introspect: offer it the task's images and the usual metadata
+        return list(predictor.task.modalities), ["age", "sex", "skin_tone", "site"], []
+    return [m for m in MODALITIES if m in mods], meta, concepts
