@@ -24,6 +24,7 @@ import pandas as pd
 
 from dermfusion.bundle import read_bundle, resolve_run
 from dermfusion.data.manifest import load_manifest, targets
+from dermfusion.evaluation import decision_rules
 from dermfusion.evaluation.calibration import Calibration
 from dermfusion.evaluation.metrics import auroc_per_class, balanced_accuracy, bootstrap_ci, expected_calibration_error
 from dermfusion.evaluation.posterior import estimate_prior_em, prior_shift_distance
@@ -67,13 +68,26 @@ def main() -> None:
         histo = (man["dx_confirmation"].astype(str) == "histo").to_numpy()
         lines.append(f"| balanced accuracy, balanced rule, histology-confirmed only ({histo.sum()}) | "
                      f"{ci_text(balanced_accuracy, y[histo], bal[histo], n)} |")
+        lines.append(f"| melanoma AUROC (posterior), histology-confirmed only | "
+                     f"{ci_text(lambda t, p: float(auroc_per_class(t, p)[mel]), y[histo], post[histo], n)} |")
+        op = dec.get("triage")
+        if op:  # the bundle's rule applied to the histology-confirmed benign lesions: the hard ones
+            refer = decision_rules.triage_levels(task, post, op) > 0
+            benign = ~np.isin(y.argmax(1), task.malignant_indices)
+            lines.append(f"| benign lesions referred at the operating point, histology-confirmed only "
+                         f"({int((benign & histo).sum())}) | {refer[benign & histo].mean():.3f} "
+                         f"(all benign: {refer[benign].mean():.3f}) |")
     lines.append(f"\ncalibration: T = {cal.temperature:.3f}, prior (out-of-fold mix) "
                  + ", ".join(f"{c} {v:.3f}" for c, v in zip(C, cal.prior or [])))
     op = dec.get("triage")
     if op:
         rep = op["out_of_fold"]
-        lines += ["", f"operating point (targets {op['targets']}): routine referral at risk ≥ {op['routine_risk']:.1f} "
-                      f"or {op['routine_class_probability']}; urgent at {op['urgent_class_probability']}", "",
+        def cuts(d):
+            return " or ".join(f"P({c}) ≥ {v:.4f}" for c, v in (d or {}).items()) or "none"
+        wanted = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in op["targets"].items() if v is not None)
+        lines += ["", f"operating point (targets: {wanted}): routine referral at risk ≥ {op['routine_risk']:.1f} "
+                      f"or {cuts(op['routine_class_probability'])}; urgent at {cuts(op['urgent_class_probability'])}",
+                  "",
                   "| operating point | in-sample [95 % CI] | cross-validated [95 % CI] |", "|---|---:|---:|"]
         for k in ("melanoma_sensitivity", "malignant_sensitivity", "specificity", "benign_referral_rate",
                   "referral_rate", "urgent_rate"):

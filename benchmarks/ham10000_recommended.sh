@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The recommended HAM10000 / ISIC 2018 recipe as a new user runs it from the README: import HAM10000 train/test and
-# Derm7pt train+valid, add Derm7pt for training only, train the 5-fold cross-fitted ensemble
+# Derm7pt train+valid, add Derm7pt for training only, train the cross-fitted ensemble (3 of 5 folds)
 # (configs/ham10000_recommended.yaml), predict the 1,512 ISIC 2018 test images — the official-format file and the
 # clinical file — each stage timed; a cold decode cache is part of it.
 #   bash benchmarks/ham10000_recommended.sh [DATA=../shared/data] [OUT=runs/recommended]
@@ -23,7 +23,7 @@ dermfusion predict ham_rec --manifest ham_test.parquet --out isic2018_test_predi
   --clinical isic2018_test_clinical.csv
 t3=$(date +%s)
 { echo "import + combine: $((t1 - t0)) s"
-  echo "train (5 folds, out-of-fold predictions, calibration, decisions): $((t2 - t1)) s"
-  echo "predict 1512 test images (the bundle's 8-view TTA, 5 fold models): $((t3 - t2)) s"
+  echo "train (3 folds, out-of-fold predictions, calibration, decisions): $((t2 - t1)) s"
+  echo "predict 1512 test images (the bundle's 8-view TTA, 3 fold models): $((t3 - t2)) s"
   echo "total: $((t3 - t0)) s  ($(date -u +%FT%TZ), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
        "$(grep -o -w -E 'amx_bf16|avx512_bf16|avx512_vnni|avx2' /proc/cpuinfo | sort -u | tr '\n' ' '))"; } | tee times.txt

@@ -12,7 +12,7 @@ from dermfusion.export import (ExportParityError, batch_to_onnx_inputs, export_o
                                read_metadata, write_triton_repository)
 from dermfusion.export.triton import ONNX_TO_TRITON
 from cli_helpers import squash
-from perf_helpers import tiny_batch, tiny_trimodal, write_tiny_bundle
+from perf_helpers import TINY_ENCODER, tiny_batch, tiny_trimodal, write_tiny_bundle
 
 ort = pytest.importorskip("onnxruntime")
 CLASSES = ["MEL", "NV", "BCC", "BKL"]
@@ -108,6 +108,26 @@ def test_torchscript_export_without_concepts(tmp_path, use_metadata):
     with torch.no_grad():
         ref = torch.softmax(model(batch)["logits"], -1).numpy()
     assert np.isfinite(probs).all() and np.abs(probs - ref).max() <= 1e-4
+
+
+def test_single_image_with_categorical_metadata_only_exports_with_a_dynamic_batch(tmp_path):
+    """Derm7pt's metadata model (sex, site, elevation: categorical fields, no numeric one) once exported with its
+    batch size pinned to the trace's (Python ``len()`` of a tensor, and an empty concept group reshaped to
+    B×0×D), so the training's out-of-fold pass and `predict` fell back to eager PyTorch. Parity at batch sizes the
+    trace did not use fails such a graph."""
+    from dermfusion.data.features import FeatureSpec
+    from dermfusion.models import create_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    spec = FeatureSpec(modalities=["dermoscopic"], concepts=[])
+    spec.numeric = []
+    assert spec.categorical  # sex, skin tone, site, … — codes only
+    model = create_model("single_image", num_classes=5, feature_spec=spec, encoder=TINY_ENCODER, use_metadata=True,
+                         meta_dim=16).eval()
+    res = export_onnx(model, tmp_path / "m.onnx", batch_sizes=(1, 3, 5))
+    assert set(res.parity) == {1, 3, 5} and res.max_abs_prob_diff <= 1e-4
+    assert "numeric" not in [s["name"] for s in res.inputs] and "categorical" in [s["name"] for s in res.inputs]
 
 
 def test_parity_failure_raises(tmp_path):

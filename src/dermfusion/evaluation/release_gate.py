@@ -337,4 +337,7 @@ def gate_section_html(record: dict) -> str:
             f"</table></div><p class='note'>A minimum passes when the {pct}% percentile-bootstrap interval's lower "
             f"bound reaches it, a maximum when its upper bound stays at or below it ({record['n_bootstrap']} "
             f"resamples of the {record['n']} lesions). Operating point: {html.escape(op.get('rule', 'referral'))}; "
-            f"{100 * op['referral_rate']:.0f}% of the held-out lesions referred. Record: gate.json.</p></section>\n")
+            f"{100 * op['referral_rate']:.0f}% of the held-out lesions referred. Record: gate.json. The gate's "
+            "balanced accuracy is that of the balanced rule (the posteriors divided by the training prior: the "
+            "challenge files' diagnosis); the report below scores the posteriors themselves (their argmax, their "
+            "calibration), so its balanced accuracy is lower where the classes are imbalanced.</p></section>\n")

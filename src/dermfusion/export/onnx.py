@@ -195,7 +195,9 @@ def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[I
         return "torchscript"
     except Exception as e:  # noqa: BLE001
         errors.append(f"torchscript: {type(e).__name__}: {str(e)[:500]}")
-    raise RuntimeError("ONNX export failed with both exporters:\n" + "\n".join(errors))
+    # one line per exporter, the first of them readable alone (callers that print one line show the cause)
+    raise RuntimeError("ONNX export failed with both exporters: " + "; ".join(e.splitlines()[0] for e in errors)
+                       + "\n" + "\n".join(errors))
 
 
 def _set_metadata(path: Path, props: dict[str, str]) -> None:

@@ -38,20 +38,30 @@ class _TabularSummary(nn.Module):
         self.dim = dim
 
     def forward(self, batch: dict, b: int, device) -> torch.Tensor:
+        # only the token groups the model has: a zero-width group adds nothing to the mean, and reshaping an empty
+        # tensor to (b, 0, dim) pins the batch size when the network is exported with a dynamic batch
         k, n = self.k, len(self.metadata.numeric_names)
-        ct, cm = self.concepts(batch.get("concepts", torch.zeros(b, k, device=device))[:, :k].float(),
-                               batch.get("concepts_present", torch.zeros(b, k, dtype=torch.bool,
-                                                                         device=device))[:, :k].bool())
-        if self.use_metadata:
-            nump, cat = batch["numeric_present"].bool(), batch["categorical"].long()
+        tokens, masks = [], []
+        if k:
+            ct, cm = self.concepts(batch.get("concepts", torch.zeros(b, k, device=device))[:, :k].float(),
+                                   batch.get("concepts_present", torch.zeros(b, k, dtype=torch.bool,
+                                                                             device=device))[:, :k].bool())
+            tokens.append(ct.reshape(b, k, self.dim))
+            masks.append(cm.reshape(b, k))
+        if self.use_metadata and (n or len(self.metadata.categorical)):
+            # a model with categorical fields only (Derm7pt: sex, site, elevation) has no numeric inputs: its
+            # exported graph has none either, so what is absent reads as zero-width
+            nump = batch.get("numeric_present", torch.zeros(b, n, dtype=torch.bool, device=device)).bool()
+            num = batch.get("numeric", torch.zeros(b, n, device=device)).float()
+            cat = batch.get("categorical", torch.zeros(b, 0, dtype=torch.long, device=device)).long()
             if self.training:
                 nump, cat = drop_metadata(nump, cat, self.metadata_dropout)
-            mt, mm = self.metadata(batch["numeric"].float(), nump, cat)
-        else:
-            mt, mm = self.metadata(torch.zeros(b, 0, device=device), torch.zeros(b, 0, dtype=torch.bool,
-                                                                                  device=device),
-                                   torch.zeros(b, 0, dtype=torch.long, device=device))
-        return masked_mean(torch.cat([ct.reshape(b, k, self.dim), mt], 1), torch.cat([cm.reshape(b, k), mm], 1))
+            mt, mm = self.metadata(num, nump, cat)
+            tokens.append(mt)
+            masks.append(mm)
+        if not tokens:
+            return torch.zeros(b, self.dim, device=device)
+        return masked_mean(torch.cat(tokens, 1), torch.cat(masks, 1))
 
 
 @register_model("single_image")
@@ -80,7 +90,7 @@ class SingleImage(MultiModalNet):
         m = self.modalities[0]
         pooled = self.encode_images(batch, present)[m][1]
         pooled = torch.where(present[:, :1], pooled, self.missing_image.expand_as(pooled))
-        feats = pooled if self.tabular is None else torch.cat([pooled, self.tabular(batch, len(pooled),
+        feats = pooled if self.tabular is None else torch.cat([pooled, self.tabular(batch, pooled.shape[0],
                                                                                     pooled.device)], 1)
         out = {"logits": self.head(feats), "features": feats, "aux": {}, "aux_mask": {}}
         return add_criteria_outputs(out, self.criteria_heads, feats, batch, self.training)
@@ -110,7 +120,7 @@ class LateFusion(MultiModalNet):
         views = torch.stack([self.proj[m](enc[m][1]) for m in self.modalities], 1)  # B×M×D
         feats = masked_mean(views, present)
         if self.tabular is not None:
-            feats = torch.cat([feats, self.tabular(batch, len(feats), feats.device)], 1)
+            feats = torch.cat([feats, self.tabular(batch, feats.shape[0], feats.device)], 1)
         out = {"logits": self.head(feats), "features": feats, "aux": {}, "aux_mask": {}}
         for j, m in enumerate(self.modalities):
             if m in self.aux_heads:

@@ -199,8 +199,8 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             if resp["review_recommended"]:
                 metrics.reviews.inc()
             state.drift.observe(analysis.observation)
-            if state.case_mix is not None:
-                state.case_mix.observe(analysis.posterior)
+            if state.case_mix is not None and an is state.analyzer:  # the promoted model's posteriors only:
+                state.case_mix.observe(analysis.posterior)             # its prior is what the estimate is against
         return resp
 
     @app.get("/", include_in_schema=False)

@@ -156,8 +156,12 @@ def _print_decisions(task, decisions: dict) -> None:
     if op:
         cv = op["out_of_fold"].get("cross_validated") or op["out_of_fold"]["in_sample"]
         mel = f"melanoma sensitivity {cv['melanoma_sensitivity']:.3f}, " if "melanoma_sensitivity" in cv else ""
-        console.print(f"operating point (routine: risk ≥ {op['routine_risk']:.1f} or {op['routine_class_probability']};"
-                      f" urgent: {op['urgent_class_probability']}): cross-validated {mel}malignant sensitivity "
+
+        def cuts(d):
+            return " or ".join(f"P({c}) ≥ {v:.3f}" for c, v in (d or {}).items()) or "none"
+        routine, urgent = cuts(op["routine_class_probability"]), cuts(op["urgent_class_probability"])
+        console.print(f"operating point (routine: risk ≥ {op['routine_risk']:.1f} or {routine}; urgent: {urgent}): "
+                      f"cross-validated {mel}malignant sensitivity "
                       f"{cv['malignant_sensitivity']:.3f}, benign referred {cv['benign_referral_rate']:.3f}, "
                       f"urgent {cv['urgent_rate']:.3f}")
     conf = decisions.get("differential")
