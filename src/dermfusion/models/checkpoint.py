@@ -231,19 +231,23 @@ def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def strip_key_prefixes(key: str, prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
+    """``key`` without the wrapper prefixes it starts with (repeatedly, in any order), and the prefixes removed."""
+    removed = []
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+                removed.append(p)
+    return key, removed
+
+
 def strip_prefixes(state_dict: dict, prefixes: Iterable[str] = ("module.", "model.", "encoder.")) -> dict:
     """Remove wrapper prefixes that DDP / EMA / CAE-style encoders add to every key."""
     prefixes = tuple(prefixes)
-    out = {}
-    for k, v in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
+    return {strip_key_prefixes(k, prefixes)[0]: v for k, v in state_dict.items()}
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "<state dict>",

@@ -22,7 +22,7 @@ import torch
 from ..data.images import read_image
 from ..data.transforms import Preprocess, eval_transform
 from .backbones import create_backbone
-from .checkpoint import read_state_dict
+from .checkpoint import read_state_dict, strip_key_prefixes
 from .clip_family import _is_jit_archive, create_clip
 from .foundations import Foundation
 
@@ -76,13 +76,8 @@ def compare_keys(tensors: dict[str, torch.Tensor], doc: dict, ignore: tuple[str,
     found: dict[str, tuple[int, ...]] = {}
     ignored = []
     for key, value in tensors.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-                    stripped[p] += 1
+        key, removed = strip_key_prefixes(key, prefixes)
+        stripped.update(removed)
         if key in ignore:
             ignored.append(key)
             continue
