@@ -194,7 +194,7 @@ def test_model_lifecycle_end_to_end(tmp_path, versions, ham_sample):
         assert wait_for_version(client, data, "1.1.0", "admin")["model"]["hash"] == hashes["1.1.0"]
         r = client.post("/v1/admin/rollback", headers=ADM)
         assert r.status_code == 200 and r.json()["serving"]["promoted"] == "1.0.0"
-        assert analyze(client, data, "admin-0002")["model"]["registry_version"] == "1.0.0"
+        assert analyze(client, data, "after-admin-rollback")["model"]["registry_version"] == "1.0.0"
         # a canary answers its share; the promoted version's prediction is audited, not returned (forced: CLI)
         r = client.post("/v1/admin/shadow", headers=ADM, json={"version": "1.1.0", "share": 0.5})
         assert r.status_code == 409 and r.json()["error"]["code"] == "gate_failed"

@@ -81,6 +81,27 @@ def test_train_cv_smoke_oof_and_loadable_bundles(ham_sample, tmp_path):
     assert not list(out.rglob(".*tmp*"))
 
 
+def test_the_out_of_fold_pass_on_onnx_runtime_matches_eager_and_auto_skips_small_passes(ham_sample, tmp_path):
+    """`train.oof_backend`: onnx gives the eager numbers (an fp32 graph of the same weights); auto exports only for a
+    pass of at least ONNX_MIN_IMAGES images, where the export repays itself (a 24-lesion fold is predicted eagerly)."""
+    pytest.importorskip("onnxruntime")
+    from dermfusion.training.out_of_fold import ONNX_MIN_IMAGES, predict_out_of_fold, uses_onnx
+
+    tr = _trainer(load_config("tiny_cpu", ["train.oof_backend=onnx"]), ham_sample, tmp_path / "onnx")
+    tr.setup()
+    model = tr.model.eval()
+    assert uses_onnx(tr) and len(tr.val_df) * 2 < ONNX_MIN_IMAGES
+    exported = predict_out_of_fold(tr, model, tta=2)
+    eager = tr.predict(tr.val_df, model, tta=2)
+    np.testing.assert_allclose(exported, eager, atol=1e-5)
+    for choice, expected in (("auto", False), ("trained", False)):
+        tr.cfg = load_config("tiny_cpu", [f"train.oof_backend={choice}"])
+        assert uses_onnx(tr, tta=2) is expected
+    tr.cfg = load_config("tiny_cpu")
+    tr.val_df = pd.concat([tr.val_df] * (ONNX_MIN_IMAGES // len(tr.val_df) + 1))  # a pass large enough to export
+    assert uses_onnx(tr)
+
+
 def test_progressive_resizing_trains_at_the_scheduled_size_and_evaluates_at_the_backbone_size(ham_sample, tmp_path):
     cfg = load_config("tiny_cpu", ["train.epochs=3", "train.max_steps_per_epoch=1", "train.epoch_sizes=[32,48]",
                                    "model.encoder.dynamic_img_size=true"])

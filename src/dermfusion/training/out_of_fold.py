@@ -10,13 +10,26 @@ from ..console import console
 from ..inference.backends import prepare_backend
 from ..inference.predict_loop import predict_probs
 
+# below this many forward images (validation lesions × test-time views) exporting the graph costs more than it saves:
+# an export takes ~5-15 s for a CNN (100 s for a RemixFormer), and ONNX Runtime saves ~15-20 ms per image on 2 cores
+ONNX_MIN_IMAGES = 512
+
+
+def uses_onnx(trainer, tta: int = 0) -> bool:
+    """Whether the out-of-fold pass runs on ONNX Runtime float32: ``train.oof_backend`` onnx, or auto on a CPU in one
+    process with onnxruntime installed and a pass of at least ``ONNX_MIN_IMAGES`` images."""
+    choice = trainer.cfg.train.oof_backend
+    if choice == "trained" or trainer.device.type != "cpu" or trainer.world != 1 \
+            or importlib.util.find_spec("onnxruntime") is None:
+        return False
+    return choice == "onnx" or len(trainer.val_df) * max(1, tta) >= ONNX_MIN_IMAGES
+
 
 def predict_out_of_fold(trainer, model, tta: int = 0) -> np.ndarray:
-    """``trainer``'s validation lesions through ``model``: on ONNX Runtime float32 when ``train.oof_backend`` is auto,
-    the fold runs on a CPU in one process and onnxruntime is installed (exact to ~1e-5: an fp32 graph of the same
-    weights, 3-5x faster than eager here), else eager as trained. A failed export falls back to eager."""
-    if trainer.cfg.train.oof_backend == "auto" and trainer.device.type == "cpu" and trainer.world == 1 \
-            and importlib.util.find_spec("onnxruntime") is not None:
+    """``trainer``'s validation lesions through ``model``: on ONNX Runtime float32 when ``uses_onnx`` (exact to
+    ~1e-5: an fp32 graph of the same weights, 3-5x faster than eager here), else eager as trained. A failed export
+    falls back to eager."""
+    if uses_onnx(trainer, tta):
         try:
             runner = prepare_backend(model.eval(), "onnx", device=trainer.device)
         except Exception as e:  # noqa: BLE001 — any export / session failure: the eager pass still works
