@@ -41,6 +41,11 @@ class LossConfig(_Strict):
     soft_f1_weight: float = 0.5
     label_smoothing: float = 0.0
     aux_weight: float = 0.3
+    # one class against the rest as an extra binary term (e.g. melanoma vs everything else, the triage question):
+    # binary cross-entropy on log P(class) − log P(rest) of the same logits, weighted by vs_rest_weight (0 = off).
+    # No new head: the bundle, its export and its calibration are unchanged
+    vs_rest_class: Optional[str] = None
+    vs_rest_weight: float = 0.0
 
 
 class OptimConfig(_Strict):

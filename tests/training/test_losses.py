@@ -88,3 +88,29 @@ def test_logit_adjustment_removes_the_prior():
     assert torch.allclose(adj, -torch.log(torch.tensor([0.7, 0.2, 0.1])))
     # with uninformative logits the adjusted prediction favours the rare class
     assert int(torch.argmax(torch.zeros(3) + adj)) == 2
+
+
+def test_one_vs_rest_term_is_the_binary_cross_entropy_of_the_softmax_probability():
+    from dermfusion.training.losses import one_vs_rest_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(16, 7) * 3
+    target = torch.randint(0, 7, (16,))
+    target[:4] = 4  # some rows of the class
+    p = torch.softmax(logits, 1)[:, 4]
+    y = (target == 4).float()
+    expected = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    assert torch.allclose(one_vs_rest_loss(logits, target, 4), expected, atol=1e-5)
+    # in the training loss: its own logged part, added with its weight; off without a weight
+    base = build_loss({"name": "ce", "alpha": "none"})({"logits": logits}, target)[0]
+    loss, parts = build_loss({"name": "ce", "alpha": "none", "vs_rest_class": "MEL", "vs_rest_weight": 0.5},
+                             classes=["AKIEC", "BCC", "BKL", "DF", "MEL", "NV", "VASC"])({"logits": logits}, target)
+    assert torch.allclose(parts["vs_rest"], expected, atol=1e-5)
+    assert torch.allclose(loss, base + 0.5 * expected, atol=1e-5)
+
+
+def test_one_vs_rest_needs_a_class_of_the_task():
+    with pytest.raises(ValueError, match="needs loss.vs_rest_class"):
+        build_loss({"name": "ce", "vs_rest_weight": 0.5}, classes=["A", "B"])
+    with pytest.raises(ValueError, match="'MEL' is not one of the task's classes"):
+        build_loss({"name": "ce", "vs_rest_class": "MEL", "vs_rest_weight": 0.5}, classes=["A", "B"])

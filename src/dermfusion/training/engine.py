@@ -155,7 +155,7 @@ class FoldTrainer:
         loss_cfg = cfg.loss.model_dump()
         if str(loss_cfg["alpha"]).lower() in {"none", "null"}:
             loss_cfg["alpha"] = None
-        self.loss_fn = build_loss(loss_cfg, counts)
+        self.loss_fn = build_loss(loss_cfg, counts, self.task.classes)
         if self.world > 1 and has_batchnorm(self.model):
             if self.device.type == "cuda":  # before the optimiser is built: it must see the converted modules
                 self.model = convert_sync_batchnorm(self.model)

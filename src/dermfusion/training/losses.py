@@ -92,6 +92,8 @@ class LossConfig:
     alpha: str | Sequence[float] | None = None  # None | "inverse_frequency" | per-class weights
     soft_f1_weight: float = 1.0
     aux_weight: float = 0.0
+    vs_rest_class: str | None = None  # a class name (needs the task's classes in build_loss)
+    vs_rest_weight: float = 0.0
 
     @classmethod
     def from_any(cls, cfg) -> "LossConfig":
@@ -112,9 +114,10 @@ class LossConfig:
 class TrainingLoss(nn.Module):
     """``(outputs, target) -> (loss, parts)``; parts are detached tensors for logging."""
 
-    def __init__(self, base: Callable, soft_f1_weight: float, aux_weight: float):
+    def __init__(self, base: Callable, soft_f1_weight: float, aux_weight: float, vs_rest: tuple[int, float] | None = None):
         super().__init__()
         self.base, self.soft_f1_weight, self.aux_weight = base, soft_f1_weight, aux_weight  # a Module base moves with .to()
+        self.vs_rest = vs_rest  # (class index, weight) or None
 
     def forward(self, outputs: dict, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = outputs["logits"]
@@ -125,6 +128,11 @@ class TrainingLoss(nn.Module):
             sf1 = soft_f1_loss(logits, target)
             parts["soft_f1"] = sf1.detach()
             loss = loss + self.soft_f1_weight * sf1
+        if self.vs_rest:
+            k, weight = self.vs_rest
+            vr = one_vs_rest_loss(logits, target, k)
+            parts["vs_rest"] = vr.detach()
+            loss = loss + weight * vr
         if self.aux_weight:
             masks = outputs.get("aux_mask", {})
             for name, aux_logits in outputs.get("aux", {}).items():
@@ -144,6 +152,16 @@ class TrainingLoss(nn.Module):
         return loss, parts
 
 
+def one_vs_rest_loss(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """Binary cross-entropy of class ``k`` against the rest, from the softmax of the same logits: the binary logit
+    is log P(k) − log(1 − P(k)) = z_k − logsumexp(z_j, j ≠ k); the target is the (soft) probability of ``k``."""
+    z = logits.float()
+    rest = torch.cat([z[:, :k], z[:, k + 1:]], dim=1)
+    binary = z[:, k] - torch.logsumexp(rest, dim=1)
+    y = _as_probs(target, logits.shape[-1])[:, k]
+    return F.binary_cross_entropy_with_logits(binary, y)
+
+
 def _ce(label_smoothing: float, weight: torch.Tensor | None):
     def ce(logits, target, reduction="mean"):
         target = _as_probs(target, logits.shape[-1])
@@ -153,9 +171,19 @@ def _ce(label_smoothing: float, weight: torch.Tensor | None):
     return ce
 
 
-def build_loss(cfg=None, class_counts: Sequence[float] | None = None) -> TrainingLoss:
-    """Build the training loss from a config (dict, LossConfig, or loss name)."""
+def build_loss(cfg=None, class_counts: Sequence[float] | None = None,
+               classes: Sequence[str] | None = None) -> TrainingLoss:
+    """Build the training loss from a config (dict, LossConfig, or loss name); ``classes`` names the logits (for
+    ``vs_rest_class``)."""
     cfg = LossConfig.from_any(cfg)
+    vs_rest = None
+    if cfg.vs_rest_weight:
+        if cfg.vs_rest_class is None:
+            raise ValueError("loss.vs_rest_weight needs loss.vs_rest_class (e.g. MEL)")
+        if classes is None or cfg.vs_rest_class not in classes:
+            raise ValueError(f"loss.vs_rest_class={cfg.vs_rest_class!r} is not one of the task's classes "
+                             f"({', '.join(classes or [])})")
+        vs_rest = (list(classes).index(cfg.vs_rest_class), float(cfg.vs_rest_weight))
     alpha, spec = None, cfg.alpha
     if isinstance(spec, str) and spec.strip().lower() in {"", "none", "null"}:
         spec = None
@@ -176,4 +204,4 @@ def build_loss(cfg=None, class_counts: Sequence[float] | None = None) -> Trainin
         base = FocalLoss(cfg.gamma, alpha)
     else:
         raise ValueError(f"unknown loss {cfg.name!r}; use ce, focal, ce+soft_f1 or focal+soft_f1")
-    return TrainingLoss(base, cfg.soft_f1_weight if extra else 0.0, cfg.aux_weight)
+    return TrainingLoss(base, cfg.soft_f1_weight if extra else 0.0, cfg.aux_weight, vs_rest)
