@@ -3,7 +3,8 @@
 rich wraps what the CLI prints at the console's width, so prose in `result.output` may hold a line break anywhere a
 space was: compare it with `squash(...)`, or better check the files and structured results the command wrote.
 tests/conftest.py pins a wide plain console for every test and marks `cli` the tests that run the CLI and read what
-it printed (`reads_cli_output`); `.ci/run` runs those again on a narrow console under a long temporary path.
+it printed (`reads_cli_output`: run them alone with `-m cli`); `.ci/run` runs the whole suite with COLUMNS=60 under a
+long temporary path.
 """
 from __future__ import annotations
 

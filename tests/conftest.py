@@ -38,7 +38,7 @@ def plain_wide_console():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cli: runs the CLI and reads what it printed, in the test or a fixture it uses "
-                                       "(marked automatically); `.ci/run` runs these again on a narrow console")
+                                       "(marked automatically)")
 
 
 def pytest_collection_modifyitems(config, items):

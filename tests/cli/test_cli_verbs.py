@@ -139,9 +139,18 @@ def test_stack_and_ensemble(work, trained, tabular_run, manifest):
     run("ensemble", trained, tabular_run, "--manifest", manifest, "--out", ens)
     members = json.loads((ens / "members.json").read_text())
     assert len(members) == 2 and abs(sum(m["weight"] for m in members) - 1) < 1e-6
-    out = work / "ensemble_predictions.csv"
-    run("predict", ens, "--manifest", manifest, "--out", out, "--backend", "fp32")
+    out, clinical = work / "ensemble_predictions.csv", work / "ensemble_clinical.csv"
+    run("predict", ens, "--manifest", manifest, "--out", out, "--backend", "fp32", "--clinical", clinical)
     assert len(pd.read_csv(out)) == 48
+    # a combined bundle carries decision rules fitted on its own out-of-fold posteriors, like a run's bundles
+    for bundle in (stack, ens):
+        decisions = json.loads((bundle / "decisions.json").read_text())
+        assert decisions["triage"]["out_of_fold"] and decisions["differential"]["level"] == 0.95, bundle
+        assert decisions["fitted_on"] == "48 out-of-fold posteriors"
+    rows = pd.read_csv(clinical)
+    assert set(rows["action"]) <= {"monitor", "routine_referral", "urgent_referral", "cannot_assess"}
+    sets = [set(str(d).split("|")) for d in rows["differential"].dropna()]
+    assert sets and all(s <= set(ISIC2018.classes) for s in sets)  # the conformal sets, as class codes
     # RUN/bundle (the average bundle stack wrote) follows a later refit of the run's calibration
     from pathlib import Path
 

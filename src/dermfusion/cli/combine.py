@@ -105,6 +105,7 @@ def stack_cmd(runs: List[Path] = typer.Argument(..., help="run directories with 
     compare_table(oofs, y, df["fold"].to_numpy(), t, title="out-of-fold: members vs stack")
     write_stack_bundle(out, res, bundles, t)
     res.oof.to_csv(out / "oof.csv", index=False)
+    _decisions(out, runs, t, y, res.oof[list(t.classes)].to_numpy(), df["fold"].to_numpy())
     console.print(f"[green]wrote[/] stack bundle {out}")
 
 
@@ -154,4 +155,19 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
     frame.insert(0, "fold", folds)
     frame.insert(0, "lesion_id", df["lesion_id"].to_numpy())
     frame.to_csv(out / "oof.csv", index=False)
+    _decisions(out, runs, t, y, ens, folds)
     console.print(f"[green]wrote[/] ensemble bundle {out}")
+
+
+def _decisions(bundle: Path, runs: list[Path], task, y, raw, folds) -> None:
+    """The combined bundle's decision rules (operating point, conformal differential), fitted on its own
+    out-of-fold posteriors with the first member run's calibration settings (its targets and levels)."""
+    import yaml
+
+    from ..bundle import read_bundle
+    from ..evaluation.calibration import Calibration
+    from ..training.run_calibration import write_decisions
+
+    cfg = yaml.safe_load((runs[0] / "config.yaml").read_text()) if (runs[0] / "config.yaml").exists() else {}
+    posterior = Calibration.from_dict(read_bundle(bundle).calibration).posterior(raw)
+    write_decisions(bundle, (cfg or {}).get("calibration") or {}, task, y.argmax(1), posterior, folds)

@@ -143,6 +143,17 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     return {"fitted": d, "report": report, "decisions": _summary(decisions)}
 
 
+def write_decisions(bundle: Path, options: dict, task, y_idx: np.ndarray, posterior: np.ndarray, folds) -> dict:
+    """The decision rules of a bundle that combines runs and carries its own calibration (``dermfusion ensemble``,
+    ``stack``): fitted on its out-of-fold posteriors (``fit_decisions``, ``options`` as a config's ``calibration``)
+    and written as ``decisions.json`` + the evidence file, the bundle re-sealed."""
+    decisions = fit_decisions(options, task, y_idx, posterior, folds)
+    update_files(bundle, {"decisions.json": lambda f: f.write_text(json.dumps(decisions, indent=1, default=float)),
+                          EVIDENCE_FILE: lambda f: write_evidence(f, posterior, y_idx, folds)})
+    _print_decisions(task, decisions)
+    return decisions
+
+
 def _summary(decisions: dict) -> dict:
     """The decisions' figures without the conformal calibration scores (summary.json stays small)."""
     out = {k: v for k, v in decisions.items() if k != "differential"}
