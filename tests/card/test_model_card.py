@@ -280,7 +280,7 @@ def test_service_builds_a_card_on_the_fly_and_names_an_ensemble(tiny_bundle, tmp
 # ------------------------------------------------------------------------------------------ tabular
 def test_tabular_training_writes_cards(tmp_path):
     pytest.importorskip("lightgbm")
-    from test_tabular import FAST, synthetic_manifest
+    from tabular_helpers import FAST, synthetic_manifest
 
     from dermfusion.tabular.train import train_tabular_cv
 
