@@ -134,8 +134,7 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     d = cal.to_dict()
     for b in bundles:  # one re-seal per bundle (the model file is hashed once, not three times)
         update_files(b, {"calibration.json": lambda f: f.write_text(json.dumps(d, indent=2)),
-                         "decisions.json": lambda f: f.write_text(json.dumps(decisions, indent=1, default=float)),
-                         EVIDENCE_FILE: lambda f: write_evidence(f, post, y.argmax(1), folds)})
+                         **_decision_files(decisions, post, y.argmax(1), folds)})
     console.print(f"calibration ({mode}): T = {T:.3f}, out-of-fold ECE {report['ece_raw']:.3f} raw → "
                   f"{report['ece_posterior']:.3f} posterior; balanced rule (prior ** {cal.prior_strength:g}): "
                   f"balanced accuracy {report['oof_balanced']['balanced_accuracy']:.4f}")
@@ -143,13 +142,18 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     return {"fitted": d, "report": report, "decisions": _summary(decisions)}
 
 
+def _decision_files(decisions: dict, posterior: np.ndarray, y_idx: np.ndarray, folds) -> dict:
+    """The writers of a bundle's decisions.json and evidence file (for ``update_files``)."""
+    return {"decisions.json": lambda f: f.write_text(json.dumps(decisions, indent=1, default=float)),
+            EVIDENCE_FILE: lambda f: write_evidence(f, posterior, y_idx, folds)}
+
+
 def write_decisions(bundle: Path, options: dict, task, y_idx: np.ndarray, posterior: np.ndarray, folds) -> dict:
     """The decision rules of a bundle that combines runs and carries its own calibration (``dermfusion ensemble``,
     ``stack``): fitted on its out-of-fold posteriors (``fit_decisions``, ``options`` as a config's ``calibration``)
     and written as ``decisions.json`` + the evidence file, the bundle re-sealed."""
     decisions = fit_decisions(options, task, y_idx, posterior, folds)
-    update_files(bundle, {"decisions.json": lambda f: f.write_text(json.dumps(decisions, indent=1, default=float)),
-                          EVIDENCE_FILE: lambda f: write_evidence(f, posterior, y_idx, folds)})
+    update_files(bundle, _decision_files(decisions, posterior, y_idx, folds))
     _print_decisions(task, decisions)
     return decisions
 
