@@ -95,3 +95,36 @@ def test_metadata_config_builds_a_network_that_reads_elevation(tmp_path, fixture
         logits = model(batch)["logits"]
     assert not torch.equal(logits[0], logits[1])  # the elevation token reaches the diagnosis
     assert np.isfinite(logits.numpy()).all()  # an unknown elevation is masked, never a NaN
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("derm7pt_trimodal", ["model.encoder.name=timm:resnet18", "model.encoder.pretrained_path=null",
+                          "model.encoder.input_size=32"]),
+    ("derm7pt_remixformer", ["model.encoder.dermoscopic.name=timm:resnet18", "model.encoder.dermoscopic.input_size=64",
+                             "model.pretrained_path=null", "model.dermoscopic_size=128"]),
+])
+def test_the_other_families_read_derm7pt_dermoscopy_and_metadata_without_a_clinical_branch(tmp_path, fixture_dir,
+                                                                                           name, overrides):
+    """The zoo's Derm7pt configs for the tri-modal network and RemixFormer++: dermoscopy only (no clinical photos
+    here) plus sex / site / elevation tokens; the elevation reaches the diagnosis."""
+    import torch
+
+    from dermfusion.data.dataset import collate, LesionDataset
+    from dermfusion.models.factory import build_model, feature_spec_for, preprocess_of
+
+    src = pd.read_csv(fixture_dir / "train.csv").head(4)
+    df = import_derm7pt(_meta(tmp_path, [str(fixture_dir / p) for p in src["image"]]))
+    cfg = load_config(name, overrides + ["model.freeze_blocks=0", "data.cache_dir=null"])
+    spec = feature_spec_for(cfg, DERM7PT, df)
+    assert spec.modalities == ["dermoscopic"]
+    assert list(spec.categorical) == ["sex", "site", "elevation"] and spec.numeric == []
+    torch.manual_seed(0)
+    model = build_model(cfg, DERM7PT, spec).eval()
+    pre = preprocess_of(model, spec)
+    rows = pd.concat([df.iloc[[0]]] * 2, ignore_index=True)
+    rows["lesion_id"], rows["elevation"] = ["a", "b"], ["flat", "nodular"]
+    ds = LesionDataset(rows, DERM7PT, spec, pre, with_targets=False)
+    with torch.no_grad():
+        logits = model(collate([ds[i] for i in range(2)]))["logits"]
+    assert logits.shape == (2, len(DERM7PT.classes)) and np.isfinite(logits.numpy()).all()
+    assert not torch.equal(logits[0], logits[1])
