@@ -2,7 +2,7 @@
 decisions do on a test set whose labels are held back.
 
     python benchmarks/clinical_decisions.py --run runs/ham_rec --manifest ham_d7.parquet \
-        [--test-clinical isic2018_test_clinical.csv] [--n-boot 1000] [--markdown out.md]
+        [--test-clinical isic2018_test_clinical.csv] [--member-clinical fold_0.csv …] [--n-boot 1000] [--markdown out.md]
 
 Out of fold (each lesion predicted by the fold model that did not train on it; HAM10000 lesions only when the run
 added train-only rows): balanced accuracy of the balanced rule, melanoma AUROC, top-label ECE of the raw output, the
@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--manifest", type=Path, required=True)
     ap.add_argument("--test-clinical", type=Path)
+    ap.add_argument("--member-clinical", type=Path, nargs="*", default=[],
+                    help="the same test images predicted by each fold model alone (predict FOLD/bundle --clinical): "
+                         "is the test's referral rate the ensemble's averaging or the models' own?")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--markdown", type=Path)
     args = ap.parse_args()
@@ -122,6 +125,14 @@ def main() -> None:
             lines.append(f"| mean prediction-set size | {sizes.mean():.2f} (empty sets {(sizes == 0).mean():.3f}) |")
         op_mel = (t["differential"].fillna("").str.contains("MEL")).mean() if "differential" in t else float("nan")
         lines.append(f"| sets naming MEL | {op_mel:.3f} |")
+    if args.member_clinical:
+        lines += ["", "the same test images, each fold model alone (the run's decisions applied to its posteriors):", "",
+                  "| file | referred | urgent | mean set size |", "|---|---:|---:|---:|"]
+        for f in [args.test_clinical, *args.member_clinical] if args.test_clinical else args.member_clinical:
+            t = pd.read_csv(f)
+            size = t["differential"].fillna("").map(lambda v: len([c for c in v.split("|") if c])).mean()
+            lines.append(f"| {Path(f).name} | {t['action'].isin(['routine_referral', 'urgent_referral']).mean():.3f} | "
+                         f"{(t['action'] == 'urgent_referral').mean():.3f} | {size:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
