@@ -36,6 +36,11 @@ def ci_text(fn, y, p, n_boot):
     return f"{fn(y, p):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def set_sizes(clinical: pd.DataFrame) -> pd.Series:
+    """The number of classes in each lesion's prediction set (the ``differential`` column, codes joined by "|")."""
+    return clinical["differential"].fillna("").map(lambda v: len([c for c in v.split("|") if c]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
@@ -111,8 +116,7 @@ def main() -> None:
         t = pd.read_csv(args.test_clinical)
         p = t[C].to_numpy()
         em = estimate_prior_em(p, cal.prior)
-        sizes = t["differential"].fillna("").map(lambda v: len([c for c in v.split("|") if c])) \
-            if "differential" in t else None
+        sizes = set_sizes(t) if "differential" in t else None
         lines += ["", f"test file {args.test_clinical} ({len(t)} lesions, labels held back; nothing fitted on it):", "",
                   "| label-free figure | value |", "|---|---:|",
                   f"| referred (routine or urgent) | {t['action'].isin(['routine_referral', 'urgent_referral']).mean():.3f} |",
@@ -128,11 +132,10 @@ def main() -> None:
     if args.member_clinical:
         lines += ["", "the same test images, each fold model alone (the run's decisions applied to its posteriors):", "",
                   "| file | referred | urgent | mean set size |", "|---|---:|---:|---:|"]
-        for f in [args.test_clinical, *args.member_clinical] if args.test_clinical else args.member_clinical:
+        for f in [f for f in (args.test_clinical, *args.member_clinical) if f]:
             t = pd.read_csv(f)
-            size = t["differential"].fillna("").map(lambda v: len([c for c in v.split("|") if c])).mean()
             lines.append(f"| {Path(f).name} | {t['action'].isin(['routine_referral', 'urgent_referral']).mean():.3f} | "
-                         f"{(t['action'] == 'urgent_referral').mean():.3f} | {size:.2f} |")
+                         f"{(t['action'] == 'urgent_referral').mean():.3f} | {set_sizes(t).mean():.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -30,20 +30,14 @@ def main() -> None:
     a = ap.parse_args()
     task = get_task("isic2018")
     C = list(task.classes)
-    frames = {}
-    for name, path in (("baseline", a.baseline), ("with metadata", a.with_metadata),
-                       ("without metadata", a.without_metadata)):
-        df = pd.read_csv(path, dtype={"lesion_id": str, "image": str})
-        key = "lesion_id" if "lesion_id" in df else "image"
-        frames[name] = df.set_index(key)
-    man = load_manifest(a.manifest)
-    ids = [i for i in man["lesion_id"] if all(i in f.index for f in frames.values())]
-    if not ids:  # predict's files name lesions by image id
-        man = man.set_index("image_id", drop=False)
-        ids = [i for i in man.index if all(i in f.index for f in frames.values())]
-        y = targets(man.loc[ids], task).argmax(1)
-    else:
-        y = targets(man.set_index("lesion_id").loc[ids], task).argmax(1)
+    # each file's first column names the lesion (`lesion_id` in a run's files; predict's `image` column holds the
+    # manifest's lesion ids)
+    frames = {name: pd.read_csv(path, index_col=0, dtype={0: str})
+              for name, path in (("baseline", a.baseline), ("with metadata", a.with_metadata),
+                                 ("without metadata", a.without_metadata))}
+    man = load_manifest(a.manifest).set_index("lesion_id")
+    ids = [i for i in man.index if all(i in f.index for f in frames.values())]
+    y = targets(man.loc[ids], task).argmax(1)
     mel = (y == C.index("MEL")).astype(int)
     s = {k: f.loc[ids, "MEL"].to_numpy() for k, f in frames.items()}
     rng = np.random.default_rng(0)
