@@ -160,6 +160,47 @@ def test_stack_and_ensemble(work, trained, tabular_run, manifest):
     assert json.loads(average.read_text()) == json.loads(fold.read_text())
 
 
+def _close(a, b, path="calibration"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, float, int)) and not isinstance(a, bool):
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-4, atol=1e-6, err_msg=path)
+    else:
+        assert a == b, path
+
+
+def test_an_ensemble_of_network_runs_is_calibrated_as_one_run_is(work, trained, manifest):
+    """Network runs' raw output is under their samplers' class prior, so their blend gets a run's calibration
+    (posteriors, the balanced rule, the decision rules), not a bare temperature: a run blended with itself is that
+    run — the same calibration, the same out-of-fold files, the same predictions."""
+    from pathlib import Path
+
+    from dermfusion.bundle import write_average_bundle
+
+    # RUN/bundle as an earlier `ensemble` left it before the run had its second fold: rewritten, not reused
+    write_average_bundle(Path(trained), [Path(trained) / "fold_0" / "bundle"])
+    ens = work / "ensemble_self"
+    text = run("ensemble", trained, trained, "--manifest", manifest, "--out", ens, "--objective", "equal")
+    assert len(json.loads((Path(trained) / "bundle" / "members.json").read_text())) == 2
+    assert "balanced rule" in text and "weights (equal): run 0.500, run 0.500" in text
+    own = json.loads((Path(trained) / "fold_0" / "bundle" / "calibration.json").read_text())
+    assert own.get("prior"), "a network run's posteriors say which prior they assume"
+    _close(json.loads((ens / "calibration.json").read_text()), own)
+    for name in ("oof_calibrated.csv", "oof_balanced.csv"):
+        a, b = (pd.read_csv(d / name).sort_values("lesion_id", ignore_index=True) for d in (ens, Path(trained)))
+        pd.testing.assert_frame_equal(a[["lesion_id", *CLASSES]], b[["lesion_id", *CLASSES]], rtol=1e-4)
+    decisions = json.loads((ens / "decisions.json").read_text())
+    assert decisions["fitted_on"] == "48 out-of-fold posteriors" and decisions["differential"]["level"] == 0.95
+    run("bundle", "verify", ens)  # the out-of-fold files and the report beside the model change no prediction
+    files = [work / f"self_{k}.csv" for k in ("ensemble", "run")]
+    for bundle, out in zip((ens, trained), files):
+        run("predict", bundle, "--manifest", manifest, "--out", out, "--backend", "fp32")
+    a, b = (pd.read_csv(f) for f in files)
+    np.testing.assert_allclose(a[CLASSES].to_numpy(), b[CLASSES].to_numpy(), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ documents
 def test_card(work, trained, manifest):
     from pathlib import Path

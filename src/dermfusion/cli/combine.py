@@ -21,11 +21,24 @@ def run_oof_and_bundle(run: Path) -> tuple[pd.DataFrame, Path]:
     oof = run / "oof.csv"
     if not oof.exists():
         fail(f"{run} has no oof.csv: pass run directories written by `dermfusion train`")
-    if not (run / "bundle" / "config.yaml").exists():
-        from ..bundle import resolve_run, write_average_bundle
+    from ..bundle import resolve_run, write_average_bundle
 
+    average = run / "bundle"
+    if not (average / "config.yaml").exists() or _stale_average(average, resolve_run(run)):
         write_average_bundle(run, resolve_run(run))
-    return pd.read_csv(oof, dtype={"lesion_id": str}), run / "bundle"
+    return pd.read_csv(oof, dtype={"lesion_id": str}), average
+
+
+def _stale_average(average: Path, fold_bundles: list[Path]) -> bool:
+    """RUN/bundle is an ``average`` of other fold bundles than the run now lists (the run was extended with more
+    folds after an ensemble or stack named it)."""
+    import yaml
+
+    cfg = yaml.safe_load((average / "config.yaml").read_text()) or {}
+    if cfg.get("kind") != "average":
+        return False  # a tabular run's calibrated refit
+    listed = [(average / m["path"]).resolve() for m in cfg.get("members") or []]
+    return listed != [Path(b).resolve() for b in fold_bundles]
 
 
 def _labelled(manifest: Path, task):
@@ -117,12 +130,17 @@ def _labelled_targets(df, task):
 def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories with oof.csv"),
                  manifest: Path = typer.Option(..., help="the labelled training manifest (with folds)"),
                  out: Path = typer.Option(..., help="ensemble bundle directory"),
-                 objective: str = typer.Option("auto", help="weights maximise: logloss | official "
-                                               "(auto: logloss when cuts are tuned afterwards, i.e. MILK10k)"),
+                 objective: str = typer.Option("auto", help="weights maximise: logloss | official, or equal "
+                                               "weights: equal (auto: logloss when cuts are tuned afterwards, "
+                                               "i.e. MILK10k, or when the members are network runs)"),
                  eval_size: Optional[int] = typer.Option(None, help="size of the set the submission is scored on "
                                                          "(MILK10k: a class too rare to appear there is left unpredicted)"),
                  task: Optional[str] = typer.Option(None)):
-    """Weights on the simplex searched on out-of-fold predictions, then calibration fitted on the blend."""
+    """Weights on the simplex searched on out-of-fold predictions, then calibration fitted on the blend.
+
+    Network runs (their raw output is under their samplers' class prior) get a run's calibration on the blend: the
+    posteriors, the balanced rule and the decision rules, with the first run's `calibration` settings."""
+    import numpy as np
     import pandas as pd  # the CLI imports the data stack when a verb runs
 
     from ..evaluation.calibration import calibrate_oof
@@ -138,11 +156,17 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
     folds = df["fold"].to_numpy()
     names = [r.name for r in runs]
     probs = [align_oof(f, df["lesion_id"], t, n) for n, f in zip(names, frames)]
+    networks = all(_is_network_run(r) for r in runs)
     if objective == "auto":
-        objective = "logloss" if t.metric == "milk10k_dice" else "official"
+        objective = "logloss" if t.metric == "milk10k_dice" or networks else "official"
+    if objective not in ("logloss", "official", "equal"):
+        fail(f"--objective {objective!r}: use logloss, official or equal")
     metric = (lambda yt, p: -log_loss(yt, p)) if objective == "logloss" else (lambda yt, p: official_score(t, yt, p))
-    w, _ = search_weights(probs, y, metric)
+    w = np.full(len(probs), 1 / len(probs)) if objective == "equal" else search_weights(probs, y, metric)[0]
     ens = blend(probs, w)
+    if networks:
+        _calibrate_network_blend(out, runs, bundles, w, names, t, manifest, df, y, ens, folds, objective, probs)
+        return
     calib, report = calibrate_oof(t, y, ens, folds, eval_size=eval_size)
     compare_table({**dict(zip(names, probs)), "ensemble": ens}, y, folds, t,
                   title="out-of-fold: members vs ensemble", eval_size=eval_size)
@@ -156,6 +180,64 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
     frame.insert(0, "lesion_id", df["lesion_id"].to_numpy())
     frame.to_csv(out / "oof.csv", index=False)
     _decisions(out, runs, t, y, ens, folds)
+    console.print(f"[green]wrote[/] ensemble bundle {out}")
+
+
+def _is_network_run(run: Path) -> bool:
+    """A run written by `dermfusion train` for a network (not a tabular expert, not a combined bundle)."""
+    import yaml
+
+    cfg = run / "config.yaml"
+    model = ((yaml.safe_load(cfg.read_text()) or {}).get("model") or {}) if cfg.exists() else {}
+    return bool(model) and model.get("kind", "network") != "tabular" and (run / "summary.json").exists()
+
+
+def _calibrate_network_blend(out: Path, runs: list[Path], bundles, w, names, task, manifest: Path, df, y, ens,
+                             folds, objective: str, probs) -> None:
+    """The blend of network runs calibrated as one run is (``training.run_calibration.calibrate_run``): posteriors
+    fitted on the blend's out-of-fold output, the balanced rule, the operating point and the conformal differential,
+    written into the ensemble bundle; ``oof.csv`` / ``oof_calibrated.csv`` / ``oof_balanced.csv`` and the report
+    (``metrics.json``) in it, none of them hashed."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from ..bundle import read_bundle
+    from ..config import ExperimentConfig
+    from ..data.manifest import load_manifest
+    from ..evaluation.calibration import Calibration
+    from ..evaluation.metrics import balanced_accuracy, log_loss
+    from ..tabular.ensemble import write_ensemble_bundle
+    from ..training.cv import training_class_counts
+    from ..training.run_calibration import calibrate_run, write_calibrated_oof
+
+    cfgs = [ExperimentConfig.model_validate(yaml.safe_load((r / "config.yaml").read_text())) for r in runs]
+    powers = {c.train.sampler_power for c in cfgs}
+    if len(powers) > 1 and cfgs[0].calibration.posterior != "bias_temperature":
+        fail(f"the runs sampled under different class priors (sampler_power {sorted(powers)}): their blend has no one "
+             "sampling prior, so its posterior needs `calibration.posterior: bias_temperature` (fitted) in the first "
+             f"run's config, not {cfgs[0].calibration.posterior!r}")
+    write_ensemble_bundle(out, bundles, w, task, names=names, calibration={}, metrics={"objective": objective})
+    frame = pd.DataFrame(ens, columns=list(task.classes))
+    frame.insert(0, "fold", folds)
+    frame.insert(0, "lesion_id", df["lesion_id"].to_numpy())
+    frame.to_csv(out / "oof.csv", index=False)
+    counts = training_class_counts(load_manifest(manifest), task, np.unique(folds))
+    res = calibrate_run(cfgs[0].calibration, task, y, frame, [out], cfgs[0].train.sampler_power,
+                        class_counts=counts)
+    write_calibrated_oof(task, frame, res["fitted"], out / "oof_calibrated.csv")
+    calibrations = [Calibration.from_dict(read_bundle(b).calibration) for b in bundles]
+    calibrations.append(Calibration.from_dict(res["fitted"]))
+    rows = [(n, c.balanced(p), c.posterior(p)) for n, p, c in zip([*names, "ensemble"], [*probs, ens], calibrations)]
+    yi = y.argmax(1)
+    console.print("out-of-fold, each member under its own run's calibration:")
+    for n, bal, post in rows:
+        console.print(f"  {n}: balanced accuracy (balanced rule) {balanced_accuracy(yi, bal):.4f} · "
+                      f"log loss (posterior) {log_loss(yi, post):.4f}")
+    console.print(f"weights ({objective}): " + ", ".join(f"{n} {wi:.3f}" for n, wi in zip(names, w)))
+    # the calibration report beside the bundle's figures (metrics.json is not hashed: it changes no prediction)
+    (out / "metrics.json").write_text(json.dumps({"objective": objective, "weights": dict(zip(names, map(float, w))),
+                                                  "calibration": res}, indent=2, default=float))
     console.print(f"[green]wrote[/] ensemble bundle {out}")
 
 
