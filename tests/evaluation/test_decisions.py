@@ -115,3 +115,26 @@ def test_newcombe_interval_and_the_change_rule():
     res = change_rule(new, old, subset, margin=0.05)
     assert res["noninferiority"]["passed"] and res["superiority"]["passed"] and res["passed"]
     assert not change_rule(old, new, subset, margin=0.0)["passed"]
+
+
+@pytest.mark.parametrize("malignant_target, malignant_cv, warned", [(None, 0.715, True), (None, 0.92, False),
+                                                                    (0.95, 0.715, False)])
+def test_a_melanoma_only_operating_point_that_leaves_other_cancers_behind_is_called_out(malignant_target,
+                                                                                        malignant_cv, warned):
+    """The blend of the ISIC 2018 recipe and the segmentation-guided network, chosen for 95 % melanoma sensitivity
+    only, referred BCCs and AKIECs through P(MEL) alone: 0.715 of malignant lesions out of fold. Training and
+    `ensemble` say so (and how to set a target for them) — not when the gap is small or a target was set."""
+    from dermfusion.console import console
+    from dermfusion.training.run_calibration import _print_decisions
+
+    cv = {"melanoma_sensitivity": 0.939, "malignant_sensitivity": malignant_cv, "benign_referral_rate": 0.224,
+          "urgent_rate": 0.104}
+    op = {"routine_risk": 101.0, "routine_class_probability": {"MEL": 0.034}, "urgent_class_probability": {"MEL": 0.27},
+          "targets": {"melanoma_sensitivity": 0.95, "malignant_sensitivity": malignant_target, "max_urgent_rate": 0.1},
+          "out_of_fold": {"cross_validated": cv}}
+    with console.capture() as cap:
+        _print_decisions(ISIC2018, {"triage": op})
+    text = " ".join(cap.get().split())
+    assert "malignant sensitivity 0.715" in text or "malignant sensitivity 0.920" in text
+    assert ("targets melanoma only: 72% of all malignant lesions" in text) is warned
+    assert ("--malignant-sensitivity 0.95" in text) is warned

@@ -17,7 +17,8 @@ def operating_point_cmd(
     melanoma_sensitivity: float = typer.Option(0.95, help="share of melanomas to refer (routine or urgent)"),
     malignant_sensitivity: Optional[float] = typer.Option(None, help="share of all malignant lesions to refer"),
     max_urgent_rate: Optional[float] = typer.Option(0.10, help="ceiling on the share of lesions referred urgently"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="print what the cut-offs would do; write nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what the cut-offs would do and draw the plot; "
+                                 "write nothing into the bundles"),
     n_boot: int = typer.Option(1000, help="bootstrap resamples for the intervals"),
 ):
     """Choose the triage operating point on out-of-fold posteriors for the targets, print sensitivity, specificity,
@@ -62,6 +63,11 @@ def operating_point_cmd(
     op["out_of_fold"] = operating_point_report(task, y, post, op, folds=oof["fold"].to_numpy(), choose=targets_,
                                                n_boot=n_boot)
     _print_report(op)
+    from ..training.run_calibration import melanoma_only_warning
+
+    warning = melanoma_only_warning(op)
+    if warning:
+        console.print(f"[yellow]{warning}[/]")
     _plot(run / "operating_point.png", task, y, post, op)
     console.print(f"[green]wrote[/] {run / 'operating_point.png'}")
     if dry_run:
