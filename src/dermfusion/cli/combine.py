@@ -149,9 +149,9 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
     from ..tabular.stacking import align_oof
 
     frames, bundles, t = _members(runs, task)
-    df, _ = _labelled(manifest, t)
+    labelled, _ = _labelled(manifest, t)
     ids = set.intersection(*[set(f["lesion_id"]) for f in frames])
-    df = df[df["lesion_id"].isin(ids)].reset_index(drop=True)
+    df = labelled[labelled["lesion_id"].isin(ids)].reset_index(drop=True)
     y = _labelled_targets(df, t)
     folds = df["fold"].to_numpy()
     names = [r.name for r in runs]
@@ -164,8 +164,11 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
     metric = (lambda yt, p: -log_loss(yt, p)) if objective == "logloss" else (lambda yt, p: official_score(t, yt, p))
     w = np.full(len(probs), 1 / len(probs)) if objective == "equal" else search_weights(probs, y, metric)[0]
     ens = blend(probs, w)
+    frame = pd.DataFrame(ens, columns=list(t.classes))  # the blend's out-of-fold output, as a run's oof.csv
+    frame.insert(0, "fold", folds)
+    frame.insert(0, "lesion_id", df["lesion_id"].to_numpy())
     if networks:
-        _calibrate_network_blend(out, runs, bundles, w, names, t, manifest, df, y, ens, folds, objective, probs)
+        _calibrate_network_blend(out, runs, bundles, w, names, t, labelled, y, frame, objective, probs)
         return
     calib, report = calibrate_oof(t, y, ens, folds, eval_size=eval_size)
     compare_table({**dict(zip(names, probs)), "ensemble": ens}, y, folds, t,
@@ -175,9 +178,6 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
         console.print(f"ensemble nested cut-tuned official score (OOF): {report['nested_cut_score']:.4f}")
     write_ensemble_bundle(out, bundles, w, t, names=names, calibration=calib.to_dict(),
                           metrics={"objective": objective, **{k: v for k, v in report.items() if k != "nested_per_class"}})
-    frame = pd.DataFrame(ens, columns=list(t.classes))
-    frame.insert(0, "fold", folds)
-    frame.insert(0, "lesion_id", df["lesion_id"].to_numpy())
     frame.to_csv(out / "oof.csv", index=False)
     _decisions(out, runs, t, y, ens, folds)
     console.print(f"[green]wrote[/] ensemble bundle {out}")
@@ -192,19 +192,17 @@ def _is_network_run(run: Path) -> bool:
     return bool(model) and model.get("kind", "network") != "tabular" and (run / "summary.json").exists()
 
 
-def _calibrate_network_blend(out: Path, runs: list[Path], bundles, w, names, task, manifest: Path, df, y, ens,
-                             folds, objective: str, probs) -> None:
+def _calibrate_network_blend(out: Path, runs: list[Path], bundles, w, names, task, labelled, y, frame,
+                             objective: str, probs) -> None:
     """The blend of network runs calibrated as one run is (``training.run_calibration.calibrate_run``): posteriors
     fitted on the blend's out-of-fold output, the balanced rule, the operating point and the conformal differential,
     written into the ensemble bundle; ``oof.csv`` / ``oof_calibrated.csv`` / ``oof_balanced.csv`` and the report
     (``metrics.json``) in it, none of them hashed."""
     import numpy as np
-    import pandas as pd
     import yaml
 
     from ..bundle import read_bundle
     from ..config import ExperimentConfig
-    from ..data.manifest import load_manifest
     from ..evaluation.calibration import Calibration
     from ..evaluation.metrics import balanced_accuracy, log_loss
     from ..tabular.ensemble import write_ensemble_bundle
@@ -218,16 +216,14 @@ def _calibrate_network_blend(out: Path, runs: list[Path], bundles, w, names, tas
              "sampling prior, so its posterior needs `calibration.posterior: bias_temperature` (fitted) in the first "
              f"run's config, not {cfgs[0].calibration.posterior!r}")
     write_ensemble_bundle(out, bundles, w, task, names=names, calibration={}, metrics={"objective": objective})
-    frame = pd.DataFrame(ens, columns=list(task.classes))
-    frame.insert(0, "fold", folds)
-    frame.insert(0, "lesion_id", df["lesion_id"].to_numpy())
     frame.to_csv(out / "oof.csv", index=False)
-    counts = training_class_counts(load_manifest(manifest), task, np.unique(folds))
+    counts = training_class_counts(labelled, task, np.unique(frame["fold"]))
     res = calibrate_run(cfgs[0].calibration, task, y, frame, [out], cfgs[0].train.sampler_power,
                         class_counts=counts)
     write_calibrated_oof(task, frame, res["fitted"], out / "oof_calibrated.csv")
     calibrations = [Calibration.from_dict(read_bundle(b).calibration) for b in bundles]
     calibrations.append(Calibration.from_dict(res["fitted"]))
+    ens = frame[list(task.classes)].to_numpy()
     rows = [(n, c.balanced(p), c.posterior(p)) for n, p, c in zip([*names, "ensemble"], [*probs, ens], calibrations)]
     yi = y.argmax(1)
     console.print("out-of-fold, each member under its own run's calibration:")
