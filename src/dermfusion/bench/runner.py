@@ -70,7 +70,7 @@ def time_preprocessing(image_paths: Sequence[str | Path], preprocess: dict, n: i
         tf = eval_transform(pre)
         t0 = time.perf_counter()
         for p in paths:
-            arr = np.array(load_rgb_array(str(p), None, size=pre.size))
+            arr = np.array(load_rgb_array(str(p), None, size=pre.eval_resize, interpolation=pre.interpolation))
             tf(torch.from_numpy(arr).permute(2, 0, 1))
         out[m] = (time.perf_counter() - t0) * 1000 / max(1, len(paths))
     return {"per_modality_ms": out, "per_lesion_ms": float(sum(out.values())), "n_images": len(paths)}

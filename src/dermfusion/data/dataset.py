@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 from ..criteria import criteria_column, get_criteria
 from ..tasks import TaskSpec
 from .features import FeatureSpec
-from .images import DecodeCache, load_rgb_array
+from .images import DecodeCache, load_rgb_array, resize_short_side
 from .manifest import IMAGE_COLUMNS
 from .samplers import DistributedWeightedSampler
 from .transforms import Preprocess, eval_transform, train_transform
@@ -81,7 +81,7 @@ class LesionDataset(Dataset):
         caches = {}
         if cache_dir:  # cache at a little above the input size so random crops still have detail
             for m in self.spec.modalities:
-                caches[m] = DecodeCache(cache_dir, self._load_size(pre[m]))
+                caches[m] = DecodeCache(cache_dir, self._load_size(pre[m]), pre[m].interpolation)
                 caches[m].prime(self.paths[m])
         return caches
 
@@ -90,7 +90,7 @@ class LesionDataset(Dataset):
         evaluation the resize before the centre crop (size / crop_pct)."""
         if self.train:
             return int(round(pre.size * 1.15))
-        return int(round(pre.size / min(pre.crop_pct, 1.0)))
+        return pre.eval_resize
 
     def size_of_epoch(self, epoch: int) -> int | None:
         """The schedule's input size for ``epoch`` (None: the preprocessing's own)."""
@@ -105,11 +105,13 @@ class LesionDataset(Dataset):
 
     def _load(self, modality: str, i: int, pre: Preprocess, cache) -> torch.Tensor | None:
         path = self.paths[modality][i]
-        if isinstance(path, Image.Image):  # in memory: the same evaluation path as an upload (training never gets here)
-            return torch.from_numpy(np.asarray(path.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        if isinstance(path, Image.Image):  # in memory: resized as the decode cache resizes a file (training never gets here)
+            arr = np.asarray(resize_short_side(path.convert("RGB"), self._load_size(pre), pre.interpolation), dtype=np.uint8)
+            return torch.from_numpy(arr.copy()).permute(2, 0, 1)
         if not path or path == "nan":
             return None
-        arr = load_rgb_array(path, cache, size=None if cache is not None else self._load_size(pre))
+        arr = load_rgb_array(path, cache, size=None if cache is not None else self._load_size(pre),
+                             interpolation=pre.interpolation)
         arr = arr if arr.flags.writeable and arr.flags.c_contiguous else np.array(arr)
         return torch.from_numpy(arr).permute(2, 0, 1)
 
@@ -212,9 +214,12 @@ def class_balanced_sampler(targets: np.ndarray, power: float = 0.5, num_samples:
 
 def image_tensor(img, pre: Preprocess) -> torch.Tensor:
     """A decoded RGB PIL image as the model's input (3×size×size float): the one evaluation path every prediction
-    takes — the API's uploads, ``dermfusion predict``'s files, in-memory manifest rows."""
-    t = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-    return eval_transform(pre)(t)
+    takes — the API's uploads, ``dermfusion predict``'s files, in-memory manifest rows. The image is resized exactly
+    as the training's decode cache resizes a file for the out-of-fold pass (``resize_short_side`` to
+    ``pre.eval_resize``, then the evaluation transform), so what is served is what the calibration, operating point
+    and prediction sets were fitted on, pixel for pixel."""
+    arr = np.asarray(resize_short_side(img.convert("RGB"), pre.eval_resize, pre.interpolation), dtype=np.uint8)
+    return eval_transform(pre)(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
 
 def batch_from_lesions(images: Sequence[dict], metadata: Sequence[dict], spec: FeatureSpec,

@@ -88,12 +88,26 @@ def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     return decode_image(path.read_bytes(), str(path), max_pixels)
 
 
-def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+# a preprocessing's interpolation name (``Preprocess.interpolation``) as PIL's resampling filter; any other name is
+# resampled bicubic, as the evaluation transform resamples it (``transforms.INTERPOLATION``)
+PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def resample_name(interpolation: str) -> str:
+    """The filter ``interpolation`` resizes with here: itself when known, else "bicubic"."""
+    return interpolation if interpolation in PIL_RESAMPLE else "bicubic"
+
+
+def resize_short_side(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """``img`` with its short side at ``size`` px (aspect kept), resampled with ``interpolation`` (a model's
+    preprocessing: bicubic for the ImageNet encoders, bilinear for PanDerm …). The one resize before the model's
+    transforms, whether an image comes through the decode cache or from memory (an upload)."""
     w, h = img.size
     s = size / min(w, h)
     if abs(s - 1.0) < 1e-6:
         return img
-    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=3.0)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), PIL_RESAMPLE[resample_name(interpolation)],
+                      reducing_gap=3.0)
 
 
 # (path, mtime, size) -> sha1 of the file: shared by every cache in the process (an edited file changes mtime/size)
@@ -101,15 +115,19 @@ _CONTENT_KEYS: dict[tuple[str, float, int], str] = {}
 
 
 class DecodeCache:
-    """Resized uint8 RGB arrays on disk, keyed by file content and target size.
+    """Resized uint8 RGB arrays on disk, keyed by file content, target size and interpolation.
 
     Epochs after the first read a small .npy instead of decoding a JPEG. The key is the sha1 of the
-    file bytes (so an edited file is re-decoded) plus the size; entries are written atomically.
+    file bytes (so an edited file is re-decoded) plus the size (and the interpolation, when not bicubic);
+    entries are written atomically.
     """
 
-    def __init__(self, root: str | os.PathLike, size: int):
+    def __init__(self, root: str | os.PathLike, size: int, interpolation: str = "bicubic"):
         self.root = Path(root)
         self.size = int(size)
+        self.interpolation = interpolation = resample_name(interpolation)
+        # bicubic entries keep their old names: caches written before the interpolation was part of the key stay valid
+        self._suffix = f"{self.size}" if interpolation == "bicubic" else f"{self.size}_{interpolation}"
         self.root.mkdir(parents=True, exist_ok=True)
         self._keys = _CONTENT_KEYS
 
@@ -138,14 +156,14 @@ class DecodeCache:
         if not path.exists():
             raise ImageError(f"{path}: file not found")
         key, data = self._key(path)
-        entry = self.root / key[:2] / f"{key}_{self.size}.npy"
+        entry = self.root / key[:2] / f"{key}_{self._suffix}.npy"
         if entry.exists():
             try:
                 return np.load(entry)
             except Exception:
                 entry.unlink(missing_ok=True)
         img = decode_image(data if data is not None else path.read_bytes(), str(path))
-        arr = np.asarray(resize_short_side(img, self.size), dtype=np.uint8)
+        arr = np.asarray(resize_short_side(img, self.size, self.interpolation), dtype=np.uint8)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, arr)
@@ -153,11 +171,12 @@ class DecodeCache:
         return arr
 
 
-def load_rgb_array(path: str, cache: DecodeCache | None = None, size: int | None = None) -> np.ndarray:
+def load_rgb_array(path: str, cache: DecodeCache | None = None, size: int | None = None,
+                   interpolation: str = "bicubic") -> np.ndarray:
     """H×W×3 uint8; through the cache when given, else decoded (and resized when `size`)."""
     if cache is not None:
         return cache.get(path)
     img = read_image(path)
     if size:
-        img = resize_short_side(img, size)
+        img = resize_short_side(img, size, interpolation)
     return np.asarray(img, dtype=np.uint8)

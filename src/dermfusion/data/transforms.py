@@ -38,6 +38,11 @@ class Preprocess:
                    interpolation=str(cfg.get("interpolation", "bicubic")), color_constancy=color_constancy,
                    crop_pct=float(cfg.get("resize_crop_pct", 1.0)), source=str(cfg.get("preprocess_source", "")))
 
+    @property
+    def eval_resize(self) -> int:
+        """The short side an image is resized to before evaluation's centre crop: size / crop_pct."""
+        return self.size if self.crop_pct >= 1.0 else int(round(self.size / self.crop_pct))
+
     def to_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
                 "color_constancy": self.color_constancy, "crop_pct": self.crop_pct, "source": self.source}
@@ -98,8 +103,10 @@ def train_transform(modality: str, pre: Preprocess, strength: float = 1.0) -> v2
 
 
 def eval_transform(pre: Preprocess) -> v2.Compose:
-    resize = pre.size if pre.crop_pct >= 1.0 else int(round(pre.size / pre.crop_pct))
-    return v2.Compose([*_constancy(pre), v2.Resize(resize, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
+    """Evaluation, on a uint8 image whose short side is already ``pre.eval_resize`` (``data.images.resize_short_side``:
+    the decode cache and ``dataset.image_tensor`` both resize first, so colour constancy sees the same pixels on every
+    path); the Resize here then only mends a rounding of the long side."""
+    return v2.Compose([*_constancy(pre), v2.Resize(pre.eval_resize, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 

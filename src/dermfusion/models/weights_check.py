@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import read_image
+from ..data.images import read_image, resize_short_side
 from ..data.transforms import Preprocess, eval_transform
 from .backbones import create_backbone
 from .checkpoint import read_state_dict, strip_key_prefixes
@@ -112,7 +112,8 @@ def sample_batch(data_config: dict, n: int) -> tuple[torch.Tensor, Preprocess]:
     pre = Preprocess.from_data_config(data_config)
     tf = eval_transform(pre)
     paths = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:n]
-    imgs = [torch.from_numpy(np.array(read_image(p))).permute(2, 0, 1).contiguous() for p in paths]
+    imgs = [torch.from_numpy(np.array(resize_short_side(read_image(p), pre.eval_resize, pre.interpolation)))
+            .permute(2, 0, 1).contiguous() for p in paths]
     return torch.stack([tf(x) for x in imgs]), pre
 
 
