@@ -144,6 +144,34 @@ def test_missing_metadata_flags_review(client, fixture_image_bytes):
     assert not fusion["site"]["present"] and fusion["site"]["weight"] == 0.0
 
 
+def test_elevation_is_taken_and_said_unused_by_a_model_without_it(client, fixture_image_bytes):
+    r = _post(client, {"dermoscopic": ("d.jpg", fixture_image_bytes, "image/jpeg")}, {"elevation": " Nodular "})
+    assert r.status_code == 200, r.text  # before: 422 (an unknown key) — Derm7pt metadata models never got it
+    body = r.json()
+    assert "elevation" not in body["inputs"]["metadata_used"]
+    assert any("elevation given but not used" in w for w in body["warnings"])
+
+
+def test_elevation_from_the_api_reaches_a_model_as_the_manifest_row_did():
+    """A Derm7pt metadata model (sex, site, elevation) trained on manifest rows gets the same codes from a request."""
+    import pandas as pd
+
+    from dermfusion.data.dataset import batch_from_lesions
+    from dermfusion.data.features import FeatureSpec
+    from dermfusion.data.transforms import Preprocess
+    from dermfusion.service.schemas import PatientMetadata
+
+    row = {"lesion_id": "a", "sex": "female", "site": "trunk", "elevation": "nodular", "age": float("nan"),
+           "skin_tone": "", "image_dermoscopic": ""}
+    spec = FeatureSpec.from_manifest(pd.DataFrame([row]), ["dermoscopic"], metadata_fields=["sex", "site", "elevation"])
+    trained = spec.encode_categorical(pd.DataFrame([row]))
+    request = PatientMetadata.model_validate({"sex": "f", "site": "back", "elevation": " Nodular "}).manifest_fields()
+    served = batch_from_lesions([{}], [request], spec, {"dermoscopic": Preprocess(size=32)})["categorical"]
+    assert served.tolist() == trained.tolist() and trained[0, 2] > 0  # elevation known, not the "unknown" code
+    unknown = PatientMetadata.model_validate({"elevation": "n/a"}).manifest_fields()
+    assert "elevation" not in unknown
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _bomb_png() -> bytes:
     return png_bytes(Image.new("1", (8000, 8000), 0))  # 64 MP in a few kB
@@ -203,6 +231,7 @@ def test_bad_images_are_4xx(client, fixture_image_bytes, case):
     ({"site": "elbow pit"}, ["site", "unknown site"]),
     ({"skin_tone": 9}, ["skin_tone", "less than or equal to 5"]),
     ({"sex": "x"}, ["sex"]),
+    ({"elevation": "bumpy"}, ["elevation"]),
     ({"notes": "patient worried"}, ["extra"]),  # neither the key nor the value is echoed
     ({"concepts": {"dermoscopic": {"pigmented": 1.7}}}, ["outside [0, 1]"]),
     ({"concepts": {"xray": {"a": 0.1}}}, ["image type"]),

@@ -140,7 +140,7 @@ class Analyzer:
         concept_fill = self.concept_filler.fill({m: uploads[m].data for m in used}, metadata_used, self.concepts)
         concepts_supplied, concepts_computed = concept_fill.supplied, list(concept_fill.computed)
         warnings += concept_fill.warnings
-        given_meta = [k for k in ("age", "sex", "skin_tone", "site") if k in fields]
+        given_meta = [k for k in ("age", "sex", "skin_tone", "site", "elevation") if k in fields]
         ignored = [k for k in given_meta if k not in model_fields]
         if ignored:
             warnings.append(f"metadata {', '.join(ignored)} given but not used by this model")

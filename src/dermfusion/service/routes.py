@@ -135,7 +135,8 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         dermoscopic: Optional[UploadFile] = File(None, description="dermoscopic photo (JPEG, PNG, WebP, TIFF)"),
         metadata: Optional[str] = Form(None, description=(
             'JSON object, every field optional: {"age": 0–120, "sex": "female"|"male", "skin_tone": 0–5, '
-            '"site": one of the canonical sites, "concepts": {"clinical": {name: score 0–1}, "dermoscopic": {…}}}')),
+            '"site": one of the canonical sites, "elevation": "flat"|"palpable"|"nodular", '
+            '"concepts": {"clinical": {name: score 0–1}, "dermoscopic": {…}}}')),
         explain: bool = Query(True, description="compute heat maps (slower)"),
     ):
         """Analyse one lesion: at least one image; metadata optional."""

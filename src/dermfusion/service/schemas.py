@@ -48,6 +48,9 @@ class PatientMetadata(_Model):
     skin_tone: Optional[int] = Field(None, ge=0, le=5, description="skin tone class 0–5 (as in MILK10k)")
     site: Optional[str] = Field(None, description="anatomical site: " + ", ".join(SITES)
                                 + " (common synonyms such as 'back' or 'face' are mapped)")
+    elevation: Optional[Literal["flat", "palpable", "nodular"]] = Field(
+        None, description="the lesion's elevation on examination: flat | palpable | nodular (read by models trained "
+                          "with it, e.g. derm7pt_recommended)")
     concepts: Optional[dict[str, dict[str, float]]] = Field(
         None, description='MONET concept scores in [0, 1] per image, e.g. {"dermoscopic": {"pigmented": 0.8}}')
 
@@ -62,6 +65,16 @@ class PatientMetadata(_Model):
         if s in MISSING_TOKENS:
             return None
         return {"f": "female", "m": "male"}.get(s, s)
+
+    @field_validator("elevation", mode="before")
+    @classmethod
+    def _elevation(cls, v):
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise ValueError("elevation must be a string: flat, palpable or nodular")
+        s = v.strip().lower()
+        return None if s in MISSING_TOKENS else s
 
     @field_validator("skin_tone", mode="before")
     @classmethod
@@ -129,6 +142,8 @@ class PatientMetadata(_Model):
             d["skin_tone"] = str(int(self.skin_tone))
         if self.site is not None:
             d["site"] = self.site
+        if self.elevation is not None:
+            d["elevation"] = self.elevation
         for m, scores in (self.concepts or {}).items():
             for name, s in scores.items():
                 d[f"concept_{m}_{name}"] = s

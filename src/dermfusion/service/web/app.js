@@ -133,7 +133,7 @@
     setTimeout(() => { for (const m of MODALITIES) showPreview(m); }, 0);
     clearResults();
     $("form-error").textContent = "";
-    for (const id of ["age", "skin_tone", "site", "concepts"]) setError(id, "");
+    for (const id of ["age", "skin_tone", "site", "elevation", "concepts"]) setError(id, "");
   });
 
   // ------------------------------------------------------------------ validation
@@ -151,6 +151,7 @@
     if ($("sex").value) meta.sex = $("sex").value;
     if ($("skin_tone").value !== "") meta.skin_tone = Number($("skin_tone").value);
     if ($("site").value) meta.site = $("site").value;
+    if ($("elevation").value) meta.elevation = $("elevation").value;
     const c = $("concepts").value.trim();
     setError("concepts", "");
     if (c) {
@@ -222,7 +223,7 @@
     if (e.field === "metadata" && Array.isArray(e.details)) {
       for (const d of e.details) {
         const f = String(d.field || "").split(".")[0];
-        if (["age", "skin_tone", "site", "sex", "concepts"].includes(f)) setError(f, d.message);
+        if (["age", "skin_tone", "site", "sex", "elevation", "concepts"].includes(f)) setError(f, d.message);
       }
     }
     err.textContent = msg;
