@@ -77,9 +77,10 @@ class TrainConfig(_Strict):
     tta: int = 0
     # the fold's last pass over its validation lesions (the out-of-fold predictions): "auto" runs it on ONNX Runtime
     # float32 on a CPU when onnxruntime is installed and the pass has >= 512 images (validation lesions x TTA views;
-    # the same numbers within 1e-5, 3-5x faster than eager here; a smaller pass does not repay the export), else as
-    # trained; "onnx" always on ONNX Runtime (CPU); "trained" always as trained (eager, the training precision)
-    oof_backend: Literal["auto", "onnx", "trained"] = "auto"
+    # the same numbers within 1e-5, 3-5x faster than eager here; a smaller pass does not repay the export), else eager
+    # float32; "onnx" always on ONNX Runtime (CPU); "eager" always eager PyTorch ("trained", its old name). Always
+    # float32, whatever the training precision: the engine serves float32 numbers, and they are what is calibrated
+    oof_backend: Literal["auto", "onnx", "eager", "trained"] = "auto"
     max_steps_per_epoch: int = 0   # 0 = full epoch (for quick smoke runs)
     # progressive resizing: the training input size of each epoch (the last repeats); evaluation and the bundle
     # use the backbone's size. Small early epochs cost a fraction of the compute (fast.ai / EfficientNetV2).

@@ -94,12 +94,29 @@ def test_the_out_of_fold_pass_on_onnx_runtime_matches_eager_and_auto_skips_small
     exported = predict_out_of_fold(tr, model, tta=2)
     eager = tr.predict(tr.val_df, model, tta=2)
     np.testing.assert_allclose(exported, eager, atol=1e-5)
-    for choice, expected in (("auto", False), ("trained", False)):
+    for choice, expected in (("auto", False), ("eager", False), ("trained", False)):
         tr.cfg = load_config("tiny_cpu", [f"train.oof_backend={choice}"])
         assert uses_onnx(tr, tta=2) is expected
     tr.cfg = load_config("tiny_cpu")
     tr.val_df = pd.concat([tr.val_df] * (ONNX_MIN_IMAGES // len(tr.val_df) + 1))  # a pass large enough to export
     assert uses_onnx(tr)
+
+
+def test_the_eager_out_of_fold_pass_is_float32_whatever_the_training_precision(ham_sample, tmp_path):
+    """The calibration is fitted on the out-of-fold numbers and applied to the engine's float32 ones: a model trained
+    under bf16 autocast (a GPU, a bf16 CPU) still gets a float32 out-of-fold pass."""
+    import torch
+
+    from dermfusion.training.out_of_fold import predict_out_of_fold
+
+    tr = _trainer(load_config("tiny_cpu", ["train.oof_backend=eager"]), ham_sample, tmp_path / "bf16")
+    tr.setup()
+    model = tr.model.eval()
+    tr.amp = torch.bfloat16  # as `precision: bf16` / `fast` on such a machine sets it
+    out_of_fold = predict_out_of_fold(tr, model, tta=1)
+    assert np.array_equal(out_of_fold, tr.predict(tr.val_df, model, tta=1, exact=True))
+    validation = tr.predict(tr.val_df, model, tta=1)  # per-epoch validation keeps the training precision
+    assert np.abs(validation - out_of_fold).max() > 1e-4  # before: the out-of-fold pass was this one
 
 
 def test_progressive_resizing_trains_at_the_scheduled_size_and_evaluates_at_the_backbone_size(ham_sample, tmp_path):

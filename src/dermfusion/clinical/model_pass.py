@@ -190,8 +190,8 @@ class ModelPass:
                 net.choose_backend(frame, options=options)
                 log.info("backend check (%s): %s", policy_text(net), selection_text(net.selection, net.backend))
                 failed = [rec for rec in net.selection or [] if rec.get("error")]  # faults, not accuracy refusals
-            elif name == "trained":  # as validated in training: bf16 autocast where it trained so, else fp32
-                net.use_backend("autocast" if net.backend == "autocast" else "fp32", frame, options)
+            elif name == "trained":  # as the out-of-fold predictions were made (training.out_of_fold): float32
+                net.use_backend("fp32", frame, options)
             else:
                 net.use_backend(name, frame, options)
             for rec in failed:  # never silent: logged, in /readyz and in dermfusion_backend_failures

@@ -13,7 +13,8 @@ Backends come in two kinds:
   balanced-rule diagnosis, the triage action at the bundle's operating point and the conformal set. With 500
   lesions, a backend that flips 1 % of decisions shows ~5 flips and is refused (P(≤ 1 flip) = 4 %).
 
-A name other than ``auto`` is used as given (the caller's explicit choice), ``trained`` as validated in training.
+A name other than ``auto`` is used as given (the caller's explicit choice); ``trained`` is float32, the precision
+of the out-of-fold predictions the bundle's calibration was fitted on (``training.out_of_fold``).
 """
 from __future__ import annotations
 

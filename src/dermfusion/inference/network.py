@@ -17,7 +17,7 @@ from ..data.dataset import LesionDataset, collate
 from ..data.loading import BatchLoader
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import load_network
-from ..runtime.device import autocast_dtype, cpu_name, move_batch, native_bf16, resolve_device
+from ..runtime.device import cpu_name, move_batch, resolve_device
 from .backend_policy import approved, read_record
 from .backends import list_backends, prepare_backend, select_backend
 from .predict_loop import predict_probs
@@ -42,11 +42,10 @@ class NetworkPredictor(Predictor):
         self.batch_size, self.num_workers = batch_size, num_workers
         # runner: what predict calls — the eager model, or a backend built on first use (it needs real lesions)
         self.runner, self.amp, self.selection, self.backend = None, None, None, backend
-        if backend in {"trained", "fp32"}:
+        if backend == "trained":  # as the out-of-fold predictions were made (training.out_of_fold): float32
+            backend = self.backend = "fp32"
+        if backend == "fp32":
             self.runner = self.model
-        if backend == "trained":  # the way the model was validated during training (bf16 autocast or fp32)
-            bf16 = autocast_dtype(self.device, cfg.train.precision) is not None
-            self.amp, self.backend = (torch.bfloat16, "autocast") if bf16 else (None, "fp32")
         elif backend != "auto" and backend not in list_backends():
             raise BundleError(f"unknown backend {backend!r}: use auto, trained or one of {', '.join(list_backends())}")
 

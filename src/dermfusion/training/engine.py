@@ -255,10 +255,12 @@ class FoldTrainer:
                 "steps": len(losses), "lesions_per_s": len(losses) * cfg.train.batch_size / wall if wall else 0.0}
 
     @torch.no_grad()
-    def predict(self, frame: pd.DataFrame, model=None, tta: int = 0) -> np.ndarray:
+    def predict(self, frame: pd.DataFrame, model=None, tta: int = 0, exact: bool = False) -> np.ndarray:
+        """``frame``'s probabilities; in the training precision (per-epoch validation), or float32 when ``exact``
+        (the out-of-fold pass: what the engine serves)."""
         model = model or (self.ema.module if self.ema else self.model)
         loader = self._loader(frame)
-        probs = predict_probs(model, loader, self.device, self.amp, self.channels_last, tta=tta,
+        probs = predict_probs(model, loader, self.device, None if exact else self.amp, self.channels_last, tta=tta,
                               modalities=self.spec.modalities)
         if self.world > 1:  # every rank predicted its shard: gather, in row order, each lesion once
             probs = gather_indexed(self.dist, list(loader.sampler), probs, len(frame))

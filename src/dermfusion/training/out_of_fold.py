@@ -1,5 +1,10 @@
 """A fold's last pass over its validation lesions: the out-of-fold predictions everything after training is fitted
-on (calibration, the operating point, the conformal differential)."""
+on (calibration, the operating point, the conformal differential).
+
+Always in float32 — ONNX Runtime float32 or eager float32 — whatever precision the model trained in: the engine
+serves with exact (float32) backends unless an agreement record approves another, so the calibration, operating point
+and prediction sets are fitted on the numbers that are served. (Before, an eager pass ran under the training's bf16
+autocast on a GPU or a bf16 CPU: probabilities a few hundredths away from what `predict` and the service answer.)"""
 from __future__ import annotations
 
 import importlib.util
@@ -17,9 +22,9 @@ ONNX_MIN_IMAGES = 512
 
 def uses_onnx(trainer, tta: int = 0) -> bool:
     """Whether the out-of-fold pass runs on ONNX Runtime float32: ``train.oof_backend`` onnx, or auto on a CPU in one
-    process with onnxruntime installed and a pass of at least ``ONNX_MIN_IMAGES`` images."""
+    process with onnxruntime installed and a pass of at least ``ONNX_MIN_IMAGES`` images (else eager float32)."""
     choice = trainer.cfg.train.oof_backend
-    if choice == "trained" or trainer.device.type != "cpu" or trainer.world != 1 \
+    if choice in ("eager", "trained") or trainer.device.type != "cpu" or trainer.world != 1 \
             or importlib.util.find_spec("onnxruntime") is None:
         return False
     return choice == "onnx" or len(trainer.val_df) * max(1, tta) >= ONNX_MIN_IMAGES
@@ -27,8 +32,8 @@ def uses_onnx(trainer, tta: int = 0) -> bool:
 
 def predict_out_of_fold(trainer, model, tta: int = 0) -> np.ndarray:
     """``trainer``'s validation lesions through ``model``: on ONNX Runtime float32 when ``uses_onnx`` (exact to
-    ~1e-5: an fp32 graph of the same weights, 3-5x faster than eager here), else eager as trained. A failed export
-    falls back to eager."""
+    ~1e-5: an fp32 graph of the same weights, 3-5x faster than eager here), else eager float32. A failed export
+    falls back to eager float32."""
     if uses_onnx(trainer, tta):
         try:
             runner = prepare_backend(model.eval(), "onnx", device=trainer.device)
@@ -42,4 +47,4 @@ def predict_out_of_fold(trainer, model, tta: int = 0) -> np.ndarray:
             except Exception as e:  # noqa: BLE001 — e.g. a graph whose batch size was fixed at export: eager works
                 console.print(f"[yellow]out-of-fold pass: ONNX Runtime failed ({str(e).splitlines()[0][:120]}); "
                               "predicting eagerly[/]")
-    return trainer.predict(trainer.val_df, model, tta=tta)
+    return trainer.predict(trainer.val_df, model, tta=tta, exact=True)
