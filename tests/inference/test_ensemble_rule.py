@@ -83,3 +83,25 @@ def test_the_service_combines_networks_as_the_predictor_does(tmp_path, network_r
     write_ensemble_bundle(tmp_path / "mixed", [folds[0], tabular_run / "bundle"], [0.5, 0.5], ISIC2018,
                           calibration=calib)
     assert not ModelPass(load_predictor(tmp_path / "mixed")).is_network, "a tabular member: the generic path"
+
+
+def test_each_network_of_a_blend_runs_with_its_own_test_time_views(tmp_path, network_run, ham_sample):
+    """A blend of networks validated with different `train.tta` (e.g. a recipe with 8 views beside one with none):
+    each runs with its own views, as its out-of-fold predictions did — not the first network's for all."""
+    pytest.importorskip("fastapi")
+    from dermfusion.clinical.lesion import lesions_from_manifest
+    from dermfusion.clinical.model_pass import ModelPass, network_tta
+    from dermfusion.tabular.ensemble import write_ensemble_bundle
+
+    folds = resolve_run(network_run)
+    write_ensemble_bundle(tmp_path / "ens", folds, [0.8, 0.2], ISIC2018, calibration=read_bundle(folds[0]).calibration)
+    ens = load_predictor(tmp_path / "ens", backend="fp32")
+    mp = ModelPass(ens)
+    assert mp.views == [network_tta(m) for m in ens.members]
+    mp.views = [2, 0]  # as if the second network had been validated without test-time views
+    lesions = next(lesions_from_manifest(ham_sample.head(3), mp.modalities))
+    own = mp.run(lesions, tta=None).raw
+    expected = 0.8 * ModelPass(ens.members[0]).run(lesions, tta=2).raw + \
+        0.2 * ModelPass(ens.members[1]).run(lesions, tta=0).raw
+    np.testing.assert_allclose(own, expected, atol=1e-6)
+    assert np.abs(mp.run(lesions, tta=2).raw - own).max() > 1e-6  # one number for all (the caller's) differs

@@ -85,6 +85,8 @@ class Engine:
         model_check = predictor.decisions.get("model_check")
         reference = {"quality_gate": model_check} if model_check else (read_reference_stats(path) if path else None)
         self.gate = QualityGate(self.settings.quality, reference, familiarity_reference(predictor))
+        # test-time views: each network's own (train.tta of its config) unless the caller sets one number for all
+        self._tta = None if tta is None else int(tta)
         self.tta = bundle_tta(predictor) if tta is None else int(tta)
         first = self.model_pass.networks[0] if self.model_pass.networks else None
         # the share of the short side each modality's evaluation crop keeps (the heat map's "model region")
@@ -125,7 +127,7 @@ class Engine:
         t1 = time.perf_counter()
         watch = self.gate.familiarity_modality if quality_gate else None
         want_maps = bool(explain) and self.settings.explain.enabled and self.model_pass.explainer is not None
-        res = self.model_pass.run(lesions, tta=self.tta, want_maps=want_maps, stats_modality=watch)
+        res = self.model_pass.run(lesions, tta=self._tta, want_maps=want_maps, stats_modality=watch)
         crit = self.model_pass.criteria(lesions) if criteria else [None] * len(lesions)
         posterior = self.rules.posterior(res.raw)
         shown = self.rules.shown(posterior)

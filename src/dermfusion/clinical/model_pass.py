@@ -49,15 +49,23 @@ class PassResult:
     layer_stats: np.ndarray | None = None             # N×S of the watched image (familiarity check), or None
 
 
+def network_tta(leaf) -> int:
+    """The test-time views one network was validated with (``train.tta`` of its experiment config; 0 without)."""
+    cfg = getattr(leaf, "bundle", None)
+    exp = (cfg.config.get("experiment") or {}) if cfg is not None else {}
+    return int(((exp.get("train") or {}).get("tta")) or 0)
+
+
 def bundle_tta(predictor) -> int:
-    """The test-time views the bundle's networks were validated with (``train.tta`` of the first network's
-    experiment config; 0 for predictors without one)."""
+    """The test-time views the bundle's first network was validated with (what `predict` reports; each network of a
+    blend runs with its own, ``ModelPass.run(tta=None)``); 0 for predictors without networks."""
     mix = predictor.mixture() or []
-    for _, leaf in mix:
-        cfg = getattr(leaf, "bundle", None)
-        exp = (cfg.config.get("experiment") or {}) if cfg is not None else {}
-        return int(((exp.get("train") or {}).get("tta")) or 0)
-    return 0
+    return network_tta(mix[0][1]) if mix else 0
+
+
+def _union(lists) -> list:
+    """The items of ``lists`` in first-seen order, each once."""
+    return list(dict.fromkeys(x for items in lists for x in items))
 
 
 class ModelPass:
@@ -76,10 +84,11 @@ class ModelPass:
         self.backend_warnings: list[str] = []
         self.backend_failures: list[int] = []
         primary = self.networks[0] if self.networks else None
-        if primary is not None:
-            self.modalities = list(primary.spec.modalities)
-            self.metadata_fields = list(primary.spec.numeric) + list(primary.spec.categorical)
-            self.concepts = list(primary.spec.concepts)
+        if primary is not None:  # what any network of a blend reads (each one takes its own share in run)
+            self.modalities = _union(n.spec.modalities for n in self.networks)
+            self.metadata_fields = _union([*n.spec.numeric, *n.spec.categorical] for n in self.networks)
+            self.concepts = _union(n.spec.concepts for n in self.networks)
+            self.views = [network_tta(n) for n in self.networks]
             self.explainer = Explainer.for_model(primary.model)
         else:
             self.modalities, self.metadata_fields, self.concepts = inputs_of(predictor)
@@ -89,18 +98,19 @@ class ModelPass:
     def is_network(self) -> bool:
         return bool(self.networks)
 
-    def run(self, lesions: list[Lesion], *, tta: int = 0, want_maps: bool = False,
+    def run(self, lesions: list[Lesion], *, tta: int | None = 0, want_maps: bool = False,
             stats_modality: str | None = None) -> PassResult:
-        """Raw combined probabilities of ``lesions`` (N×C), averaged over ``tta`` views; heat maps of the first
-        network when ``want_maps``; the first network's layer statistics of ``stats_modality``'s image (view 0)."""
+        """Raw combined probabilities of ``lesions`` (N×C), averaged over ``tta`` views (None: each network over the
+        views it was validated with); heat maps of the first network when ``want_maps``; the first network's layer
+        statistics of ``stats_modality``'s image (view 0)."""
         if not lesions:
             return PassResult(np.zeros((0, self.predictor.task.num_classes)))
         if not self.networks:
             frame = frame_from_lesions(lesions, self.concepts)
-            return PassResult(np.asarray(self.predictor.predict_raw(frame, tta=tta), dtype=np.float64))
-        n_views = max(1, int(tta))
+            return PassResult(np.asarray(self.predictor.predict_raw(frame, tta=tta or 0), dtype=np.float64))
         raw, maps, methods, contrib, stats = [], [{} for _ in lesions], {}, [{} for _ in lesions], None
         for i, net in enumerate(self.networks):
+            n_views = max(1, int(self.views[i] if tta is None else tta))
             batch = batch_from_lesions([{m: img for m, img in les.images.items() if m in net.spec.modalities}
                                         for les in lesions], [les.metadata for les in lesions], net.spec,
                                        net.preprocess, [les.lesion_id for les in lesions])
