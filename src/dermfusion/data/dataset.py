@@ -105,8 +105,9 @@ class LesionDataset(Dataset):
 
     def _load(self, modality: str, i: int, pre: Preprocess, cache) -> torch.Tensor | None:
         path = self.paths[modality][i]
-        if isinstance(path, Image.Image):  # in memory: resized as the decode cache resizes a file (training never gets here)
-            arr = np.asarray(resize_short_side(path.convert("RGB"), self._load_size(pre), pre.interpolation), dtype=np.uint8)
+        if isinstance(path, Image.Image):  # in memory: resized as the decode cache resizes a file (never in training)
+            img = resize_short_side(path.convert("RGB"), self._load_size(pre), pre.interpolation)
+            arr = np.asarray(img, dtype=np.uint8)
             return torch.from_numpy(arr.copy()).permute(2, 0, 1)
         if not path or path == "nan":
             return None

@@ -106,8 +106,8 @@ def eval_transform(pre: Preprocess) -> v2.Compose:
     """Evaluation, on a uint8 image whose short side is already ``pre.eval_resize`` (``data.images.resize_short_side``:
     the decode cache and ``dataset.image_tensor`` both resize first, so colour constancy sees the same pixels on every
     path); the Resize here then only mends a rounding of the long side."""
-    return v2.Compose([*_constancy(pre), v2.Resize(pre.eval_resize, interpolation=_interp(pre), antialias=True), v2.CenterCrop(pre.size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+    return v2.Compose([*_constancy(pre), v2.Resize(pre.eval_resize, interpolation=_interp(pre), antialias=True),
+                       v2.CenterCrop(pre.size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 
 def tta_views(modality: str, n: int) -> list:
