@@ -103,7 +103,8 @@ def test_a_misspelt_criterion_is_a_one_line_error(tmp_path, bundle_copy, ham_man
 
 
 def test_an_unreadable_held_out_image_is_an_error_not_an_absent_image(tmp_path, bundle_copy, ham_manifest):
-    """`predict` refuses a lesion whose file cannot be read; `gate` used to judge it with the image blanked."""
+    """A held-out lesion whose file cannot be read is refused by name (as `predict` refuses it), never judged with
+    its image blanked."""
     df = pd.read_parquet(ham_manifest)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not a jpeg")
@@ -111,7 +112,7 @@ def test_an_unreadable_held_out_image_is_an_error_not_an_absent_image(tmp_path, 
     df.to_parquet(tmp_path / "m.parquet", index=False)
     text = gate(bundle_copy, "--manifest", tmp_path / "m.parquet", "--criteria", write(tmp_path / "g.yaml", LENIENT),
                 "--out", tmp_path / "gate", code=2)
-    assert df["lesion_id"].iloc[5] in text and "cannot be read" in text and "data check" in text
+    assert "broken.jpg" in text and "not an image" in text
 
 
 def test_the_documented_example_criteria_load():

@@ -49,8 +49,7 @@ class PatientMetadata(_Model):
     site: Optional[str] = Field(None, description="anatomical site: " + ", ".join(SITES)
                                 + " (common synonyms such as 'back' or 'face' are mapped)")
     elevation: Optional[Literal["flat", "palpable", "nodular"]] = Field(
-        None, description="the lesion's elevation on examination: flat | palpable | nodular (read by models trained "
-                          "with it, e.g. derm7pt_recommended)")
+        None, description="the lesion's elevation: flat | palpable | nodular (read by e.g. derm7pt_recommended)")
     concepts: Optional[dict[str, dict[str, float]]] = Field(
         None, description='MONET concept scores in [0, 1] per image, e.g. {"dermoscopic": {"pigmented": 0.8}}')
 
@@ -68,13 +67,9 @@ class PatientMetadata(_Model):
 
     @field_validator("elevation", mode="before")
     @classmethod
-    def _elevation(cls, v):
-        if v is None:
-            return None
-        if not isinstance(v, str):
-            raise ValueError("elevation must be a string: flat, palpable or nodular")
-        s = v.strip().lower()
-        return None if s in MISSING_TOKENS else s
+    def _elevation(cls, v):  # " Nodular " -> nodular, "n/a" -> unknown; anything else is refused by the Literal
+        s = v.strip().lower() if isinstance(v, str) else v
+        return None if isinstance(s, str) and s in MISSING_TOKENS else s
 
     @field_validator("skin_tone", mode="before")
     @classmethod
