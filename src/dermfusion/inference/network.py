@@ -33,7 +33,7 @@ class NetworkPredictor(Predictor):
                  backend: str = "trained"):
         self.bundle = bundle
         try:
-            self.model, cfg, self.spec, self.preprocess = load_network(bundle.config, bundle.file("model.safetensors"))
+            self.model, _, self.spec, self.preprocess = load_network(bundle.config, bundle.file("model.safetensors"))
         except CheckpointMismatchError as e:
             raise BundleError(f"{bundle.path}: weights do not match the model (missing {e.missing[:5]}, "
                               f"unexpected {e.unexpected[:5]})") from None
