@@ -215,3 +215,36 @@ def test_open_clip_encoder_exports(tmp_path):
         ref = torch.softmax(model(batch)["logits"], -1).numpy()
     probs = _session(tmp_path / "model.onnx").run(["probabilities"], batch_to_onnx_inputs(batch, specs=input_specs(model)))[0]
     assert np.abs(probs - ref).max() <= 1e-4
+
+
+def test_criteria_heads_ride_in_the_graph(tmp_path):
+    """A multi-task network's 7-point criteria are a further graph output, so `predict` and the service get them
+    from the same ONNX Runtime pass as the diagnosis (no second, eager pass): split back per criterion they equal
+    PyTorch's heads, and the ONNX backend returns them as the model does."""
+    from dermfusion.data.features import FeatureSpec
+    from dermfusion.export.onnx import CRITERIA_OUTPUT, criteria_from_onnx
+    from dermfusion.inference.backends.onnx_runtime import onnx_backend
+    from dermfusion.models import create_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(4)
+    spec = FeatureSpec(modalities=["dermoscopic"], concepts=[])
+    spec.numeric, spec.categorical = [], {}
+    model = create_model("single_image", num_classes=5, feature_spec=spec, encoder=TINY_ENCODER,
+                         use_metadata=False, criteria="seven_point").eval()
+    res = export_onnx(model, tmp_path / "m.onnx", exporter="torchscript", batch_sizes=(1, 3))
+    assert res.max_abs_prob_diff <= 1e-4
+    sess = _session(tmp_path / "m.onnx")
+    assert [o.name for o in sess.get_outputs()] == ["probabilities", "logits", CRITERIA_OUTPUT]
+    from dermfusion.export.onnx import synthetic_batch
+
+    batch = synthetic_batch(model, 3, seed=5)
+    (flat,) = sess.run([CRITERIA_OUTPUT], batch_to_onnx_inputs(batch, names=[i.name for i in sess.get_inputs()]))
+    with torch.no_grad():
+        ref = model(batch)["criteria"]
+    got = criteria_from_onnx(model, flat)
+    assert list(got) == [c.name for c in model.criteria_heads.criteria]
+    for name, z in ref.items():
+        np.testing.assert_allclose(got[name].numpy(), z.numpy(), atol=1e-4)
+    served = onnx_backend(model, "cpu", threads=1, exporter="torchscript")(batch)
+    assert set(served["criteria"]) == set(ref)

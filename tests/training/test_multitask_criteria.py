@@ -88,6 +88,13 @@ def test_multitask_trains_predicts_and_evaluates(derm7pt_like, tmp_path):
         assert (np.array(c.labels)[probs.argmax(1)] == pred[c.name]).all()  # the label is the likeliest
     recomputed = [seven_point_score({c.name: r[c.name] for c in SEVEN_POINT}) for _, r in pred.iterrows()]
     assert pred["seven_point_score"].tolist() == recomputed
+    # the criteria ride in the ONNX graph beside the diagnosis: the same columns on ONNX Runtime as in PyTorch
+    prob_cols = [f"{c.name}:{label}" for c in SEVEN_POINT for label in c.labels]
+    run("predict", tmp_path / "run", "--manifest", d / "trainval.parquet", "--out", tmp_path / "onnx.csv",
+        "--backend", "onnx")
+    on = pd.read_csv(tmp_path / "onnx.csv")
+    assert np.abs(on[prob_cols].to_numpy() - pred[prob_cols].to_numpy()).max() < 1e-4
+    assert (on[[c.name for c in SEVEN_POINT]] == pred[[c.name for c in SEVEN_POINT]]).all().all()
     run("evaluate", "--predictions", out, "--manifest", d / "trainval.parquet", "--out", tmp_path / "eval", "--bootstrap", "0")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     crit = metrics["criteria"]["criteria"]
@@ -95,7 +102,7 @@ def test_multitask_trains_predicts_and_evaluates(derm7pt_like, tmp_path):
     assert crit["blue_whitish_veil"]["chance"] == 0.5 and 0 <= crit["blue_whitish_veil"]["balanced_accuracy"] <= 1
     assert "Dermoscopic criteria" in (tmp_path / "eval" / "report.html").read_text()
     # served: /v1/analyze answers the diagnosis with the criteria and the 7-point score, and explains it
-    _serve_and_check(tmp_path / "run" / "fold_0" / "bundle", d)
+    _serve_and_check(tmp_path / "run" / "fold_0" / "bundle", d, pred, pd.read_parquet(d / "trainval.parquet"))
     # the single-task variant (same config, no heads) writes no criteria columns
     run(*args, "--out", tmp_path / "single", *[x for s in [*tiny, "model.criteria=null"] for x in ("--set", s)])
     run("predict", tmp_path / "single", "--manifest", d / "trainval.parquet", "--out", tmp_path / "single.csv",
@@ -103,7 +110,7 @@ def test_multitask_trains_predicts_and_evaluates(derm7pt_like, tmp_path):
     assert "pigment_network" not in pd.read_csv(tmp_path / "single.csv").columns
 
 
-def _serve_and_check(bundle, d):
+def _serve_and_check(bundle, d, pred, manifest):
     from fastapi.testclient import TestClient
 
     from dermfusion.service.app import create_app
@@ -124,6 +131,11 @@ def _serve_and_check(bundle, d):
         assert abs(sum(item["probabilities"].values()) - 1) < 1e-4
         assert item["label"] == max(item["probabilities"], key=item["probabilities"].get)
     assert crit["seven_point_score"] == seven_point_score({i["criterion"]: i["label"] for i in crit["items"]})
+    # what /v1/analyze says of the lesion is what `predict` wrote for it (one engine, one pass for both)
+    row = pred.iloc[int(np.flatnonzero(manifest["image_dermoscopic"].astype(str).to_numpy() == str(img))[0])]
+    for item in crit["items"]:
+        for label, v in item["probabilities"].items():
+            assert abs(v - row[f"{item['criterion']}:{label}"]) < 1e-5, (item["criterion"], label)
     assert body["explanations"]["heatmaps"] and body["explanations"]["heatmaps"][0]["method"] == "grad_cam"
 
 

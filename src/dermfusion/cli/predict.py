@@ -96,7 +96,7 @@ def predict_cmd(
             cal = pred.calibration
             official = {"balanced": cal.balanced, "posterior": cal.posterior,
                         "submission": lambda r: cal.apply(r, rescale_cuts=True)}[mode](raw)
-            extra = _criteria_columns(pred, df, engine.tta, ctx)
+            extra = _criteria_columns(engine, result[:, 4 * C + 1:])
             if ctx.is_main:
                 write_predictions(out, df["lesion_id"], official, task, extra=extra, manifest=df)
                 console.print(f"[green]wrote[/] {out}: {len(df)} lesions × {task.num_classes} classes ({mode})"
@@ -109,7 +109,8 @@ def predict_cmd(
 
 
 def _engine_rows(engine, part, batch_size: int, clinical: bool, ctx):
-    """The engine over one shard, in chunks: N × (raw C | posterior C | shown C | action | set C)."""
+    """The engine over one shard, in chunks: N × (raw C | posterior C | shown C | action | set C | criteria ΣL), the
+    criteria's label probabilities only for a multi-task network (``_criteria_columns``)."""
     import numpy as np
 
     from ..clinical.lesion import lesions_from_manifest
@@ -126,14 +127,16 @@ def _engine_rows(engine, part, batch_size: int, clinical: bool, ctx):
         if bad:
             lid, m, e = bad[0]
             fail(f"{lid}: its {m} image cannot be read ({e}); `dermfusion data check` lists every such file")
-        # criteria come from _criteria_columns (the same heads over the whole frame): no second eager pass here
-        for a in engine.assess(lesions, quality_gate=clinical, criteria=False):
+        # the criteria come from the same forward passes as the diagnosis (clinical.model_pass)
+        for a in engine.assess(lesions, quality_gate=clinical, criteria=True):
             sets = np.zeros(task.num_classes) if a.prediction_set is None else \
                 np.array([c in a.prediction_set for c in task.classes], dtype=float)
             if a.prediction_set is None:
                 sets[:] = np.nan
-            rows.append(np.concatenate([a.raw, a.posterior, a.shown, [ACTIONS.index(a.action)], sets]))
-    return np.array(rows) if rows else np.zeros((0, 4 * task.num_classes + 1))
+            crit = [v for item in (a.criteria or {}).get("items", []) for v in item["probabilities"].values()]
+            rows.append(np.concatenate([a.raw, a.posterior, a.shown, [ACTIONS.index(a.action)], sets, crit]))
+    width = 4 * task.num_classes + 1 + sum(len(c.labels) for c in engine.criteria)
+    return np.array(rows) if rows else np.zeros((0, width))
 
 
 def _write_clinical(path, engine, df, shown, actions, sets) -> None:
@@ -162,25 +165,17 @@ def _write_clinical(path, engine, df, shown, actions, sets) -> None:
                      if "differential" in out else "; no differential (the bundle has no conformal calibration)"))
 
 
-def _criteria_columns(pred, df, tta: int, ctx):
-    """A multi-task network's criteria (label per criterion, the 7-point score, probabilities) or None."""
+def _criteria_columns(engine, flat):
+    """A multi-task network's criteria columns (label per criterion, the 7-point score, probabilities) from the
+    engine's rows, or None."""
     import numpy as np
 
-    from ..inference.criteria import criteria_frame, criteria_networks, predict_criteria
-    from ..inference.predict_loop import predict_frame_sharded
+    from ..inference.criteria import criteria_frame
 
-    nets = criteria_networks(pred)
-    if not nets:
+    criteria = engine.criteria
+    if not criteria:
         return None
-    criteria = nets[0][1].model.criteria_heads.criteria
-    sizes = [len(c.labels) for c in criteria]
-
-    def part_probs(part):
-        probs = predict_criteria(pred, part, tta=tta, progress=ctx.progress)[1]
-        return np.concatenate([probs[c.name] for c in criteria], 1)
-
-    flat = predict_frame_sharded(part_probs, df, ctx, what="criteria prediction")
-    bounds = np.cumsum([0, *sizes])
+    bounds = np.cumsum([0, *[len(c.labels) for c in criteria]])
     return criteria_frame(criteria, {c.name: flat[:, bounds[j]:bounds[j + 1]] for j, c in enumerate(criteria)})
 
 

@@ -25,7 +25,7 @@ from ..inference.predictor import Predictor
 from ..tasks import TaskSpec
 from .decisions import DecisionRules
 from .lesion import Lesion
-from .model_pass import ModelPass, bundle_tta
+from .model_pass import ModelPass, bundle_tta, criteria_report
 from .quality import QualityGate
 from .settings import ClinicalSettings
 from .triage import TriageDecision, cannot_assess, class_name, decide
@@ -127,8 +127,9 @@ class Engine:
         t1 = time.perf_counter()
         watch = self.gate.familiarity_modality if quality_gate else None
         want_maps = bool(explain) and self.settings.explain.enabled and self.model_pass.explainer is not None
-        res = self.model_pass.run(lesions, tta=self._tta, want_maps=want_maps, stats_modality=watch)
-        crit = self.model_pass.criteria(lesions) if criteria else [None] * len(lesions)
+        res = self.model_pass.run(lesions, tta=self._tta, want_maps=want_maps, stats_modality=watch,
+                                  want_criteria=criteria)
+        crit = self._criteria(res.criteria, len(lesions))
         posterior = self.rules.posterior(res.raw)
         shown = self.rules.shown(posterior)
         balanced = self.rules.balanced(res.raw)
@@ -156,9 +157,25 @@ class Engine:
                 unfamiliarity=unfam, maps=(res.maps[k] if res.maps and not findings[k] else {}),
                 methods=res.methods, contributions=(res.contributions[k] if res.contributions and not findings[k]
                                                     else {}),
-                criteria=None if findings[k] else crit[k], missing_images=missing_images,
+                criteria=crit[k], missing_images=missing_images,
                 missing_metadata=missing_meta, timings_ms=timings))
         return out
+
+    @property
+    def criteria(self) -> tuple:
+        """The dermoscopic criteria the served networks predict (empty: none has criteria heads)."""
+        heads = self._criteria_heads()
+        return tuple(heads.criteria) if heads is not None else ()
+
+    def _criteria_heads(self):
+        return next((net.model.criteria_heads for net in self.model_pass.networks
+                     if getattr(net.model, "criteria_heads", None) is not None), None)
+
+    def _criteria(self, probs: dict | None, n: int) -> list[dict | None]:
+        heads = self._criteria_heads()
+        if probs is None or heads is None:
+            return [None] * n
+        return [criteria_report(heads.criteria, heads.criteria_set, probs, k) for k in range(n)]
 
     # ------------------------------------------------------------------ what a clinician reads
     def differential(self, a: Assessment) -> list[dict]:
@@ -201,5 +218,5 @@ class Engine:
             "quality": {"assessable": a.assessable, "reasons": [{"code": c, "message": m} for c, m in a.findings],
                         "measures": a.measures, "min_top_probability": self.gate.min_top_probability,
                         "unfamiliarity": a.unfamiliarity, "max_unfamiliarity": self.gate.max_unfamiliarity},
-            "criteria": a.criteria,
+            "criteria": a.criteria if a.assessable else None,   # nothing to describe in an image not assessed
         }

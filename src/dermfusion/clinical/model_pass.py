@@ -47,6 +47,7 @@ class PassResult:
     methods: dict = field(default_factory=dict)       # modality -> explanation method
     contributions: list[dict] = field(default_factory=list)  # per lesion: fusion attention shares
     layer_stats: np.ndarray | None = None             # N×S of the watched image (familiarity check), or None
+    criteria: dict | None = None                      # {criterion: N×L probabilities} (multi-task networks), or None
 
 
 def network_tta(leaf) -> int:
@@ -99,17 +100,21 @@ class ModelPass:
         return bool(self.networks)
 
     def run(self, lesions: list[Lesion], *, tta: int | None = 0, want_maps: bool = False,
-            stats_modality: str | None = None) -> PassResult:
+            stats_modality: str | None = None, want_criteria: bool = False) -> PassResult:
         """Raw combined probabilities of ``lesions`` (N×C), averaged over ``tta`` views (None: each network over the
         views it was validated with); heat maps of the first network when ``want_maps``; the first network's layer
-        statistics of ``stats_modality``'s image (view 0)."""
+        statistics of ``stats_modality``'s image (view 0); with ``want_criteria``, the dermoscopic criteria of the
+        networks with criteria heads, from the same forward passes (``_mix_criteria``)."""
         if not lesions:
             return PassResult(np.zeros((0, self.predictor.task.num_classes)))
         if not self.networks:
             frame = frame_from_lesions(lesions, self.concepts)
             return PassResult(np.asarray(self.predictor.predict_raw(frame, tta=tta or 0), dtype=np.float64))
         raw, maps, methods, contrib, stats = [], [{} for _ in lesions], {}, [{} for _ in lesions], None
+        crit_per_net: list[tuple[float, object, dict]] = []
         for i, net in enumerate(self.networks):
+            with_criteria = want_criteria and getattr(net.model, "criteria_heads", None) is not None
+            crit_acc: dict[str, np.ndarray] = {}
             n_views = max(1, int(self.views[i] if tta is None else tta))
             batch = batch_from_lesions([{m: img for m, img in les.images.items() if m in net.spec.modalities}
                                         for les in lesions], [les.metadata for les in lesions], net.spec,
@@ -126,18 +131,20 @@ class ModelPass:
                 # layer statistics from the first view, on whichever pass runs: the fast backend's, else eager
                 probe = LayerStats(fast.module if fast is not None else net.model, watch) \
                     if v == 0 and watch and (fast is None or fast.module is not None) else None
-                p = None
+                p, crit = None, None
                 if fast is not None:
                     with torch.no_grad(), probe if probe is not None else nullcontext():
                         out = fast(b)
                     p = torch.softmax(out["logits"].float(), -1).cpu().numpy()
+                    crit = out.get("criteria")
                     if v == 0 and watch and out.get("layer_stats") is not None:
                         stats = np.asarray(out["layer_stats"], dtype=np.float64)
                 if i == 0 and v == 0 and (want_maps or fast is None) and self.explainer is not None:
                     # the eager model explains (maps need gradients / hooks) — on the untransformed view
                     with probe if probe is not None and fast is None else nullcontext():
                         res = self.explainer.run(b, explain=want_maps)
-                    p = res.probs if p is None else p
+                    if p is None:
+                        p, crit = res.probs, res.criteria
                     if want_maps:
                         maps = [{m: rows[k] for m, rows in res.maps.items() if rows and rows[k] is not None}
                                 for k in range(len(lesions))]
@@ -146,41 +153,24 @@ class ModelPass:
                         contrib = list(res.contributions)
                 elif p is None:
                     with torch.no_grad(), probe if probe is not None else nullcontext():
-                        p = torch.softmax(net.model(b)["logits"].float(), -1).cpu().numpy()
+                        out = net.model(b)
+                    p, crit = torch.softmax(out["logits"].float(), -1).cpu().numpy(), out.get("criteria")
                 if probe is not None and stats is None:
                     taken = probe.take()
                     stats = None if taken is None else taken.cpu().numpy().astype(np.float64)
                 acc = np.asarray(p, dtype=np.float64) if acc is None else acc + p
+                if with_criteria:
+                    if crit is None:  # a backend that exports the diagnosis only: the eager heads on this view
+                        with torch.no_grad():
+                            crit = net.model(b)["criteria"]
+                    for name, z in crit.items():
+                        q = torch.softmax(torch.as_tensor(z).float(), -1).cpu().numpy().astype(np.float64)
+                        crit_acc[name] = crit_acc.get(name, 0) + q / n_views
             raw.append(acc / n_views)
+            if with_criteria:
+                crit_per_net.append((float(self.weights[i]), net, crit_acc))
         mixed = np.tensordot(self.weights, np.stack(raw), axes=1)  # the predictor's own combination of raw output
-        return PassResult(mixed, maps, methods, contrib, stats)
-
-    def criteria(self, lesions: list[Lesion]) -> list[dict | None]:
-        """A multi-task network's dermoscopic criteria per lesion (the first network with criteria heads, an eager
-        pass: the fast backends export the diagnosis only) — labels, probabilities and the 7-point score; None per
-        lesion when no network predicts criteria."""
-        net = next((n for n in self.networks if getattr(n.model, "criteria_heads", None) is not None), None)
-        if net is None or not lesions:
-            return [None] * len(lesions)
-        batch = move_batch(batch_from_lesions([{m: img for m, img in les.images.items() if m in net.spec.modalities}
-                                               for les in lesions], [les.metadata for les in lesions], net.spec,
-                                              net.preprocess), net.device)
-        with torch.no_grad():
-            logits = net.model(batch)["criteria"]
-        heads = net.model.criteria_heads
-        probs = divide_label_prior({c.name: torch.softmax(logits[c.name].float(), -1).cpu().numpy()
-                                    for c in heads.criteria}, net.bundle.config.get("criteria_prior"))
-        out = []
-        for k in range(len(lesions)):
-            items, labels = [], {}
-            for c in heads.criteria:
-                p = probs[c.name][k]
-                labels[c.name] = c.labels[int(p.argmax())]
-                items.append({"criterion": c.name, "label": labels[c.name],
-                              "probabilities": {label: float(v) for label, v in zip(c.labels, p)}})
-            out.append({"set": heads.criteria_set, "items": items,
-                        "seven_point_score": seven_point_score(labels, heads.criteria)})
-        return out
+        return PassResult(mixed, maps, methods, contrib, stats, _mix_criteria(crit_per_net))
 
     def choose_backends(self, name: str, stats_modality: str | None = None, sample: pd.DataFrame | None = None,
                         threads: int | None = None) -> list[str]:
@@ -214,6 +204,34 @@ class ModelPass:
         if chosen:
             log.info("inference backend: %s", ", ".join(sorted(set(chosen))))
         return chosen
+
+
+def _mix_criteria(per_net: list[tuple[float, object, dict]]) -> dict | None:
+    """The criteria of the networks that predict them, as ``inference.criteria`` defines them: each network's view
+    mean divided by the label prior its heads trained under, then the networks' weighted mean (weights renormalised
+    over these networks). None when no network predicts criteria."""
+    if not per_net:
+        return None
+    names = [c.name for c in per_net[0][1].model.criteria_heads.criteria]
+    total, out = sum(w for w, _, _ in per_net), {}
+    for w, net, acc in per_net:
+        if [c.name for c in net.model.criteria_heads.criteria] != names:
+            raise ValueError("the ensemble's networks predict different criteria sets")
+        for name, p in divide_label_prior(acc, net.bundle.config.get("criteria_prior")).items():
+            out[name] = out.get(name, 0) + (w / total if total > 0 else 1 / len(per_net)) * p
+    return {name: out[name] for name in names}
+
+
+def criteria_report(criteria, criteria_set: str, probs: dict, k: int) -> dict:
+    """Lesion ``k``'s criteria as the API answers them: per criterion its likeliest label and probabilities, the
+    7-point score of those labels."""
+    items, labels = [], {}
+    for c in criteria:
+        p = probs[c.name][k]
+        labels[c.name] = c.labels[int(p.argmax())]
+        items.append({"criterion": c.name, "label": labels[c.name],
+                      "probabilities": {label: float(v) for label, v in zip(c.labels, p)}})
+    return {"set": criteria_set, "items": items, "seven_point_score": seven_point_score(labels, criteria)}
 
 
 def available_cores() -> int:

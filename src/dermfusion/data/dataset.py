@@ -106,9 +106,7 @@ class LesionDataset(Dataset):
     def _load(self, modality: str, i: int, pre: Preprocess, cache) -> torch.Tensor | None:
         path = self.paths[modality][i]
         if isinstance(path, Image.Image):  # in memory: resized as the decode cache resizes a file (never in training)
-            img = resize_short_side(path.convert("RGB"), self._load_size(pre), pre.interpolation)
-            arr = np.asarray(img, dtype=np.uint8)
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+            return resized_uint8(path, self._load_size(pre), pre.interpolation)
         if not path or path == "nan":
             return None
         arr = load_rgb_array(path, cache, size=None if cache is not None else self._load_size(pre),
@@ -219,8 +217,13 @@ def image_tensor(img, pre: Preprocess) -> torch.Tensor:
     as the training's decode cache resizes a file for the out-of-fold pass (``resize_short_side`` to
     ``pre.eval_resize``, then the evaluation transform), so what is served is what the calibration, operating point
     and prediction sets were fitted on, pixel for pixel."""
-    arr = np.asarray(resize_short_side(img.convert("RGB"), pre.eval_resize, pre.interpolation), dtype=np.uint8)
-    return eval_transform(pre)(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    return eval_transform(pre)(resized_uint8(img, pre.eval_resize, pre.interpolation))
+
+
+def resized_uint8(img, size: int, interpolation: str) -> torch.Tensor:
+    """A PIL image resized as the decode cache resizes a file (short side to ``size``), as uint8 C×H×W."""
+    arr = np.asarray(resize_short_side(img.convert("RGB"), size, interpolation), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def batch_from_lesions(images: Sequence[dict], metadata: Sequence[dict], spec: FeatureSpec,

@@ -41,6 +41,12 @@ class ExplainResult:
     methods: dict[str, str]                       # modality -> method name
     contributions: list[dict] = field(default_factory=list)  # per row: fusion attention shares
     attention: dict | None = None
+    criteria: dict | None = None                  # a multi-task network's criteria logits {criterion: B×L}
+
+
+def _criteria_logits(out: dict) -> dict | None:
+    crit = out.get("criteria") if isinstance(out, dict) else None
+    return {k: v.detach().float() for k, v in crit.items()} if crit else None
 
 
 class _Probe:
@@ -270,7 +276,8 @@ class Explainer:
             logits = out["logits"].float()
             probs = torch.softmax(logits, -1)
             return ExplainResult(logits, probs.cpu().numpy(), probs.argmax(-1).cpu().numpy(), {}, {},
-                                 fusion_contributions(out.get("attention"), model, batch), out.get("attention"))
+                                 fusion_contributions(out.get("attention"), model, batch), out.get("attention"),
+                                 _criteria_logits(out))
         batch = dict(batch)
         if self.needs_grad:
             batch["images"] = {m: x.detach().clone().requires_grad_(True) for m, x in batch["images"].items()}
@@ -342,7 +349,7 @@ class Explainer:
                 rows.append(_normalise(grid[r]) if grid is not None and bool(present[r, col]) else None)
             maps[m] = rows
         return ExplainResult(logits.detach(), probs.cpu().numpy(), target.cpu().numpy(), maps, methods,
-                             fusion_contributions(attention, model, batch), attention)
+                             fusion_contributions(attention, model, batch), attention, _criteria_logits(out))
 
     def _forward(self, batch: dict) -> dict:
         try:

@@ -10,8 +10,10 @@ Graph inputs (batch dimension dynamic, named ``batch``):
   numeric_present    bool    B×N       ┘
   categorical        int64   B×Q         only when it has categorical metadata (0 = unknown)
 
-Outputs: ``probabilities`` (softmax, B×C) and ``logits`` (B×C). Absent inputs are *masked*,
-exactly as in PyTorch: an absent image's pixels cannot change the output.
+Outputs: ``probabilities`` (softmax, B×C) and ``logits`` (B×C); a multi-task network (dermoscopic criteria heads)
+adds ``criteria_logits`` (B×ΣL: each criterion's label logits side by side, in the criteria set's order — see
+``criteria_from_onnx``); ``layer_stats`` when asked for. Absent inputs are *masked*, exactly as in PyTorch: an absent
+image's pixels cannot change the output.
 
 ``metadata_props`` carry what a client needs to feed the graph without dermfusion:
 ``dermfusion.classes``, ``dermfusion.modalities``, ``dermfusion.preprocess`` (size/mean/std/
@@ -45,114 +47,17 @@ from ..explain.explainer import Explainer
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import load_network
 from ..models.fast_attention import fast_attention_
-from ..models.layer_stats import LayerStats
+from .graph_io import (CRITERIA_OUTPUT, IMAGE_PREFIX, OUTPUT_NAMES, InputSpec, OnnxFusionWrapper,  # noqa: F401
+                       _batch_tensor, _example_args, batch_to_onnx_inputs, criteria_from_onnx, input_specs,
+                       model_modalities)
 from .static_padding import static_same_padding_
 from .synthetic import synthetic_batch
 
 OPSET = 18
-IMAGE_PREFIX = "image_"
-OUTPUT_NAMES = ("probabilities", "logits")
 
 
 class ExportParityError(DermfusionError, RuntimeError):
     """The exported graph does not reproduce PyTorch's probabilities within tolerance."""
-
-
-@dataclass
-class InputSpec:
-    name: str
-    dtype: str            # numpy dtype name: float32 | bool | int64
-    shape: tuple          # without the batch dimension
-    meaning: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": ["batch", *self.shape], "meaning": self.meaning}
-
-
-def model_modalities(model: nn.Module) -> list[str]:
-    mods = getattr(model, "modalities", None) or getattr(getattr(model, "feature_spec", None), "modalities", None)
-    if not mods:
-        raise ValueError("the model has no `modalities` (is it a dermfusion network?)")
-    return list(mods)
-
-
-def input_specs(model: nn.Module) -> list[InputSpec]:
-    """The graph inputs of ``model``, in order."""
-    spec = model.feature_spec
-    dc = model.data_config
-    specs = [InputSpec(IMAGE_PREFIX + m, "float32", tuple(dc[m]["input_size"]), f"{m} image, normalised")
-             for m in spec.modalities]
-    specs.append(InputSpec("image_present", "bool", (len(spec.modalities),),
-                           f"which images are present, columns {list(spec.modalities)}"))
-    if spec.concepts:
-        k = len(spec.concepts)
-        specs += [InputSpec("concepts", "float32", (k,), "concept scores"),
-                  InputSpec("concepts_present", "bool", (k,), "which concept scores are known")]
-    if spec.numeric:
-        n = len(spec.numeric)
-        specs += [InputSpec("numeric", "float32", (n,), f"numeric metadata {list(spec.numeric)}"),
-                  InputSpec("numeric_present", "bool", (n,), "which numeric values are known")]
-    if spec.categorical:
-        specs.append(InputSpec("categorical", "int64", (len(spec.categorical),),
-                               f"categorical metadata codes {list(spec.categorical)}; 0 = unknown"))
-    return specs
-
-
-class OnnxFusionWrapper(nn.Module):
-    """Positional tensors in (``input_specs`` order) -> (probabilities, logits)."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str], stats_modality: str | None = None):
-        super().__init__()
-        self.model, self.names = model, list(names)
-        self.modalities = list(model.feature_spec.modalities)
-        # with a modality whose encoder has known layers: a third output, that image's layer statistics (the
-        # service's familiarity check)
-        probe = LayerStats(model, stats_modality) if stats_modality else None
-        self.stats = probe if probe is not None and probe.available else None
-
-    def forward(self, *inputs: torch.Tensor):
-        x = dict(zip(self.names, inputs))
-        batch = {"images": {m: x[IMAGE_PREFIX + m] for m in self.modalities}, "image_present": x["image_present"]}
-        for k in ("concepts", "concepts_present", "numeric", "numeric_present", "categorical"):
-            if k in x:
-                batch[k] = x[k]
-        if self.stats is None:
-            logits = self.model(batch)["logits"].float()
-            return torch.softmax(logits, dim=-1), logits
-        with self.stats:
-            logits = self.model(batch)["logits"].float()
-        return torch.softmax(logits, dim=-1), logits, self.stats.take()
-
-
-_DTYPES = {"float32": (np.float32, torch.float32), "bool": (np.bool_, torch.bool), "int64": (np.int64, torch.long)}
-
-
-def _batch_tensor(batch: dict, name: str) -> torch.Tensor:
-    if name.startswith(IMAGE_PREFIX) and name != "image_present":
-        return batch["images"][name[len(IMAGE_PREFIX):]]
-    return batch[name]
-
-
-def batch_to_onnx_inputs(batch: dict, modalities: Sequence[str] | None = None,
-                         names: Sequence[str] | None = None, specs: Sequence[InputSpec] | None = None) -> dict:
-    """Feeds for an ONNX Runtime session (numpy arrays in the graph's dtypes)."""
-    if specs is not None:
-        dtypes = {s.name: s.dtype for s in specs}
-        names = [s.name for s in specs]
-    else:
-        dtypes = {}
-        names = list(names or [IMAGE_PREFIX + m for m in modalities or batch["images"]] + ["image_present"])
-    feeds = {}
-    for name in names:
-        t = _batch_tensor(batch, name)
-        dt = dtypes.get(name) or ("bool" if name.endswith("present") else "int64" if name == "categorical"
-                                  else "float32")
-        feeds[name] = np.ascontiguousarray(t.detach().cpu().to(_DTYPES[dt][1]).numpy())
-    return feeds
-
-
-def _example_args(batch: dict, specs: Sequence[InputSpec]) -> tuple:
-    return tuple(_batch_tensor(batch, s.name).to(_DTYPES[s.dtype][1]) for s in specs)
 
 
 def _torch_export(wrapper: nn.Module, args: tuple, path: Path, specs: Sequence[InputSpec], opset: int,
@@ -301,7 +206,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, classes: Sequence[str] | N
     example = synthetic_batch(model, 2, seed=0)
     static_same_padding_(graph_model, example)  # the graph takes one image size: TF "same" padding made constant
     wrapper = OnnxFusionWrapper(graph_model, [s.name for s in specs], layer_stats).eval()
-    outputs = [*OUTPUT_NAMES, "layer_stats"] if wrapper.stats is not None else OUTPUT_NAMES
+    outputs = wrapper.output_names
     with torch.no_grad():
         exporter = _torch_export(wrapper, _example_args(example, specs), out, specs, opset, exporter, outputs)
     if preprocess is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...export.onnx import batch_to_onnx_inputs, cpu_session, export_onnx
+from ...export.onnx import CRITERIA_OUTPUT, batch_to_onnx_inputs, cpu_session, criteria_from_onnx, export_onnx
 from ...runtime.device import cpu_int8_dot_product
 from .base import BackendError, BackendRunner, as_device
 
@@ -57,6 +57,8 @@ def onnx_backend(model: nn.Module, device="cpu", sample_batch: dict | None = Non
         out = {"logits": torch.from_numpy(res["logits"]), "probabilities": torch.from_numpy(res["probabilities"])}
         if "layer_stats" in res:  # the familiarity check's input (export_onnx(layer_stats=…))
             out["layer_stats"] = res["layer_stats"]
+        if CRITERIA_OUTPUT in res:  # a multi-task network's criteria heads, as the PyTorch model returns them
+            out["criteria"] = criteria_from_onnx(model, res[CRITERIA_OUTPUT])
         return out
 
     if cleanup_dir is None:
