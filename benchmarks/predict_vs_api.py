@@ -96,7 +96,7 @@ def main() -> int:
             api_set = sorted((res.get("prediction_set") or {}).get("classes") or [])
             ref_set = sorted(str(ref["differential"]).split("|")) if isinstance(ref.get("differential"), str) else []
             crit_diff = 0.0
-            if pred is not None:
+            if pred is not None and res["action"] != "cannot_assess":  # nothing is described in an image not assessed
                 items = (res.get("criteria") or {}).get("items") or []
                 if not items:
                     bad.append((row["_key"], "no criteria in the answer"))
