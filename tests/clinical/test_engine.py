@@ -194,6 +194,40 @@ def test_an_operating_point_override_states_its_out_of_fold_consequences(tmp_pat
                for r in caplog.records)
 
 
+def test_the_service_exports_the_referral_rate_its_operating_point_expects(tmp_path, network_run):
+    """dermfusion_expected_rate{rate}: the operating point in force on the bundle's out-of-fold lesions — what an alert
+    (DermfusionReferralRateAboveOperatingPoint) compares the live referral share with; re-weighted to a deployment
+    prior when one is set."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from dermfusion.evaluation.decision_rules import read_evidence, triage_levels, triage_rates
+    from dermfusion.evaluation.posterior import prior_weights
+    from dermfusion.service.app import create_app
+    from dermfusion.service.config import load_service_config
+
+    def exported(**settings):
+        cfg = load_service_config(None, env={}, backend="fp32", audit={"db_url": f"sqlite:///{tmp_path}/a.db"},
+                                  **settings)
+        with TestClient(create_app(network_run, cfg, warmup=False)) as c:
+            text = c.get("/metrics").text
+        return {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("dermfusion_expected_rate{")}
+
+    post, y = read_evidence(resolve_run(network_run)[0] / "oof_posteriors.npz")
+    op = json.loads((resolve_run(network_run)[0] / "decisions.json").read_text())["triage"]
+    want = triage_rates(ISIC2018, y, triage_levels(ISIC2018, post, op))
+    got = exported()
+    assert got["referral"] == pytest.approx(want["referral_rate"]) and got["urgent"] == pytest.approx(want["urgent_rate"])
+    assert exported(triage={"routine_risk": 0.0})["referral"] == 1.0        # an override refers every lesion there
+    deploy = {c: (0.4 if c == "MEL" else 0.1) for c in CLASSES}             # a melanoma-heavy clinic
+    train = Calibration.from_dict(json.loads((resolve_run(network_run)[0] / "calibration.json").read_text())).prior
+    w = prior_weights(y, train, [deploy[c] for c in CLASSES])
+    weighted = triage_rates(ISIC2018, y, triage_levels(ISIC2018, post, op), w)["referral_rate"]
+    assert exported(prior={"deployment": deploy})["referral"] == pytest.approx(weighted)
+    assert weighted != pytest.approx(want["referral_rate"])
+
+
 def test_a_tabular_run_honours_the_calibration_settings(tmp_path, ham_sample):
     """A tabular run's config keys for the posterior and the balanced rule are honoured (they were once read and
     ignored): the same run calibration as a network run, into its fold bundles and its refit."""

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..evaluation.calibration import Calibration
 from ..evaluation.conformal import prediction_sets
-from ..evaluation.decision_rules import EVIDENCE_FILE, operating_point_keys, override_consequences
-from ..evaluation.posterior import normalise_prior, reweight_prior
+from ..evaluation.decision_rules import EVIDENCE_FILE, expected_rates, operating_point_keys, override_consequences
+from ..evaluation.posterior import normalise_prior, prior_weights, reweight_prior
 from ..tasks import TaskSpec
 from .settings import ClinicalSettings, LEGACY_TRIAGE
 
@@ -113,6 +113,20 @@ class DecisionRules:
         if not self.operating_point_source.startswith("service config") or bundle_path is None:
             return None
         return override_consequences(self.task, Path(bundle_path) / EVIDENCE_FILE, self.operating_point)
+
+    def expected_rates(self, bundle_paths) -> dict | None:
+        """The operating point in force on the out-of-fold lesions of the first of ``bundle_paths`` that keeps them,
+        re-weighted to the deployment prior when one is set: the referral and urgent rates a clinic should see if its
+        lesions are like those (the service exports them beside the live rates; an alert compares the two)."""
+        weigh = None
+        if self.deployment_prior is not None and self.training_prior is not None:
+            def weigh(y):
+                return prior_weights(y, self.training_prior, self.deployment_prior)
+        for path in bundle_paths:
+            rates = expected_rates(self.task, Path(path) / EVIDENCE_FILE, self.operating_point, weigh) if path else None
+            if rates is not None:
+                return rates
+        return None
 
     def operating_point_info(self) -> dict:
         ev = self.operating_point_evidence or {}

@@ -228,6 +228,17 @@ def read_evidence(path) -> tuple[np.ndarray, np.ndarray] | None:
         return None
 
 
+def expected_rates(task: TaskSpec, evidence_path, op: dict, weights_fn=None) -> dict | None:
+    """What operating point ``op`` does on a bundle's out-of-fold lesions (referral and urgent rates, sensitivities),
+    optionally re-weighted (``weights_fn(labels)``, e.g. to a deployment prior); None when the bundle keeps no
+    evidence. What a clinic should see live if its lesions are like the out-of-fold ones."""
+    ev = read_evidence(evidence_path)
+    if ev is None:
+        return None
+    post, y = ev
+    return triage_rates(task, y, triage_levels(task, post, op), None if weights_fn is None else weights_fn(y))
+
+
 def override_consequences(task: TaskSpec, evidence_path, op: dict) -> dict | None:
     """What operating point ``op`` does on a bundle's out-of-fold lesions (None when the bundle keeps none)."""
     ev = read_evidence(evidence_path)

@@ -57,6 +57,10 @@ class Metrics:
         self.case_mix_shift = Gauge("dermfusion_case_mix_shift", "total-variation distance between the estimated case "
                                     "mix of recent traffic and the bundle's training prior (0 = same mix)", registry=r)
         self.case_mix_window = Gauge("dermfusion_case_mix_window_size", "analyses in the case-mix window", registry=r)
+        self.expected_rate = Gauge("dermfusion_expected_rate", "referral / urgent share the operating point in force "
+                                   "gives on the bundle's out-of-fold lesions (under the deployment prior when set): "
+                                   "what the live rates should be if the clinic's lesions are like those", ["rate"],
+                                   registry=r)
         self.model_info = Gauge("dermfusion_model_info", "the loaded model (value 1)",
                                 ["name", "version", "hash", "task"], registry=r)
         self.ready = Gauge("dermfusion_ready", "1 when the model is loaded and warmed", registry=r)
