@@ -41,6 +41,38 @@ def set_sizes(clinical: pd.DataFrame) -> pd.Series:
     return clinical["differential"].fillna("").map(lambda v: len([c for c in v.split("|") if c]))
 
 
+def who_is_referred(task, op, oof_post, test_post, t: pd.DataFrame) -> list[str]:
+    """Label-free rows on the test file: which clause of the operating point refers, how many nevus-like lesions are
+    referred (test vs out of fold), the out-of-fold referral rate the service's alert compares with, and the malignant
+    share the test would need for "≤ 40 % of benign lesions referred" to be reachable at all."""
+    if not op:
+        return []
+    C = list(task.classes)
+    referred = t["action"].isin(["routine_referral", "urgent_referral"]).to_numpy()
+    R = referred.mean()
+    risk = decision_rules.risk_scores(task, test_post)
+    by_risk = risk >= float(op["routine_risk"])
+    by_class = np.zeros(len(t), dtype=bool)
+    for c, cut in (op.get("routine_class_probability") or {}).items():
+        by_class |= test_post[:, C.index(c)] >= float(cut)
+    oof_referred = decision_rules.triage_levels(task, oof_post, op) > 0
+    rows = [f"| referred by a class-probability cut alone / by the risk score alone | "
+            f"{(referred & by_class & ~by_risk).mean():.3f} / {(referred & by_risk & ~by_class).mean():.3f} |",
+            f"| out-of-fold referral rate of this operating point (the alert's yardstick) / test ÷ that | "
+            f"{oof_referred.mean():.3f} / {R / max(oof_referred.mean(), 1e-9):.2f} |",
+            f"| malignant share the test needs for ≤ 40 % of benign lesions to be referred: (R − 0.4) / 0.6 | "
+            f"{max(R - 0.4, 0) / 0.6:.3f} |"]
+    if "NV" in C and "MEL" in C:
+        nv, mel = C.index("NV"), C.index("MEL")
+        like = test_post.argmax(1) == nv
+        like_oof = oof_post.argmax(1) == nv
+        rows.append(f"| nevus-like lesions (likeliest class NV) referred: test / out of fold | "
+                    f"{referred[like].mean():.3f} / {oof_referred[like_oof].mean():.3f} "
+                    f"({int((referred & like).sum())} of {int(referred.sum())} referrals; median P(MEL) of those "
+                    f"{np.median(test_post[referred & like, mel]):.3f}) |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True)
@@ -129,6 +161,7 @@ def main() -> None:
             lines.append(f"| mean prediction-set size | {sizes.mean():.2f} (empty sets {(sizes == 0).mean():.3f}) |")
         op_mel = (t["differential"].fillna("").str.contains("MEL")).mean() if "differential" in t else float("nan")
         lines.append(f"| sets naming MEL | {op_mel:.3f} |")
+        lines += who_is_referred(task, op, post, p, t)
     if args.member_clinical:
         lines += ["", "the same test images, each fold model alone (the run's decisions applied to its posteriors):", "",
                   "| file | referred | urgent | mean set size |", "|---|---:|---:|---:|"]
