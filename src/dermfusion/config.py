@@ -109,7 +109,8 @@ class CalibrationConfig(_Strict):
     eval_size: Optional[int] = None     # lesions in the set to be scored (MILK10k cuts)
     # the triage operating point chosen on OOF posteriors (dermfusion operating-point re-chooses it for other targets)
     melanoma_sensitivity: float = Field(0.95, gt=0.0, le=1.0)
-    malignant_sensitivity: Optional[float] = Field(None, gt=0.0, le=1.0)
+    # every cancer too (BCC, AKIEC, …), not melanoma alone; null = melanoma alone (a warning says what slips)
+    malignant_sensitivity: Optional[float] = Field(0.95, gt=0.0, le=1.0)
     max_urgent_rate: Optional[float] = Field(0.10, gt=0.0, le=1.0)
     conformal_level: float = Field(0.95, ge=0.5, lt=1.0)   # the differential's coverage
     # a higher coverage for some classes, e.g. {MEL: 0.97}: each class of a Mondrian set is calibrated on its own

@@ -196,6 +196,9 @@ def test_an_ensemble_of_network_runs_is_calibrated_as_one_run_is(work, trained, 
     run("bundle", "verify", ens)  # the out-of-fold files and the report beside the model change no prediction
     run("operating-point", ens, "--manifest", manifest, "--malignant-sensitivity", "0.9", "--n-boot", "20")
     assert json.loads((ens / "decisions.json").read_text())["triage"]["targets"]["malignant_sensitivity"] == 0.9
+    # every cancer by default, not melanoma alone; 0 asks for melanoma alone
+    assert decisions["triage"]["targets"]["malignant_sensitivity"] == 0.95       # what `ensemble` chose by default
+    run("operating-point", ens, "--manifest", manifest, "--malignant-sensitivity", "0", "--n-boot", "20", "--dry-run")
     run("bundle", "verify", ens)  # re-sealed with the new cut-offs; its report and plot lie beside them, unhashed
     files = [work / f"self_{k}.csv" for k in ("ensemble", "run")]
     for bundle, out in zip((ens, trained), files):

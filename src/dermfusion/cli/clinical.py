@@ -15,7 +15,8 @@ def operating_point_cmd(
     run: Path = typer.Argument(..., help="a cross-validated run directory (oof.csv + its bundles)"),
     manifest: Path = typer.Option(..., help="the labelled manifest the run was trained on (its out-of-fold labels)"),
     melanoma_sensitivity: float = typer.Option(0.95, help="share of melanomas to refer (routine or urgent)"),
-    malignant_sensitivity: Optional[float] = typer.Option(None, help="share of all malignant lesions to refer"),
+    malignant_sensitivity: float = typer.Option(0.95, help="share of all malignant lesions (BCC, AKIEC … too) to "
+                                                "refer; 0 = no such target (melanoma alone: other cancers may slip)"),
     max_urgent_rate: Optional[float] = typer.Option(0.10, help="ceiling on the share of lesions referred urgently"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what the cut-offs would do and draw the plot; "
                                  "write nothing into the bundles"),
@@ -53,7 +54,8 @@ def operating_point_cmd(
         fail(f"{len(missing)} out-of-fold lesions are not in {manifest} (e.g. {missing[0]}): give the run's manifest")
     y = targets(lab.loc[oof["lesion_id"]].reset_index(), task).argmax(1)
     post = cal.posterior(oof[list(task.classes)].to_numpy())
-    targets_ = {"melanoma_sensitivity": melanoma_sensitivity, "malignant_sensitivity": malignant_sensitivity,
+    targets_ = {"melanoma_sensitivity": melanoma_sensitivity,
+                "malignant_sensitivity": malignant_sensitivity if malignant_sensitivity > 0 else None,
                 "max_urgent_rate": max_urgent_rate}
     try:
         op = choose_operating_point(task, y, post, **targets_)
