@@ -95,6 +95,10 @@ def test_multitask_trains_predicts_and_evaluates(derm7pt_like, tmp_path):
     on = pd.read_csv(tmp_path / "onnx.csv")
     assert np.abs(on[prob_cols].to_numpy() - pred[prob_cols].to_numpy()).max() < 1e-4
     assert (on[[c.name for c in SEVEN_POINT]] == pred[[c.name for c in SEVEN_POINT]]).all().all()
+    # an approximate backend's agreement record covers the diagnosis only: its criteria come from the eager heads
+    run("predict", tmp_path / "run", "--manifest", d / "trainval.parquet", "--out", tmp_path / "bf16.csv",
+        "--backend", "bf16")
+    assert np.abs(pd.read_csv(tmp_path / "bf16.csv")[prob_cols].to_numpy() - pred[prob_cols].to_numpy()).max() < 2e-6
     run("evaluate", "--predictions", out, "--manifest", d / "trainval.parquet", "--out", tmp_path / "eval", "--bootstrap", "0")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     crit = metrics["criteria"]["criteria"]

@@ -27,7 +27,7 @@ from ..data.dataset import batch_from_lesions
 from ..data.importers.isic import import_isic
 from ..data.transforms import tta_views
 from ..explain import Explainer
-from ..inference.backend_policy import policy_text
+from ..inference.backend_policy import EXACT, policy_text
 from ..inference.backends import selection_text
 from ..inference.criteria import divide_label_prior
 from ..inference.network import NetworkPredictor
@@ -136,7 +136,9 @@ class ModelPass:
                     with torch.no_grad(), probe if probe is not None else nullcontext():
                         out = fast(b)
                     p = torch.softmax(out["logits"].float(), -1).cpu().numpy()
-                    crit = out.get("criteria")
+                    # criteria from an exact backend only: an approximate one's agreement record measured the
+                    # diagnosis, not the criteria heads (those then run eager, below)
+                    crit = out.get("criteria") if getattr(fast, "name", None) in EXACT else None
                     if v == 0 and watch and out.get("layer_stats") is not None:
                         stats = np.asarray(out["layer_stats"], dtype=np.float64)
                 if i == 0 and v == 0 and (want_maps or fast is None) and self.explainer is not None:
