@@ -222,7 +222,7 @@ def test_criteria_heads_ride_in_the_graph(tmp_path):
     from the same ONNX Runtime pass as the diagnosis (no second, eager pass): split back per criterion they equal
     PyTorch's heads, and the ONNX backend returns them as the model does."""
     from dermfusion.data.features import FeatureSpec
-    from dermfusion.export.onnx import CRITERIA_OUTPUT, criteria_from_onnx
+    from dermfusion.export.graph_io import CRITERIA_OUTPUT, criteria_from_onnx
     from dermfusion.inference.backends.onnx_runtime import onnx_backend
     from dermfusion.models import create_model
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..evaluation.calibration import Calibration
 from ..evaluation.conformal import prediction_sets
-from ..evaluation.decision_rules import EVIDENCE_FILE, expected_rates, operating_point_keys, override_consequences
+from ..evaluation.decision_rules import EVIDENCE_FILE, expected_rates, operating_point_keys
 from ..evaluation.posterior import normalise_prior, prior_weights, reweight_prior
 from ..tasks import TaskSpec
 from .settings import ClinicalSettings, LEGACY_TRIAGE
@@ -112,7 +112,7 @@ class DecisionRules:
         (``oof_posteriors.npz``), beside what the bundle's own did — printed when the service starts."""
         if not self.operating_point_source.startswith("service config") or bundle_path is None:
             return None
-        return override_consequences(self.task, Path(bundle_path) / EVIDENCE_FILE, self.operating_point)
+        return expected_rates(self.task, Path(bundle_path) / EVIDENCE_FILE, self.operating_point)
 
     def expected_rates(self, bundle_paths) -> dict | None:
         """The operating point in force on the out-of-fold lesions of the first of ``bundle_paths`` that keeps them,

@@ -214,7 +214,7 @@ def operating_point_report(task: TaskSpec, y_idx, posteriors, op: dict, *, folds
 # ---------------------------------------------------------------------------- the evidence kept in a bundle
 def write_evidence(path, posteriors, y_idx, folds) -> None:
     """The out-of-fold posteriors (float16), labels and folds the decisions were fitted on, so a service whose
-    settings override the operating point can say what the override does on them (``override_consequences``)."""
+    settings override the operating point can say what the override does on them (``expected_rates``)."""
     with open(path, "wb") as fh:
         np.savez_compressed(fh, posteriors=np.asarray(posteriors, dtype=np.float16),
                             labels=np.asarray(y_idx, dtype=np.int16), folds=np.asarray(folds, dtype=np.int16))
@@ -237,12 +237,3 @@ def expected_rates(task: TaskSpec, evidence_path, op: dict, weights_fn=None) -> 
         return None
     post, y = ev
     return triage_rates(task, y, triage_levels(task, post, op), None if weights_fn is None else weights_fn(y))
-
-
-def override_consequences(task: TaskSpec, evidence_path, op: dict) -> dict | None:
-    """What operating point ``op`` does on a bundle's out-of-fold lesions (None when the bundle keeps none)."""
-    ev = read_evidence(evidence_path)
-    if ev is None:
-        return None
-    post, y = ev
-    return triage_rates(task, y, triage_levels(task, post, op))

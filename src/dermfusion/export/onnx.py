@@ -47,9 +47,8 @@ from ..explain.explainer import Explainer
 from ..models.checkpoint import CheckpointMismatchError
 from ..models.factory import load_network
 from ..models.fast_attention import fast_attention_
-from .graph_io import (CRITERIA_OUTPUT, IMAGE_PREFIX, OUTPUT_NAMES, InputSpec, OnnxFusionWrapper,  # noqa: F401
-                       _batch_tensor, _example_args, batch_to_onnx_inputs, criteria_from_onnx, input_specs,
-                       model_modalities)
+from .graph_io import (OUTPUT_NAMES, InputSpec, OnnxFusionWrapper, _example_args,  # noqa: F401 (re-exported)
+                       batch_to_onnx_inputs, input_specs)
 from .static_padding import static_same_padding_
 from .synthetic import synthetic_batch
 

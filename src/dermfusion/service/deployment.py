@@ -177,9 +177,9 @@ def install(state, dep: Deployment) -> None:
     m.model_info.labels(r["name"], r["version"], r["hash"][:16], r["task"]).set(1)
     m.expected_rate.clear()
     expected = an.engine.rules.expected_rates([an.bundle.path, *(n.bundle.path for n in an.model_pass.networks[:1])])
-    for name, key in (("referral", "referral_rate"), ("urgent", "urgent_rate")):
-        if expected is not None:
-            m.expected_rate.labels(name).set(expected[key])
+    if expected is not None:
+        m.expected_rate.labels("referral").set(expected["referral_rate"])
+        m.expected_rate.labels("urgent").set(expected["urgent_rate"])
     m.registry_version.clear()
     if dep.version:
         m.registry_version.labels(dep.version, "promoted").set(1)

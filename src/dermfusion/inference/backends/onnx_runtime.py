@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...export.onnx import CRITERIA_OUTPUT, batch_to_onnx_inputs, cpu_session, criteria_from_onnx, export_onnx
+from ...export.graph_io import CRITERIA_OUTPUT, criteria_from_onnx
+from ...export.onnx import batch_to_onnx_inputs, cpu_session, export_onnx
 from ...runtime.device import cpu_int8_dot_product
 from .base import BackendError, BackendRunner, as_device
 
