@@ -131,6 +131,51 @@ def test_calibrate(trained, manifest):
     assert json.loads((Path(trained) / "summary.json").read_text())["calibration"]["fitted"]
 
 
+def test_a_full_data_refit_is_calibrated_on_a_cross_validated_run(work, trained, manifest):
+    """A full-data refit has no out-of-fold predictions: `calibrate --evidence` fits its posteriors, operating point
+    and conformal set on a cross-validated run of the same recipe, so its predictions carry actions and sets."""
+    from pathlib import Path
+
+    refit = work / "refit"
+    text = run("train", "tiny_cpu", "--manifest", manifest, "--out", refit, "--folds", "full",
+               "--set", "train.epochs=1", "--set", "train.device=cpu")
+    assert "--evidence" in text  # the end of a refit says how to give it decisions
+    bundle = refit / "full" / "bundle"
+    assert not (bundle / "decisions.json").exists()
+    assert "--evidence RUN_CV" in run("calibrate", refit, "--manifest", manifest, code=2)
+    assert "not a full-data refit" in run("calibrate", refit, "--manifest", manifest, "--evidence", refit, code=2)
+    run("calibrate", refit, "--manifest", manifest, "--evidence", trained)
+    decisions = json.loads((bundle / "decisions.json").read_text())
+    assert decisions["fitted_on"].startswith(f"48 out-of-fold posteriors of {trained}")
+    assert decisions["triage"]["chosen_on"] == decisions["fitted_on"] and decisions["differential"]["level"] == 0.95
+    fold_cal = json.loads((Path(trained) / "fold_0" / "bundle" / "calibration.json").read_text())
+    refit_cal = json.loads((bundle / "calibration.json").read_text())
+    # the evidence's folds together trained on the refit's class mix: the same calibration (a different mix shifts
+    # the bias by Bayes' rule: tests/evaluation/test_calibration.py); fitted again from oof.csv's six decimals
+    assert refit_cal.keys() == fold_cal.keys() and refit_cal["prior"] == fold_cal["prior"]
+    np.testing.assert_allclose(refit_cal["bias"], fold_cal["bias"], atol=1e-5)
+    np.testing.assert_allclose(refit_cal["temperature"], fold_cal["temperature"], rtol=1e-5)
+    clinical = work / "refit_clinical.csv"
+    run("predict", refit, "--manifest", manifest, "--out", work / "refit_predictions.csv", "--backend", "fp32",
+        "--clinical", clinical)
+    rows = pd.read_csv(clinical)
+    assert rows["differential"].notna().any() and set(rows["action"]) <= {"monitor", "routine_referral",
+                                                                           "urgent_referral", "cannot_assess"}
+    # a new operating point for the refit is chosen on the evidence its bundle keeps
+    text = run("operating-point", refit, "--manifest", manifest, "--melanoma-sensitivity", "0.5", "--dry-run",
+               "--n-boot", "20")
+    assert f"48 out-of-fold posteriors of {trained}" in text
+    # or on a labelled local sample, predicted now by the refit: the evidence the service reads follows the cut-offs
+    text = run("operating-point", refit, "--manifest", manifest, "--local", "--melanoma-sensitivity", "0.5",
+               "--n-boot", "20")
+    assert "on the local sample" in text
+    chosen = json.loads((bundle / "decisions.json").read_text())["triage"]["chosen_on"]
+    from dermfusion.evaluation.decision_rules import EVIDENCE_FILE, read_evidence
+
+    n = len(read_evidence(bundle / EVIDENCE_FILE)[1])
+    assert chosen == f"{n} lesions of the local sample {manifest}" and 0 < n <= 48
+
+
 def test_stack_and_ensemble(work, trained, tabular_run, manifest):
     stack = work / "stack"
     run("stack", trained, tabular_run, "--manifest", manifest, "--out", stack)

@@ -204,3 +204,36 @@ def test_training_prior_counts_come_from_the_training_rows():
     assert got["MEL"] == 1 and got["NEV"] == 9 and got["BCC"] == 0
     both = dict(zip(task.classes, training_class_counts(df, task, [0, 1])))
     assert both["MEL"] == 7 and both["NEV"] == 13  # every labelled row once: the whole manifest's mix
+
+
+def test_a_refit_calibrated_on_other_models_evidence_lands_on_their_posteriors():
+    """A full-data refit trained under another class mix than the evidence run's fold models (Derm7pt: train + valid
+    vs train alone): its raw output is under its own sampling prior, so the calibration it is given shifts the bias by
+    Bayes' rule — a lesion the refit sees as the fold models would, once each sampler's prior is divided out, gets the
+    posteriors the decision rules were fitted on."""
+    import pandas as pd
+
+    from dermfusion.config import CalibrationConfig
+    from dermfusion.evaluation.calibration import training_prior
+    from dermfusion.tasks import get_task
+    from dermfusion.training.cv import calibrate_run
+
+    task = get_task("derm7pt")
+    rng = np.random.default_rng(0)
+    counts_ev, counts_refit = np.array([40, 200, 60, 30, 20]), np.array([47, 300, 121, 40, 45])
+    y = np.repeat(np.eye(5), counts_ev, axis=0)
+    raw_ev = 0.6 * y + 0.4 * rng.dirichlet(np.ones(5), len(y))
+    oof = pd.DataFrame(raw_ev, columns=list(task.classes))
+    oof["fold"] = 0
+    opts = CalibrationConfig(temperature=True, posterior="temperature", cuts=False, prior_adjustment="training_prior")
+    s_ev, s_refit = training_prior(counts_ev, 0.5), training_prior(counts_refit, 0.5)
+    ev = K.Calibration.from_dict(calibrate_run(opts, task, y, oof, [], sampler_power=0.5, class_counts=counts_ev)
+                                 ["fitted"])
+    refit = K.Calibration.from_dict(calibrate_run(opts, task, y, oof, [], sampler_power=0.5, class_counts=counts_ev,
+                                                  evidence="cv_run", bundle_sampling_prior=s_refit)["fitted"])
+    assert ev.temperature != 1.0  # a fitted temperature: the shift is divided by it
+    likelihood = rng.dirichlet(np.ones(5), 8)   # what the lesion says, free of any prior
+    seen_by_fold_models = likelihood * s_ev / (likelihood * s_ev).sum(1, keepdims=True)
+    seen_by_refit = likelihood * s_refit / (likelihood * s_refit).sum(1, keepdims=True)
+    np.testing.assert_allclose(refit.posterior(seen_by_refit), ev.posterior(seen_by_fold_models), atol=1e-9)
+    assert not np.allclose(ev.posterior(seen_by_refit), ev.posterior(seen_by_fold_models), atol=1e-3)

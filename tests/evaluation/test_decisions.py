@@ -79,7 +79,12 @@ def test_operating_point_meets_its_targets_and_cross_validates():
                                  choose={"melanoma_sensitivity": 0.95, "max_urgent_rate": 0.10})
     lo, hi = rep["ci95"]["melanoma_sensitivity"]
     assert lo <= rep["in_sample"]["melanoma_sensitivity"] <= hi
-    assert 0.90 <= rep["cross_validated"]["melanoma_sensitivity"] <= 1.0
+    assert 0.90 <= rep["cross_validated"]["melanoma_sensitivity"] <= 1.0 and rep["folds"] == "given"
+    # one fold (a train → validation run): still cross-validated, on 5 random folds — not the in-sample figure
+    one = operating_point_report(ISIC2018, y, p, op, folds=np.zeros(len(y)), n_boot=20,
+                                 choose={"melanoma_sensitivity": 0.95, "max_urgent_rate": 0.10})
+    assert one["folds"] == "5 random folds" and one["cross_validated"] != one["in_sample"]
+    assert 0.90 <= one["cross_validated"]["melanoma_sensitivity"] <= 1.0
     # a malignant-sensitivity target is honoured too
     op_m = choose_operating_point(ISIC2018, y, p, melanoma_sensitivity=0.9, malignant_sensitivity=0.97)
     assert triage_rates(ISIC2018, y, triage_levels(ISIC2018, p, op_m))["malignant_sensitivity"] >= 0.97
@@ -138,3 +143,22 @@ def test_a_melanoma_only_operating_point_that_leaves_other_cancers_behind_is_cal
     assert "malignant sensitivity 0.715" in text or "malignant sensitivity 0.920" in text
     assert ("targets melanoma only: 72% of all malignant lesions" in text) is warned
     assert ("--malignant-sensitivity 0.95" in text) is warned
+
+
+def test_a_class_too_rare_to_rule_out_is_named():
+    """Mondrian sets calibrate each class on its own lesions: with n of them the smallest p-value is 1 / (n + 1), so
+    at 95 % a class with fewer than 19 is in every set. The calibration names those classes (the training log and
+    the bundle say so) — and the sets bear it out: exactly they are in every set, whatever the posteriors."""
+    from dermfusion.tasks import get_task
+
+    task = get_task("derm7pt")
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(5), [7, 100, 61, 19, 18])   # BCC 7, NEV 100, MEL 61, SK 19, MISC 18
+    p = rng.dirichlet(np.ones(5), len(y))
+    p[np.arange(len(y)), y] += 2
+    conf = fit_conformal(task, y, p / p.sum(1, keepdims=True), 0.95)
+    assert conf["always_in"] == {"BCC": 7, "MISC": 18}
+    sets = prediction_sets(task, rng.dirichlet(np.full(5, 0.1), 2000), conf)
+    in_every = {c for j, c in enumerate(task.classes) if sets[:, j].all()}
+    assert in_every == set(conf["always_in"])
+    assert fit_conformal(task, y, p / p.sum(1, keepdims=True), 0.9)["always_in"] == {"BCC": 7}  # 9 needed at 90 %

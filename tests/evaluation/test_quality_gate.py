@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from dermfusion.evaluation.quality_gate import (GATE_SIZE, REASONS, REFERENCE_LEVELS, confidence_reference,
                                                 confidence_threshold, image_findings, image_measures, model_findings,
                                                 model_view)
-from dermfusion.service.config import QualityConfig
+from dermfusion.clinical.settings import QualityConfig
 
 FIXTURE = Path(__file__).resolve().parents[2] / "src" / "dermfusion" / "fixtures" / "ham10000_sample" / "images"
 CUTS = QualityConfig().image_cuts()

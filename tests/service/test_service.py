@@ -359,32 +359,42 @@ def test_pool_refuses_beyond_capacity():
 
 
 def test_overload_answers_503_and_loop_stays_responsive(tmp_path, tiny_bundle, tiny_predictor, fixture_image_bytes):
-    cfg = _config(tmp_path, workers={"workers": 1, "queue_size": 1, "queue_timeout_s": 10})
+    """One worker, one queue place: while the worker is held, two requests are taken (one running, one waiting)
+    and the next two are answered 503 at once — and /healthz answers meanwhile (inference is off the event loop).
+    The worker is held by an event, not a sleep, so a slow machine cannot reorder the story."""
+    cfg = _config(tmp_path, workers={"workers": 1, "queue_size": 1, "queue_timeout_s": 30})
     app = create_app(tiny_bundle, cfg, predictor=tiny_predictor, warmup=False)
+    release = threading.Event()
     with TestClient(app) as c:
         an = app.state.svc.analyzer
         real = an.analyze
 
-        def slow(*a, **k):
-            time.sleep(0.6)
+        def held(*a, **k):
+            release.wait(30)
             return real(*a, **k)
 
-        an.analyze = slow
+        an.analyze = held
         out = []
 
         def call():
             out.append(c.post("/v1/analyze", files={"dermoscopic": ("d.jpg", fixture_image_bytes, "image/jpeg")}))
 
         threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
-        t0 = time.perf_counter()
-        assert c.get("/healthz").status_code == 200
-        assert time.perf_counter() - t0 < 0.5  # inference runs off the event loop
-        for t in threads:
-            t.join()
-        an.analyze = real
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while sum(r.status_code == 503 for r in list(out)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert [r.status_code for r in out] == [503, 503], "two requests over capacity are refused at once"
+            t0 = time.perf_counter()
+            assert c.get("/healthz").status_code == 200
+            assert time.perf_counter() - t0 < 0.5  # inference runs off the event loop
+        finally:
+            release.set()
+            for t in threads:
+                t.join()
+            an.analyze = real
     codes = sorted(r.status_code for r in out)
     assert codes == [200, 200, 503, 503], codes
     busy = [r for r in out if r.status_code == 503]
@@ -419,7 +429,7 @@ def test_service_config_validation(tmp_path):
 
 
 def test_triage_policy():
-    from dermfusion.service.config import TriageConfig, UncertaintyConfig
+    from dermfusion.clinical.settings import TriageConfig, UncertaintyConfig
     from dermfusion.clinical.triage import decide
     from dermfusion.tasks import ISIC2018
 

@@ -135,7 +135,7 @@ def test_model_check_from_config(tmp_path, tiny_bundle, tiny_predictor, fixture_
 
 def test_model_check_cut_from_the_bundle_reference(tiny_bundle):
     from dermfusion.evaluation.drift_reference import read_reference_stats
-    from dermfusion.service.config import QualityConfig
+    from dermfusion.clinical.settings import QualityConfig
 
     ref = read_reference_stats(tiny_bundle)
     gq = ref["quality_gate"]  # written at training time beside the drift signals

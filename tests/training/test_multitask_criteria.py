@@ -79,8 +79,12 @@ def test_multitask_trains_predicts_and_evaluates(derm7pt_like, tmp_path):
     config = yaml.safe_load((tmp_path / "run" / "fold_0" / "bundle" / "config.yaml").read_text())
     assert set(config["criteria_prior"]) == {c.name for c in SEVEN_POINT}
     out = tmp_path / "pred.csv"
-    run("predict", tmp_path / "run", "--manifest", d / "trainval.parquet", "--out", out, "--backend", "fp32")
+    text = run("predict", tmp_path / "run", "--manifest", d / "trainval.parquet", "--out", out, "--backend", "fp32",
+               "--clinical", tmp_path / "clinical.csv")
     pred = pd.read_csv(out)
+    # the clinical file's sets are the diagnosis classes only (the criteria columns ride beside them in the rows)
+    sizes = pd.read_csv(tmp_path / "clinical.csv")["differential"].map(lambda v: len(str(v).split("|")))
+    assert f"mean size {sizes.mean():.2f}" in " ".join(text.split()) and sizes.max() <= 5
     for c in SEVEN_POINT:
         assert set(pred[c.name]) <= set(c.labels)
         probs = pred[[f"{c.name}:{label}" for label in c.labels]].to_numpy()

@@ -18,6 +18,8 @@ def operating_point_cmd(
     malignant_sensitivity: float = typer.Option(0.95, help="share of all malignant lesions (BCC, AKIEC … too) to "
                                                 "refer; 0 = no such target (melanoma alone: other cancers may slip)"),
     max_urgent_rate: Optional[float] = typer.Option(0.10, help="ceiling on the share of lesions referred urgently"),
+    local: bool = typer.Option(False, "--local", help="choose on MANIFEST's own labelled lesions, predicted now by "
+                               "the run's bundles (a clinic's local sample), not on the run's out-of-fold predictions"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what the cut-offs would do and draw the plot; "
                                  "write nothing into the bundles"),
     n_boot: int = typer.Option(1000, help="bootstrap resamples for the intervals"),
@@ -31,14 +33,12 @@ def operating_point_cmd(
     import numpy as np
     import pandas as pd
 
-    from ..bundle import read_bundle, run_bundles, update_decisions
+    from ..bundle import read_bundle, run_bundles, update_decisions, update_files
     from ..data.manifest import load_manifest, targets
     from ..evaluation.calibration import Calibration
-    from ..evaluation.decision_rules import choose_operating_point, operating_point_report
+    from ..evaluation.decision_rules import (EVIDENCE_FILE, choose_operating_point, operating_point_report,
+                                             read_evidence, write_evidence)
 
-    if not (run / "oof.csv").is_file():
-        fail(f"{run} has no oof.csv: an operating point is chosen on out-of-fold predictions (train with "
-             "--folds all, not --folds full)")
     bundles, _ = run_bundles(run)
     first = read_bundle(bundles[0])
     task, cal = first.task, Calibration.from_dict(first.calibration)
@@ -47,13 +47,26 @@ def operating_point_cmd(
              f"`dermfusion calibrate {run} --manifest {manifest}`")
     if not task.malignant:
         fail(f"task {task.name} has no malignant classes: nothing to refer")
-    oof = pd.read_csv(run / "oof.csv", dtype={"lesion_id": str})
-    lab = load_manifest(manifest).set_index("lesion_id")
-    missing = [i for i in oof["lesion_id"] if i not in lab.index]
-    if missing:
-        fail(f"{len(missing)} out-of-fold lesions are not in {manifest} (e.g. {missing[0]}): give the run's manifest")
-    y = targets(lab.loc[oof["lesion_id"]].reset_index(), task).argmax(1)
-    post = cal.posterior(oof[list(task.classes)].to_numpy())
+    if local:  # the population it will serve: predicted by these bundles, its own labels, its own folds if any
+        post, y, folds, source = _local_posteriors(run, manifest, task)
+    elif (run / "oof.csv").is_file():
+        oof = pd.read_csv(run / "oof.csv", dtype={"lesion_id": str})
+        lab = load_manifest(manifest).set_index("lesion_id")
+        missing = [i for i in oof["lesion_id"] if i not in lab.index]
+        if missing:
+            fail(f"{len(missing)} out-of-fold lesions are not in {manifest} (e.g. {missing[0]}): give the run's "
+                 "manifest")
+        y = targets(lab.loc[oof["lesion_id"]].reset_index(), task).argmax(1)
+        post, folds, source = cal.posterior(oof[list(task.classes)].to_numpy()), oof["fold"].to_numpy(), str(run)
+    else:  # a full-data refit calibrated on another run's out-of-fold predictions keeps them in its bundle
+        ev = read_evidence(bundles[0] / EVIDENCE_FILE, with_folds=True)
+        if ev is None:
+            fail(f"{run} has no oof.csv: an operating point is chosen on out-of-fold predictions. For a full-data "
+                 f"refit (--folds full), fit its decisions on a cross-validated run of the same recipe first: "
+                 f"`dermfusion calibrate {run} --manifest {manifest} --evidence RUN_CV`")
+        post, y, folds = ev
+        source = ((first.decisions or {}).get("fitted_on") or "the bundle's evidence").split(" (")[0]
+        console.print(f"out-of-fold evidence kept in the bundle: {source}")
     targets_ = {"melanoma_sensitivity": melanoma_sensitivity,
                 "malignant_sensitivity": malignant_sensitivity if malignant_sensitivity > 0 else None,
                 "max_urgent_rate": max_urgent_rate}
@@ -61,29 +74,67 @@ def operating_point_cmd(
         op = choose_operating_point(task, y, post, **targets_)
     except ValueError as e:
         fail(f"no operating point meets the targets: {e}")
-    op["chosen_on"] = f"{len(y)} out-of-fold posteriors of {run}"
-    op["out_of_fold"] = operating_point_report(task, y, post, op, folds=oof["fold"].to_numpy(), choose=targets_,
+    op["chosen_on"] = source if source.startswith(f"{len(y)} ") else f"{len(y)} out-of-fold posteriors of {source}"
+    op["out_of_fold"] = operating_point_report(task, y, post, op, folds=folds, choose=targets_,
                                                n_boot=n_boot)
-    _print_report(op)
+    _print_report(op, "the local sample" if local else "the out-of-fold lesions")
     from ..training.run_calibration import melanoma_only_warning
 
     warning = melanoma_only_warning(op)
     if warning:
         console.print(f"[yellow]{warning}[/]")
-    _plot(run / "operating_point.png", task, y, post, op)
+    _plot(run / "operating_point.png", task, y, post, op, "the local sample" if local else "out-of-fold lesions")
     console.print(f"[green]wrote[/] {run / 'operating_point.png'}")
     if dry_run:
         return
     for b in bundles:
         dec = dict(read_bundle(b).decisions or {})
         dec["triage"] = op
-        update_decisions(b, dec)
+        if local:  # the evidence the service's expected referral rate is read from follows the operating point
+            update_files(b, {"decisions.json": lambda f, d=dec: f.write_text(json.dumps(d, indent=1, default=float)),
+                             EVIDENCE_FILE: lambda f: write_evidence(f, post, y, folds)})
+        else:
+            update_decisions(b, dec)
     (run / "operating_point.json").write_text(json.dumps(op, indent=1, default=float))
     console.print(f"[green]wrote[/] the operating point into {len(bundles)} bundle(s) (decisions.json, re-sealed) "
                   f"and {run / 'operating_point.json'}")
 
 
-def _print_report(op: dict) -> None:
+def _local_posteriors(run: Path, manifest: Path, task):
+    """(posteriors, labels, folds, source) of a labelled local sample predicted through the clinical engine: the
+    posteriors under the training prior the operating point applies to; lesions the engine cannot assess left out
+    (they go to a clinician whatever the cut-offs); folds from the manifest when it has two or more, else none (the
+    report then draws 5 random ones)."""
+    import numpy as np
+
+    from ..clinical import Engine
+    from ..clinical.lesion import lesions_from_manifest
+    from ..console import track
+    from ..data.manifest import load_manifest, targets
+    from ..inference import load_run
+
+    df = load_manifest(manifest)
+    labelled = df[task.label_columns()].notna().all(axis=1) if all(c in df for c in task.label_columns()) else None
+    if labelled is None or not labelled.any():
+        fail(f"{manifest} has no {task.name} labels: a local operating point needs labelled lesions")
+    df = df[labelled].reset_index(drop=True)
+    engine = Engine(load_run(run), None)
+    engine.choose_backends(df.head(32))
+    extra = [f for f in engine.metadata_fields if f not in ("age", "sex", "skin_tone", "site")]
+    post, keep = [], []
+    for lesions in track(lesions_from_manifest(df, engine.modalities, 32, extra), "predicting the local sample",
+                         total=(len(df) + 31) // 32):
+        for a in engine.assess(lesions, quality_gate=True):
+            post.append(a.posterior)
+            keep.append(a.action != "cannot_assess")
+    keep = np.asarray(keep)
+    folds = df["fold"].to_numpy()[keep] if "fold" in df and df["fold"][keep].nunique() >= 2 else np.zeros(keep.sum())
+    console.print(f"local sample: {int(keep.sum())} lesions of {manifest} ({int((~keep).sum())} 'cannot assess' left out)")
+    return (np.asarray(post)[keep], targets(df, task).argmax(1)[keep], folds.astype(int),
+            f"{int(keep.sum())} lesions of the local sample {manifest}")
+
+
+def _print_report(op: dict, where: str) -> None:
     from rich.table import Table
 
     rep = op["out_of_fold"]
@@ -91,7 +142,7 @@ def _print_report(op: dict) -> None:
                   (", ".join(f"P({c}) ≥ {v:.3f}" for c, v in op["routine_class_probability"].items()) or "—") +
                   "; urgent referral: " + (", ".join(f"P({c}) ≥ {v:.3f}" for c, v in
                                                       op["urgent_class_probability"].items()) or "—"))
-    t = Table(title="on the out-of-fold lesions (95 % bootstrap intervals)")
+    t = Table(title=f"on {where} (95 % bootstrap intervals)")
     t.add_column("measure")
     t.add_column("in-sample (cut-offs chosen here)", justify="right")
     t.add_column("cross-validated (chosen on the other folds)", justify="right")
@@ -109,27 +160,32 @@ def _print_report(op: dict) -> None:
     console.print(t)
 
 
-def _plot(path: Path, task, y, post, op) -> None:
-    """Melanoma sensitivity against the share of benign lesions referred, as the P(MEL) cut moves (risk cut
-    fixed), with the chosen point; the urgent rate on a second panel."""
+def _plot(path: Path, task, y, post, op, where: str = "out-of-fold lesions") -> None:
+    """Melanoma sensitivity against the share of benign lesions referred as the operating point's own routine clause
+    moves — the P(MEL) cut (risk cut fixed) or, for a point without one, the risk cut — with the chosen point; the
+    urgent rate on a second panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ..evaluation.decision_rules import triage_levels, triage_rates
+    from ..evaluation.decision_rules import risk_scores, triage_levels, triage_rates
 
     fig, ax = plt.subplots(1, 1, figsize=(5.5, 4.2), dpi=110)
-    cuts = np.unique(np.r_[np.quantile(post[:, task.classes.index("MEL")], np.linspace(0, 1, 120)), 1.01]) \
-        if "MEL" in task.classes else []
+    by_mel = "MEL" in task.classes and "MEL" in (op.get("routine_class_probability") or {})
+    if by_mel:
+        cuts = np.unique(np.r_[np.quantile(post[:, task.classes.index("MEL")], np.linspace(0, 1, 120)), 1.01])
+        moved = [{**op, "routine_class_probability": {"MEL": float(c)}} for c in cuts]
+    else:
+        cuts = np.unique(np.r_[np.quantile(risk_scores(task, post), np.linspace(0, 1, 120)), 101.0])
+        moved = [{**op, "routine_risk": float(c)} for c in cuts]
     xs, ys = [], []
-    for c in cuts:
-        lv = triage_levels(task, post, {**op, "routine_class_probability": {"MEL": float(c)}})
-        r = triage_rates(task, y, lv)
+    for m in moved:
+        r = triage_rates(task, y, triage_levels(task, post, m))
         xs.append(r["benign_referral_rate"])
         ys.append(r.get("melanoma_sensitivity", r["malignant_sensitivity"]))
-    ax.plot(xs, ys, color="#2b6cb0", label="P(MEL) cut moves (risk cut fixed)")
+    ax.plot(xs, ys, color="#2b6cb0", label="P(MEL) cut moves (risk cut fixed)" if by_mel else "risk cut moves")
     r = op["out_of_fold"]["in_sample"]
     ax.scatter([r["benign_referral_rate"]], [r.get("melanoma_sensitivity", r["malignant_sensitivity"])], color="#c53030",
                zorder=3, label="chosen operating point")
@@ -139,7 +195,7 @@ def _plot(path: Path, task, y, post, op) -> None:
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Triage operating point on out-of-fold lesions", fontsize=10)
+    ax.set_title(f"Triage operating point on {where}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -50,10 +50,17 @@ def _labelled(manifest: Path, task):
     return df, targets(df, task)
 
 
-def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv + fold bundles)"),
-                  manifest: Path = typer.Option(..., help="the labelled training manifest")):
+def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv + fold bundles, or a full-data refit)"),
+                  manifest: Path = typer.Option(..., help="the labelled training manifest"),
+                  evidence: Optional[Path] = typer.Option(
+                      None, help="a cross-validated run of the same recipe whose out-of-fold predictions stand in "
+                                 "for RUN's: for a full-data refit (--folds full), which has none of its own")):
     """(Re-)fit a run's posterior calibration and decision rules (operating point, conformal differential) on its
-    out-of-fold predictions and write them into its bundles; refresh the drift baseline."""
+    out-of-fold predictions and write them into its bundles; refresh the drift baseline.
+
+    A full-data refit has no out-of-fold predictions: name a cross-validated run of the same recipe on the same
+    manifest with --evidence (e.g. `--folds 0` for Derm7pt's validation split) and its fold models' out-of-fold
+    predictions are what the refit's calibration, operating point and conformal set are fitted on."""
     import pandas as pd  # the CLI imports the data stack when a verb runs
 
     import yaml
@@ -62,23 +69,53 @@ def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv +
     from ..card import write_run_cards
     from ..config import ExperimentConfig
     from ..data.manifest import load_manifest, targets
+    from ..evaluation.calibration import training_prior
     from ..tasks import get_task
     from ..training.cv import calibrate_run, training_class_counts, write_calibrated_oof, write_drift_references
+    from ..training.run_calibration import recipe_differences
 
     cfg = ExperimentConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     task = get_task(cfg.task)
-    oof = pd.read_csv(run / "oof.csv", dtype={"lesion_id": str})
+    source = evidence or run
+    if not (source / "oof.csv").is_file():
+        if evidence is not None:
+            fail(f"{evidence} has no oof.csv: --evidence takes a cross-validated run (`dermfusion train … --folds 0` "
+                 "or more folds), not a full-data refit")
+        fail(f"{run} has no out-of-fold predictions (oof.csv): a full-data refit (--folds full) has no lesions it "
+             f"did not train on. Train the same recipe with held-out folds and name that run: `dermfusion calibrate "
+             f"{run} --manifest {manifest} --evidence RUN_CV`")
+    src_cfg = cfg
+    if evidence is not None:
+        src_cfg = ExperimentConfig.model_validate(yaml.safe_load((evidence / "config.yaml").read_text()))
+        if src_cfg.task != cfg.task:
+            fail(f"{evidence} is a {src_cfg.task} run, {run} a {cfg.task} run: the evidence must be the same task")
+        for d in recipe_differences(src_cfg.model_dump(), cfg.model_dump()):
+            console.print(f"[yellow]the evidence run differs from {run}: {d}[/]")
+    oof = pd.read_csv(source / "oof.csv", dtype={"lesion_id": str})
     full = load_manifest(manifest)
+    missing = set(oof["lesion_id"]) - set(full["lesion_id"])
+    if missing:
+        fail(f"{len(missing)} out-of-fold lesions of {source} are not in {manifest} (e.g. {sorted(missing)[0]}): "
+             "name the manifest the run trained on")
     df = full.set_index("lesion_id").loc[oof["lesion_id"]].reset_index()
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     bundles, _ = run_bundles(run)  # every bundle of the run (RUN/bundle too): each predicts with the run's calibration
-    # the prior the model trained under: the sampler's (networks) or the experts' class weights (tabular)
-    weighting = (cfg.model_dump().get("model") or {}).get("class_weight")
-    power = cfg.train.sampler_power if cfg.model.kind != "tabular" else {"sqrt": 0.5, "balanced": 1.0}.get(weighting, 0.0)
+    # the prior the evidence models trained under: the sampler's (networks) or the experts' class weights (tabular)
+    weighting = (src_cfg.model_dump().get("model") or {}).get("class_weight")
+    power = src_cfg.train.sampler_power if src_cfg.model.kind != "tabular" else \
+        {"sqrt": 0.5, "balanced": 1.0}.get(weighting, 0.0)
     res = calibrate_run(cfg.calibration, task, targets(df, task), oof, bundles, power,
-                        class_counts=training_class_counts(full, task, oof["fold"].unique()))
+                        class_counts=training_class_counts(full, task, oof["fold"].unique()),
+                        evidence=None if evidence is None else str(evidence),
+                        bundle_sampling_prior=None if evidence is None or cfg.model.kind == "tabular" else
+                        training_prior(training_class_counts(full, task, [-1]), cfg.train.sampler_power))
     summary["calibration"] = res
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if evidence is not None:  # the refit's record of what it was fitted on; its cards have no out-of-fold section
+        console.print(f"fitted on the {len(oof)} out-of-fold predictions of {evidence} (its fold models, not {run}'s "
+                      "model: the refit trained on more lesions, so its posteriors may be a little sharper than "
+                      "those the calibration was fitted on)")
+        return
     write_calibrated_oof(task, oof, res["fitted"], run / "oof_calibrated.csv")
     if cfg.model.kind != "tabular":  # the drift baseline describes the posteriors the bundles now give
         write_drift_references(task, df, oof, [b for b in bundles if (b / "model.safetensors").is_file()],

@@ -102,7 +102,7 @@ def predict_cmd(
                 console.print(f"[green]wrote[/] {out}: {len(df)} lesions × {task.num_classes} classes ({mode})"
                               + (f" from {ctx.world_size} processes" if ctx.distributed else ""))
                 if clinical:
-                    _write_clinical(clinical, engine, df, shown, result[:, 3 * C], result[:, 3 * C + 1:])
+                    _write_clinical(clinical, engine, df, shown, result[:, 3 * C], result[:, 3 * C + 1:4 * C + 1])
             ctx.barrier()
 
     record_errors(run)()

@@ -164,15 +164,11 @@ class Engine:
     @property
     def criteria(self) -> tuple:
         """The dermoscopic criteria the served networks predict (empty: none has criteria heads)."""
-        heads = self._criteria_heads()
+        heads = self.model_pass.criteria_heads
         return tuple(heads.criteria) if heads is not None else ()
 
-    def _criteria_heads(self):
-        return next((net.model.criteria_heads for net in self.model_pass.networks
-                     if getattr(net.model, "criteria_heads", None) is not None), None)
-
     def _criteria(self, probs: dict | None, n: int) -> list[dict | None]:
-        heads = self._criteria_heads()
+        heads = self.model_pass.criteria_heads
         if probs is None or heads is None:
             return [None] * n
         return [criteria_report(heads.criteria, heads.criteria_set, probs, k) for k in range(n)]

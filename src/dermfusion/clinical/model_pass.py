@@ -96,6 +96,12 @@ class ModelPass:
             self.explainer = None
 
     @property
+    def criteria_heads(self):
+        """The first served network's dermoscopic-criteria heads (their names and label sets), or None."""
+        return next((net.model.criteria_heads for net in self.networks
+                     if getattr(net.model, "criteria_heads", None) is not None), None)
+
+    @property
     def is_network(self) -> bool:
         return bool(self.networks)
 

@@ -42,7 +42,16 @@ def fit_conformal(task: TaskSpec, y_idx, posteriors, level: float = 0.95, class_
     if bad:
         raise ValueError(f"class levels must name {task.name} classes and lie in [level, 1): {bad}")
     return {"method": "mondrian split-conformal (class-conditional), crepes", "score": "1 - posterior",
-            "level": float(level), "class_levels": levels, "n": int(len(y)), "calibration_scores": scores}
+            "level": float(level), "class_levels": levels, "n": int(len(y)), "calibration_scores": scores,
+            "always_in": always_in(scores, float(level), levels)}
+
+
+def always_in(scores: dict, level: float, class_levels: dict | None = None) -> dict:
+    """The classes too rare among the calibration lesions to be ruled out at their level, with their counts: the
+    smallest p-value n calibration lesions allow is 1 / (n + 1), so a class with n < 1 / (1 − level) − 1 (19 at 95 %)
+    is in every set."""
+    levels = class_levels or {}
+    return {c: len(v) for c, v in scores.items() if 1.0 / (len(v) + 1) > 1.0 - levels.get(c, level) + 1e-12}
 
 
 def prediction_sets(task: TaskSpec, posteriors, conformal: dict, level: float | None = None) -> np.ndarray:

@@ -174,9 +174,9 @@ def operating_point_keys(op: dict) -> dict:
 def operating_point_report(task: TaskSpec, y_idx, posteriors, op: dict, *, folds=None, weights=None,
                            n_boot: int = 1000, seed: int = 0, choose: dict | None = None) -> dict:
     """What ``op`` does on labelled lesions: each rate with a percentile bootstrap 95 % interval over lesions, and —
-    when ``folds`` and ``choose`` (the ``choose_operating_point`` targets) are given — the cross-validated estimate:
-    the cuts chosen on the other folds, applied to each fold, pooled. The in-sample figures of cuts chosen on the
-    same lesions are optimistic; the cross-validated ones are not (on this data)."""
+    when ``choose`` (the ``choose_operating_point`` targets) is given — the cross-validated estimate: the cuts chosen
+    on the other folds (``folds``; fewer than two: 5 random ones), applied to each fold, pooled. The in-sample figures
+    of cuts chosen on the same lesions are optimistic; the cross-validated ones are not (on this data)."""
     y = np.asarray(y_idx).astype(int)
     p = np.asarray(posteriors, dtype=np.float64)
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -190,8 +190,11 @@ def operating_point_report(task: TaskSpec, y_idx, posteriors, op: dict, *, folds
     keys = [k for k, v in point.items() if isinstance(v, float)]
     ci = {k: [float(np.nanquantile([b[k] for b in boots], q)) for q in (0.025, 0.975)] for k in keys}
     out = {"in_sample": point, "ci95": ci, "n_boot": n_boot}
-    if folds is not None and choose is not None and len(np.unique(folds)) >= 2:
-        f = np.asarray(folds)
+    if choose is not None:
+        # one fold (a train → validation run) leaves nothing to choose on: 5 random folds, as the conformal report
+        given = folds is not None and len(np.unique(folds)) >= 2
+        f = np.asarray(folds) if given else np.random.default_rng(seed).permutation(np.arange(len(y)) % 5)
+        out["folds"] = "given" if given else "5 random folds"
         nested = np.zeros(len(y), dtype=int)
         for k in np.unique(f):
             tr, te = f != k, f == k
@@ -220,10 +223,12 @@ def write_evidence(path, posteriors, y_idx, folds) -> None:
                             labels=np.asarray(y_idx, dtype=np.int16), folds=np.asarray(folds, dtype=np.int16))
 
 
-def read_evidence(path) -> tuple[np.ndarray, np.ndarray] | None:
+def read_evidence(path, with_folds: bool = False) -> tuple | None:
+    """(posteriors, labels[, folds]) of a bundle's evidence file; None when there is none."""
     try:
         with np.load(path) as z:
-            return z["posteriors"].astype(np.float64), z["labels"].astype(int)
+            out = (z["posteriors"].astype(np.float64), z["labels"].astype(int))
+            return out + (z["folds"].astype(int),) if with_folds else out
     except (OSError, KeyError, ValueError):
         return None
 

@@ -20,8 +20,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
-from ..clinical.settings import (ConceptScorerConfig, DifferentialConfig, ExplainConfig, PriorConfig, QualityConfig,
-                                 TriageConfig, UncertaintyConfig)
+from ..clinical.settings import ClinicalSettings
 from ..config import read_yaml_mapping
 from ..errors import DermfusionError
 from .auth import KEY_ID, SCOPES, hash_key, parse_hash
@@ -175,20 +174,15 @@ class RegistryConfig(_Strict):
                                                  "with the CLI (the admin endpoints apply theirs at once)")
 
 
-class ServiceConfig(_Strict):
-    triage: TriageConfig = Field(default_factory=TriageConfig)
-    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
-    quality: QualityConfig = Field(default_factory=QualityConfig)
-    prior: PriorConfig = Field(default_factory=PriorConfig)
-    differential: DifferentialConfig = Field(default_factory=DifferentialConfig)
+class ServiceConfig(ClinicalSettings):
+    """service.yaml: the engine's clinical settings (``clinical.settings.ClinicalSettings``: triage, uncertainty,
+    quality, prior, differential, explain, concepts, backend) plus what only the service has."""
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
-    explain: ExplainConfig = Field(default_factory=ExplainConfig)
-    concepts: ConceptScorerConfig = Field(default_factory=ConceptScorerConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     device: str = "cpu"
     backend: str = Field("auto", description="auto = the one policy (inference.backend_policy): the fastest exact "

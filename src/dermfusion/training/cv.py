@@ -124,6 +124,12 @@ def _train_network_cv(cfg, members, task, df, out: Path, fold_ids: list[int], pr
             oof = average_oof(oofs, task)
             oof.to_csv(out / "oof.csv", index=False)
             summary.update(_oof_summary(cfg, task, df, oof, out, [r.bundle for r in results]))
+        else:
+            console.print("[yellow]a full-data refit has no out-of-fold predictions: its posteriors follow Bayes' rule "
+                          "from the training prior (temperature 1, not fitted) and it carries no operating point or "
+                          "conformal differential (the service falls back to built-in cut-offs). Fit them on a "
+                          "cross-validated run of the same recipe: `dermfusion calibrate "
+                          f"{out} --manifest MANIFEST --evidence RUN_CV`[/]")
         write_familiarity_references(df, results)
         if profile:
             summary["profile"] = {r.fold: _profile(r.history) for r in per_member[0]}

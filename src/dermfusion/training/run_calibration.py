@@ -90,14 +90,19 @@ def fit_decisions(options: dict, task, y_idx: np.ndarray, posterior: np.ndarray,
 
 
 def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, sampler_power: float = 0.0, *,
-                  class_counts=None) -> dict:
+                  class_counts=None, evidence: str | None = None, bundle_sampling_prior=None) -> dict:
     """Fit the posterior calibration and the decision rules on out-of-fold predictions and write them into every
     bundle of the run (``calibration.json`` + ``decisions.json``, each bundle re-sealed).
 
     options (``calibration`` of the config): posterior (bias_temperature | temperature | prior), prior_adjustment —
     the balanced rule: training_prior (divide by the training prior ** prior_strength), balanced_accuracy (strength
     tuned on OOF), none (strength 0) — cuts (MILK10k, nested estimate), the operating-point targets and the conformal
-    level. ``class_counts``: the training rows' class counts (``training_class_counts``), for the sampling prior."""
+    level. ``class_counts``: the training rows' class counts (``training_class_counts``), for the sampling prior.
+
+    ``evidence``: the out-of-fold predictions are another run's (a cross-validated run of the same recipe standing in
+    for a full-data refit); ``bundle_sampling_prior``: the prior the bundles' own sampler drew with, when it is not
+    the evidence models' — the bias is shifted by Bayes' rule so the bundles' output lands on the posteriors the
+    decisions were fitted on (the balanced rule is unchanged by the shift)."""
     if hasattr(options, "model_dump"):
         options = options.model_dump()
     raw = oof[list(task.classes)].to_numpy(np.float64)
@@ -134,7 +139,16 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     report["oof_posterior"] = epoch_metrics(task, y, post)
     report["oof_balanced"] = epoch_metrics(task, y, cal.balanced(raw))
     decisions = fit_decisions(options, task, y.argmax(1), post, folds)
+    if evidence is not None:
+        decisions["fitted_on"] = f"{len(raw)} out-of-fold posteriors of {evidence} (the same recipe's fold models)"
+        report["evidence"] = evidence
+        for part in ("triage", "differential"):
+            if part in decisions and "chosen_on" in decisions[part]:
+                decisions[part]["chosen_on"] = decisions["fitted_on"]
     d = cal.to_dict()
+    if bundle_sampling_prior is not None:  # raw output under another sampler: log(s_evidence / s_bundle) / T more
+        shift = np.log(training_prior(counts, sampler_power)) - np.log(normalise_prior(bundle_sampling_prior))
+        d["bias"] = (np.asarray(bias) + shift / T).tolist()
     for b in bundles:  # one re-seal per bundle (the model file is hashed once, not three times)
         update_files(b, {"calibration.json": lambda f: f.write_text(json.dumps(d, indent=2)),
                          **_decision_files(decisions, post, y.argmax(1), folds)})
@@ -143,6 +157,28 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
                   f"balanced accuracy {report['oof_balanced']['balanced_accuracy']:.4f}")
     _print_decisions(task, decisions)
     return {"fitted": d, "report": report, "decisions": _summary(decisions)}
+
+
+RECIPE_KEYS_SAME = ("task", "model", "data", "loss")  # what must match for one run's evidence to stand for another's
+
+
+def recipe_differences(evidence_cfg: dict, run_cfg: dict) -> list[str]:
+    """The settings in which a run standing as evidence differs from the run it stands for (model, data, loss;
+    ``train`` beyond the sampler is allowed to differ: a refit may train longer)."""
+    out = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            out.append(f"{path}: {a!r} (evidence) vs {b!r}")
+
+    for key in RECIPE_KEYS_SAME:
+        walk(evidence_cfg.get(key), run_cfg.get(key), key)
+    walk((evidence_cfg.get("train") or {}).get("sampler_power"), (run_cfg.get("train") or {}).get("sampler_power"),
+         "train.sampler_power")
+    return out
 
 
 def _decision_files(decisions: dict, posterior: np.ndarray, y_idx: np.ndarray, folds) -> dict:
@@ -205,6 +241,11 @@ def _print_decisions(task, decisions: dict) -> None:
         console.print(f"conformal differential ({conf['level']:.0%}): cross-conformal coverage {cc['coverage']:.3f}, "
                       f"mean set size {cc['mean_set_size']:.2f}"
                       + (f", melanoma coverage {cc['melanoma_coverage']:.3f}" if "melanoma_coverage" in cc else ""))
+        rare = conf.get("always_in") or {}
+        if rare:
+            console.print("[yellow]in every set: " + ", ".join(f"{c} ({n} lesions)" for c, n in rare.items())
+                          + f" — too few out-of-fold lesions of a class to rule it out at {conf['level']:.0%} "
+                          f"(a class needs at least {int(np.ceil(1 / (1 - conf['level']))) - 1})[/]")
 
 
 def write_calibrated_oof(task, oof: pd.DataFrame, calibration: dict, path: Path) -> Path:
