@@ -28,7 +28,7 @@ from dermfusion.bundle import read_bundle, resolve_run
 from dermfusion.data.manifest import load_manifest, targets
 from dermfusion.data.predictions import prediction_ids
 from dermfusion.evaluation import decision_rules as dr
-from dermfusion.evaluation.conformal import set_metrics
+from dermfusion.evaluation.conformal import fit_conformal, prediction_sets, set_metrics
 from dermfusion.evaluation.metrics import expected_calibration_error
 from dermfusion.runtime.device import cpu_name
 
@@ -110,6 +110,14 @@ def main() -> None:
              "| figure | the bundle's operating point (out of fold, other collection) | chosen again on the local sample |",
              "|---|---|---|"]
     rows += [f"| {k.replace('_', ' ')} | {fmt(bundle_rest[k])} | {fmt(local_rest[k])} |" for k in RATES]
+    if "differential" in cl.columns:  # the prediction sets calibrated on the local sample too (split conformal)
+        level = dec["differential"]["level"]
+        local_conf = fit_conformal(task, y[local], post[local], level, dec["differential"].get("class_levels"))
+        here = set_metrics(task, y[rest], sets[rest])
+        there_local = set_metrics(task, y[rest], prediction_sets(task, post[rest], local_conf))
+        rows += [f"| {level:.0%} set coverage / melanoma coverage / mean size | {here['coverage']:.3f} / "
+                 f"{here['coverage_by_class']['MEL']:.3f} / {here['mean_set_size']:.2f} | {there_local['coverage']:.3f} / "
+                 f"{there_local['coverage_by_class']['MEL']:.3f} / {there_local['mean_set_size']:.2f} |"]
     text = "\n".join(rows)
     print(text)
     if a.markdown:
