@@ -174,6 +174,12 @@ def test_a_full_data_refit_is_calibrated_on_a_cross_validated_run(work, trained,
 
     n = len(read_evidence(bundle / EVIDENCE_FILE)[1])
     assert chosen == f"{n} lesions of the local sample {manifest}" and 0 < n <= 48
+    # and the answer says so (the clinician page words it: "on this clinic's labelled local sample")
+    from dermfusion.clinical import Engine
+    from dermfusion.inference import load_run
+
+    assert Engine(load_run(refit)).rules.describe()["operating_point"]["evidence"] == "local_sample"
+    assert Engine(load_run(trained)).rules.describe()["operating_point"]["evidence"] == "out_of_fold"
 
 
 def test_stack_and_ensemble(work, trained, tabular_run, manifest):

@@ -75,6 +75,7 @@ def operating_point_cmd(
     except ValueError as e:
         fail(f"no operating point meets the targets: {e}")
     op["chosen_on"] = source if source.startswith(f"{len(y)} ") else f"{len(y)} out-of-fold posteriors of {source}"
+    op["evidence"] = "local_sample" if local else "out_of_fold"  # what the clinician page says it was chosen on
     op["out_of_fold"] = operating_point_report(task, y, post, op, folds=folds, choose=targets_,
                                                n_boot=n_boot)
     _print_report(op, "the local sample" if local else "the out-of-fold lesions")

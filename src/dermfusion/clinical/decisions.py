@@ -33,7 +33,7 @@ class DecisionRules:
     calibration: Calibration
     operating_point: dict          # the four triage cut-offs in force
     operating_point_source: str    # "bundle" | "service config (override)" | "built-in defaults (not chosen on evidence)"
-    operating_point_evidence: dict  # the bundle's out-of-fold report for its operating point ({} if none)
+    operating_point_evidence: dict  # the bundle's report for its operating point + where it was chosen ({} if none)
     conformal: dict | None         # the bundle's conformal calibration (None: no prediction set)
     level: float | None            # the prediction set's coverage
     training_prior: np.ndarray | None
@@ -68,7 +68,9 @@ class DecisionRules:
                 raise ValueError("prior.deployment needs a bundle whose calibration states its training prior "
                                  "(re-calibrate it: `dermfusion calibrate RUN`)")
             deploy = normalise_prior([float(settings.prior.deployment.get(c, 0.0)) for c in task.classes])
-        return cls(task, cal, op, source, (bundle_op or {}).get("out_of_fold", {}) if source == "bundle" else {},
+        evidence = {**bundle_op.get("out_of_fold", {}), "evidence": bundle_op.get("evidence", "out_of_fold")} \
+            if source == "bundle" else {}
+        return cls(task, cal, op, source, evidence,
                    conf, level, train, deploy, settings.differential.level is not None)
 
     # ------------------------------------------------------------------ the steps
@@ -132,7 +134,9 @@ class DecisionRules:
         ev = self.operating_point_evidence or {}
         return {"source": self.operating_point_source, **self.operating_point,
                 "applied_to": "posteriors under the training prior",
-                "targets": ev.get("targets"), "out_of_fold": ev.get("cross_validated") or ev.get("in_sample")}
+                "targets": ev.get("targets"), "out_of_fold": ev.get("cross_validated") or ev.get("in_sample"),
+                # where the cut-offs were chosen: the model's out-of-fold lesions, or a clinic's labelled local sample
+                "evidence": ev.get("evidence")}
 
     def differential_info(self) -> dict | None:
         if not self.conformal:

@@ -309,7 +309,8 @@
       `; urgent referral when ${Object.keys(op.urgent_class_probability).length ? cuts(op.urgent_class_probability) : "—"}` +
       (op.urgent_risk <= 100 ? ` or risk ≥ ${op.urgent_risk.toFixed(1)}` : "") + ` (applied to ${op.applied_to}).` +
       (oof && oof.melanoma_sensitivity !== undefined
-        ? ` On the model's out-of-fold lesions it referred ${(100 * oof.melanoma_sensitivity).toFixed(0)}% of melanomas ` +
+        ? ` On ${op.evidence === "local_sample" ? "this clinic's labelled local sample" : "the model's out-of-fold lesions"}` +
+          ` it referred ${(100 * oof.melanoma_sensitivity).toFixed(0)}% of melanomas ` +
           `and ${(100 * oof.benign_referral_rate).toFixed(0)}% of benign lesions.` : "");
 
     const hm = $("heatmaps");
