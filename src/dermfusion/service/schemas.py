@@ -192,11 +192,9 @@ class OperatingPointInfo(_Model):
     routine_class_probability: dict[str, float]
     applied_to: str
     targets: Optional[dict] = None
-    out_of_fold: Optional[dict] = Field(None, description="what this operating point did on the lesions it was "
-                                                          "chosen on (cross-validated where available)")
-    evidence: Optional[str] = Field(None, description="where a bundle's operating point was chosen: out_of_fold "
-                                                      "(the model's out-of-fold lesions) | local_sample (a clinic's "
-                                                      "labelled local sample, `operating-point --local`)")
+    out_of_fold: Optional[dict] = Field(None, description="what it did where it was chosen (cross-validated)")
+    evidence: Optional[str] = Field(None, description="where it was chosen: out_of_fold | local_sample (a clinic's "
+                                                      "labelled lesions, `operating-point --local`)")
 
 
 class ModelRef(_Model):
