@@ -102,7 +102,7 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     ``evidence``: the out-of-fold predictions are another run's (a cross-validated run of the same recipe standing in
     for a full-data refit); ``bundle_sampling_prior``: the prior the bundles' own sampler drew with, when it is not
     the evidence models' — the bias is shifted by Bayes' rule so the bundles' output lands on the posteriors the
-    decisions were fitted on (the balanced rule is unchanged by the shift)."""
+    decisions were fitted on (with no fitted temperature, T = 1, the balanced rule is unchanged by the shift)."""
     if hasattr(options, "model_dump"):
         options = options.model_dump()
     raw = oof[list(task.classes)].to_numpy(np.float64)
