@@ -88,6 +88,11 @@ def test_strict_criteria_fail_with_exit_1_naming_the_criterion(tmp_path, bundle_
     assert record["passed"] is False
     assert set(record["failed"]) == {"balanced_accuracy_min", "calibration_error_max"}
     assert "Release gate: FAILED" in (out / "report.html").read_text()
+    assert "--local" not in text  # the operating point held: no advice about choosing it again
+    # a failed operating point (here: specificity) points to choosing it on a labelled local sample
+    text = gate(bundle_copy, "--manifest", ham_manifest, "--criteria",
+                write(tmp_path / "op.yaml", {**LENIENT, "specificity_min": 0.999}), "--out", tmp_path / "op", code=1)
+    assert "did not hold on these lesions" in text and "operating-point RUN --manifest LOCAL --local" in text
 
 
 def test_a_misspelt_criterion_is_a_one_line_error(tmp_path, bundle_copy, ham_manifest):

@@ -113,6 +113,12 @@ def gate_cmd(
                              "tta": engine.tta}, comparison=comparison)
     print_gate(record, console)
     console.print(f"[green]record[/]: {out_dir / 'gate.json'} · [green]report[/]: {out_dir / 'report.html'}")
+    if {"melanoma_sensitivity_min", "specificity_min"} & set(record["failed"]):
+        # the operating point did not hold on these lesions: where they are the clinic's own, choose it there
+        console.print(f"[yellow]the operating point in force (from the {rules.operating_point_source}) did not hold "
+                      f"on these lesions; if they are like the ones it will serve, choose it on a labelled local sample — "
+                      f"`dermfusion operating-point RUN --manifest LOCAL --local` — and gate the new version on "
+                      f"other lesions (docs/CLINICAL.md, \"Where the model will be used\")[/]")
     if not record["passed"]:
         raise typer.Exit(1)
 
