@@ -168,7 +168,7 @@ def test_a_full_data_refit_is_calibrated_on_a_cross_validated_run(work, trained,
     # or on a labelled local sample, predicted now by the refit: the evidence the service reads follows the cut-offs
     text = run("operating-point", refit, "--manifest", manifest, "--local", "--melanoma-sensitivity", "0.5",
                "--n-boot", "20")
-    assert "on the local sample" in text
+    assert "on the local sample" in text and "operating point in force, on the same local lesions" in text
     chosen = json.loads((bundle / "decisions.json").read_text())["triage"]["chosen_on"]
     from dermfusion.evaluation.decision_rules import EVIDENCE_FILE, read_evidence
 

@@ -79,6 +79,17 @@ def operating_point_cmd(
     op["out_of_fold"] = operating_point_report(task, y, post, op, folds=folds, choose=targets_,
                                                n_boot=n_boot)
     _print_report(op, "the local sample" if local else "the out-of-fold lesions")
+    current = (first.decisions or {}).get("triage")
+    if local and current:  # what the cut-offs in force now do here: the case for (or against) changing them
+        r = operating_point_report(task, y, post, current, n_boot=n_boot)
+        ci = r["ci95"]
+        mel = f"melanoma sensitivity {r['in_sample']['melanoma_sensitivity']:.3f} " \
+              f"[{ci['melanoma_sensitivity'][0]:.3f}, {ci['melanoma_sensitivity'][1]:.3f}], " \
+            if "melanoma_sensitivity" in r["in_sample"] else ""
+        console.print(f"the bundle's operating point in force, on the same local lesions: {mel}malignant sensitivity "
+                      f"{r['in_sample']['malignant_sensitivity']:.3f}, benign referred "
+                      f"{r['in_sample']['benign_referral_rate']:.3f} [{ci['benign_referral_rate'][0]:.3f}, "
+                      f"{ci['benign_referral_rate'][1]:.3f}]")
     from ..training.run_calibration import melanoma_only_warning
 
     warning = melanoma_only_warning(op)
