@@ -99,10 +99,25 @@ def test_multitask_trains_predicts_and_evaluates(derm7pt_like, tmp_path):
     on = pd.read_csv(tmp_path / "onnx.csv")
     assert np.abs(on[prob_cols].to_numpy() - pred[prob_cols].to_numpy()).max() < 1e-4
     assert (on[[c.name for c in SEVEN_POINT]] == pred[[c.name for c in SEVEN_POINT]]).all().all()
-    # an approximate backend's agreement record covers the diagnosis only: its criteria come from the eager heads
+    # without an agreement record that measured the criteria heads, an approximate backend's criteria come from
+    # the eager heads
     run("predict", tmp_path / "run", "--manifest", d / "trainval.parquet", "--out", tmp_path / "bf16.csv",
         "--backend", "bf16")
     assert np.abs(pd.read_csv(tmp_path / "bf16.csv")[prob_cols].to_numpy() - pred[prob_cols].to_numpy()).max() < 2e-6
+    # check-backends measures the criteria heads too; where a record approves them, bf16's own criteria are served
+    from dermfusion.inference.backend_policy import read_record, write_record
+
+    text = run("bundle", "check-backends", tmp_path / "run", "--manifest", d / "trainval.parquet", "--backends",
+               "bf16", "--lesions", "40")
+    assert "criteria" in text
+    bundle = tmp_path / "run" / "fold_0" / "bundle"
+    rec = read_record(bundle)["agreement"]["bf16"]
+    assert 0 <= rec["criteria_flips"] <= rec["lesions"] and rec["max_criteria_prob_diff"] > 0
+    write_record(bundle, {"bf16": {**rec, "lesions": 500, "criteria_flip_rate": 0.0}}, 500, "a test's approval")
+    run("predict", tmp_path / "run", "--manifest", d / "trainval.parquet", "--out", tmp_path / "bf16_approved.csv",
+        "--backend", "bf16")
+    diff = np.abs(pd.read_csv(tmp_path / "bf16_approved.csv")[prob_cols].to_numpy() - pred[prob_cols].to_numpy()).max()
+    assert 2e-6 < diff < 0.05, diff  # bf16's own heads now: near fp32's, not equal to them
     run("evaluate", "--predictions", out, "--manifest", d / "trainval.parquet", "--out", tmp_path / "eval", "--bootstrap", "0")
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     crit = metrics["criteria"]["criteria"]

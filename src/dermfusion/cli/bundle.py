@@ -90,8 +90,10 @@ def check_backends_cmd(
 ):
     """Measure the approximate inference backends (bf16, int8, onnx-int8, onnx-qdq) against fp32 eager on real
     lesions — decisions changed (balanced diagnosis, triage action, conformal set), probability and risk
-    differences — and record it in each network bundle's backend_check.json under this CPU's name. `auto` then
-    uses a backend only when it changed at most 0.2 % of the decisions on ≥ 500 lesions (inference.backend_policy)."""
+    differences, and for a multi-task network the lesions whose 7-point criteria labels changed — and record it in
+    each network bundle's backend_check.json under this CPU's name. `auto` then uses a backend only when it changed at
+    most 0.2 % of the decisions on ≥ 500 lesions, and its criteria only when they changed as few
+    (inference.backend_policy); otherwise the criteria come from the eager heads."""
     from rich.table import Table
 
     from ..clinical.lesion import lesions_from_manifest
@@ -123,16 +125,17 @@ def check_backends_cmd(
         write_record(net.bundle.path, result, len(df), f"{manifest} (first {len(df)} lesions, {max(tta, 1)} view(s))")
         t = Table(title=f"{net.bundle.path} · {cpu_name()} · {len(df)} lesions")
         for col in ("backend", "decisions changed", "diagnosis", "action", "set", "max |Δp|", "max |Δrisk|",
-                    "auto may use"):
+                    "criteria changed", "auto may use"):
             t.add_column(col)
         ok = set(approved({"agreement": result}))
         for name, r in result.items():
             if "error" in r:
-                t.add_row(name, "—", "", "", "", "", "", f"no ({r['error'][:60]})")
+                t.add_row(name, "—", "", "", "", "", "", "", f"no ({r['error'][:60]})")
                 continue
+            crit = f"{r['criteria_flips']} ({r['criteria_flip_rate']:.2%})" if "criteria_flips" in r else "—"
             t.add_row(name, f"{r['decision_flips']} ({r['decision_flip_rate']:.2%})", str(r["diagnosis_flips"]),
                       str(r.get("action_flips", "—")), str(r.get("set_flips", "—")), f"{r['max_prob_diff']:.4f}",
-                      f"{r['max_risk_diff']:.1f}", "yes" if name in ok else "no")
+                      f"{r['max_risk_diff']:.1f}", crit, "yes" if name in ok else "no")
         console.print(t)
     console.print(f"[dim]auto uses an approximate backend when it changed ≤ {MAX_FLIP_RATE:.1%} of decisions on "
                   f"≥ {MIN_RECORD_LESIONS} lesions; recorded in backend_check.json (not hashed: per machine)[/]")

@@ -27,7 +27,7 @@ from ..data.dataset import batch_from_lesions
 from ..data.importers.isic import import_isic
 from ..data.transforms import tta_views
 from ..explain import Explainer
-from ..inference.backend_policy import EXACT, policy_text
+from ..inference.backend_policy import EXACT, criteria_approved, policy_text, read_record
 from ..inference.backends import selection_text
 from ..inference.criteria import divide_label_prior
 from ..inference.network import NetworkPredictor
@@ -84,6 +84,7 @@ class ModelPass:
         self.members = members_of(predictor)
         self.backend_warnings: list[str] = []
         self.backend_failures: list[int] = []
+        self._criteria_ok: dict = {}   # (network, backend) → may its criteria output be served
         primary = self.networks[0] if self.networks else None
         if primary is not None:  # what any network of a blend reads (each one takes its own share in run)
             self.modalities = _union(n.spec.modalities for n in self.networks)
@@ -94,6 +95,13 @@ class ModelPass:
         else:
             self.modalities, self.metadata_fields, self.concepts = inputs_of(predictor)
             self.explainer = None
+
+    def _criteria_trusted(self, net, backend: str | None) -> bool:
+        """Whether ``backend``'s criteria output may be served for ``net`` (``backend_policy.criteria_approved``)."""
+        key = (id(net), backend)
+        if key not in self._criteria_ok:
+            self._criteria_ok[key] = backend in EXACT or criteria_approved(read_record(net.bundle.path), backend)
+        return self._criteria_ok[key]
 
     @property
     def criteria_heads(self):
@@ -142,9 +150,9 @@ class ModelPass:
                     with torch.no_grad(), probe if probe is not None else nullcontext():
                         out = fast(b)
                     p = torch.softmax(out["logits"].float(), -1).cpu().numpy()
-                    # criteria from an exact backend only: an approximate one's agreement record measured the
-                    # diagnosis, not the criteria heads (those then run eager, below)
-                    crit = out.get("criteria") if getattr(fast, "name", None) in EXACT else None
+                    # criteria from an exact backend, or an approximate one whose agreement record measured the
+                    # criteria heads too (else those run eager, below)
+                    crit = out.get("criteria") if self._criteria_trusted(net, getattr(fast, "name", None)) else None
                     if v == 0 and watch and out.get("layer_stats") is not None:
                         stats = np.asarray(out["layer_stats"], dtype=np.float64)
                 if i == 0 and v == 0 and (want_maps or fast is None) and self.explainer is not None:

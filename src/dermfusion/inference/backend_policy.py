@@ -27,7 +27,8 @@ import torch
 
 from ..evaluation.conformal import prediction_sets
 from ..evaluation.decision_rules import triage_levels
-from .backends import prepare_backend, probs_over
+from .backends import prepare_backend
+from .criteria import divide_label_prior
 from ..runtime.device import cpu_name, native_bf16
 
 EXACT = ("fp32", "onnx")
@@ -76,6 +77,15 @@ def approved(record: dict) -> list[str]:
     return out
 
 
+def criteria_approved(record: dict, name: str) -> bool:
+    """Whether an approximate backend's dermoscopic-criteria output may be used: its agreement record measured the
+    criteria heads too (``criteria_flip_rate``: lesions whose any criterion label changed) on enough lesions and
+    found them as stable as the decisions must be. Otherwise the criteria come from the eager heads."""
+    rec = (record.get("agreement") or {}).get(name) or {}
+    return name in APPROXIMATE and rec.get("lesions", 0) >= MIN_RECORD_LESIONS \
+        and rec.get("criteria_flip_rate", 1.0) <= MAX_FLIP_RATE
+
+
 def policy_text(network) -> str:
     rec = read_record(network.bundle.path)
     ok = approved(rec)
@@ -87,9 +97,12 @@ def policy_text(network) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the agreement record
-def decision_flips(task, calibration, decisions: dict, ref_raw: np.ndarray, raw: np.ndarray) -> dict:
+def decision_flips(task, calibration, decisions: dict, ref_raw: np.ndarray, raw: np.ndarray, *, ref_criteria=None,
+                   criteria=None, criteria_prior=None) -> dict:
     """How many lesions change decision between two backends' raw probabilities: the balanced-rule diagnosis, the
-    triage action at the bundle's operating point, the conformal set (where the bundle has them)."""
+    triage action at the bundle's operating point, the conformal set (where the bundle has them). With the criteria
+    heads' probabilities of both ({criterion: N×L}), also how many lesions change any criterion's label (as served:
+    divided by ``criteria_prior``) — recorded beside, not counted in the decision flips."""
     n = len(ref_raw)
     pr, pa = calibration.posterior(ref_raw), calibration.posterior(raw)
     flips = calibration.balanced(ref_raw).argmax(1) != calibration.balanced(raw).argmax(1)
@@ -108,6 +121,13 @@ def decision_flips(task, calibration, decisions: dict, ref_raw: np.ndarray, raw:
                max_prob_diff=float(np.abs(pr - pa).max()) if n else 0.0,
                max_risk_diff=float(100 * np.abs(pr[:, list(task.malignant_indices)].sum(1)
                                                 - pa[:, list(task.malignant_indices)].sum(1)).max()) if n else 0.0)
+    if ref_criteria and criteria:
+        cr, ca = divide_label_prior(ref_criteria, criteria_prior), divide_label_prior(criteria, criteria_prior)
+        changed = np.zeros(n, dtype=bool)
+        for name in cr:
+            changed |= cr[name].argmax(1) != ca[name].argmax(1)
+        out.update(criteria_flips=int(changed.sum()), criteria_flip_rate=float(changed.mean()) if n else 1.0,
+                   max_criteria_prob_diff=float(max(np.abs(cr[k] - ca[k]).max() for k in cr)) if n else 0.0)
     return out
 
 
@@ -119,25 +139,32 @@ def check_backends(network, batches: list[dict], calibration, decisions: dict, c
     cands = list(candidates) if candidates is not None else approximate_candidates(network.device, model)
 
     def over(runner):
-        if not tta_views:
-            return probs_over(runner, batches)
-        out = []
+        """(probabilities, {criterion: probabilities} or None), each averaged over the views."""
+        out, crit = [], {}
+        n = len(next(iter(tta_views.values()))) if tta_views else 1
         for b in batches:
-            acc = None
-            n = len(next(iter(tta_views.values())))
+            acc, cacc = None, {}
             for v in range(n):
-                bv = dict(b, images={m: tta_views[m][v](x) for m, x in b["images"].items()})
-                p = torch.softmax(runner(bv)["logits"].float(), -1).cpu().numpy()
+                bv = dict(b, images={m: tta_views[m][v](x) for m, x in b["images"].items()}) if tta_views else b
+                res = runner(bv)
+                p = torch.softmax(res["logits"].float(), -1).cpu().numpy()
                 acc = p if acc is None else acc + p
+                for k, z in (res.get("criteria") or {}).items():
+                    cacc[k] = cacc.get(k, 0) + torch.softmax(torch.as_tensor(z).float(), -1).cpu().numpy() / n
             out.append(acc / n)
-        return np.concatenate(out)
+            for k, q in cacc.items():
+                crit.setdefault(k, []).append(q)
+        return np.concatenate(out), ({k: np.concatenate(v) for k, v in crit.items()} or None)
 
-    ref = over(prepare_backend(model, "fp32", device=network.device))
+    ref, ref_crit = over(prepare_backend(model, "fp32", device=network.device))
+    prior = network.bundle.config.get("criteria_prior")
     result = {}
     for name in cands:
         try:
             runner = prepare_backend(model, name, device=network.device, sample_batch=batches[0])
-            result[name] = decision_flips(network.task, calibration, decisions, ref, over(runner))
+            raw, crit = over(runner)
+            result[name] = decision_flips(network.task, calibration, decisions, ref, raw, ref_criteria=ref_crit,
+                                          criteria=crit, criteria_prior=prior)
         except Exception as e:  # noqa: BLE001 — a backend that cannot run here is recorded, not fatal
             result[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "lesions": 0}
     return result
