@@ -26,6 +26,7 @@ from dermfusion.data.manifest import load_manifest, targets
 from dermfusion.data.predictions import prediction_ids
 from dermfusion.evaluation import decision_rules as dr
 from dermfusion.runtime.device import cpu_name
+from operating_point_transfer import boot_rates, emit, fmt  # benchmarks/: the same intervals and output
 
 KEYS = ("melanoma_sensitivity", "malignant_sensitivity", "benign_referral_rate")
 
@@ -66,8 +67,6 @@ def main() -> None:
         rules[f"risk or P(MEL), targets {t:.2f}"] = op
         r = min(lowest_cut(risk_oof, y_oof == mel_i, t), lowest_cut(risk_oof, malignant, t))
         rules[f"risk alone, targets {t:.2f}"] = {**op, "routine_risk": r, "routine_class_probability": {}}
-    rng = np.random.default_rng(0)
-    boots = [rng.integers(0, len(y_o), len(y_o)) for _ in range(a.n_boot)]
     rows = [f"Machine: {cpu_name()} ({platform.machine()}), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; chosen on "
             f"`{a.run}`'s {len(y_oof)} out-of-fold posteriors, judged on `{a.other_manifest}` ({ok.sum()} assessable "
             f"lesions, {(y_o == mel_i).sum()} melanomas); urgent referral as the product's rule (P(MEL) cut, ≤ 10 %)", "",
@@ -75,18 +74,10 @@ def main() -> None:
             "collection: melanoma sensitivity | malignant sensitivity | benign referred |", "|---|---|---|---|---|"]
     for name, op in rules.items():
         ins = dr.triage_rates(task, y_oof, dr.triage_levels(task, p_oof, op))
-        lv = dr.triage_levels(task, p_o, op)
-        pt = dr.triage_rates(task, y_o, lv)
-        bs = [dr.triage_rates(task, y_o[i], lv[i]) for i in boots]
-        cells = [f"{pt[k]:.3f} [{np.nanquantile([b[k] for b in bs], 0.025):.3f}, "
-                 f"{np.nanquantile([b[k] for b in bs], 0.975):.3f}]" for k in KEYS]
+        there = boot_rates(task, y_o, dr.triage_levels(task, p_o, op), a.n_boot)
         rows.append(f"| {name} | {ins['melanoma_sensitivity']:.3f} / {ins['malignant_sensitivity']:.3f}, "
-                    f"{ins['benign_referral_rate']:.3f} | " + " | ".join(cells) + " |")
-    text = "\n".join(rows)
-    print(text)
-    if a.markdown:
-        with open(a.markdown, "w") as fh:
-            fh.write(text + "\n")
+                    f"{ins['benign_referral_rate']:.3f} | " + " | ".join(fmt(there[k]) for k in KEYS) + " |")
+    emit(rows, a.markdown)
 
 
 if __name__ == "__main__":

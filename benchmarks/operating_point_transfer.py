@@ -46,6 +46,15 @@ def fmt(v) -> str:
     return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
 
+def emit(rows: list[str], markdown: str | None) -> None:
+    """Print the markdown rows, and write them to ``markdown`` when given."""
+    text = "\n".join(rows)
+    print(text)
+    if markdown:
+        with open(markdown, "w") as fh:
+            fh.write(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
@@ -118,11 +127,7 @@ def main() -> None:
         rows += [f"| {level:.0%} set coverage / melanoma coverage / mean size | {here['coverage']:.3f} / "
                  f"{here['coverage_by_class']['MEL']:.3f} / {here['mean_set_size']:.2f} | {there_local['coverage']:.3f} / "
                  f"{there_local['coverage_by_class']['MEL']:.3f} / {there_local['mean_set_size']:.2f} |"]
-    text = "\n".join(rows)
-    print(text)
-    if a.markdown:
-        with open(a.markdown, "w") as fh:
-            fh.write(text + "\n")
+    emit(rows, a.markdown)
 
 
 if __name__ == "__main__":

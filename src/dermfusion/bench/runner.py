@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..clinical.lesion import lesions_from_manifest
+from ..clinical.lesion import METADATA_FIELDS, lesions_from_manifest
 from ..data.dataset import batch_from_lesions
 from ..data.images import load_rgb_array
 from ..data.transforms import eval_transform
@@ -52,7 +52,7 @@ def real_batches(model: nn.Module, frame: pd.DataFrame, preprocess: dict, batch_
     .batch_from_lesions``: the one evaluation transform, presence masks) — what ``predict`` and the service feed
     a network."""
     spec = model.feature_spec
-    extra = [f for f in list(spec.numeric) + list(spec.categorical) if f not in ("age", "sex", "skin_tone", "site")]
+    extra = [f for f in list(spec.numeric) + list(spec.categorical) if f not in METADATA_FIELDS]
     out = []
     for lesions in lesions_from_manifest(frame, spec.modalities, batch_size, extra):
         if drop_last and len(lesions) < batch_size:

@@ -244,13 +244,6 @@ def update_calibration(path: str | Path, calibration: dict) -> None:
     seal_bundle(path)
 
 
-def update_decisions(path: str | Path, decisions: dict) -> str:
-    """Rewrite a bundle's decisions.json (operating point, conformal calibration) and re-seal it — after checking
-    that nothing else changed; the new content hash."""
-    return update_file(path, "decisions.json",
-                       lambda f: _write_atomic(f, json.dumps(decisions, indent=1, default=float)))
-
-
 def update_files(path: str | Path, writers: dict[str, Callable[[Path], object]]) -> str:
     """Write several covered files of a bundle (``{name: write(path / name)}``) and re-seal it once — after checking
     that nothing else in it changed; the new content hash."""

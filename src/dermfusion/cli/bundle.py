@@ -96,7 +96,7 @@ def check_backends_cmd(
     (inference.backend_policy); otherwise the criteria come from the eager heads."""
     from rich.table import Table
 
-    from ..clinical.lesion import lesions_from_manifest
+    from ..clinical.lesion import METADATA_FIELDS, lesions_from_manifest
     from ..data.dataset import batch_from_lesions
     from ..data.manifest import load_manifest
     from ..data.transforms import tta_views
@@ -116,7 +116,7 @@ def check_backends_cmd(
     tta = int(((nets[0].bundle.config.get("experiment") or {}).get("train") or {}).get("tta") or 0)
     for net in nets:
         spec, extra = net.spec, [f for f in list(net.spec.numeric) + list(net.spec.categorical)
-                                 if f not in ("age", "sex", "skin_tone", "site")]
+                                 if f not in METADATA_FIELDS]
         batches = [batch_from_lesions([les.images for les in chunk], [les.metadata for les in chunk], spec,
                                       net.preprocess) for chunk in lesions_from_manifest(df, spec.modalities,
                                                                                          batch_size, extra)]

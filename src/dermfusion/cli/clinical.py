@@ -33,7 +33,7 @@ def operating_point_cmd(
     import numpy as np
     import pandas as pd
 
-    from ..bundle import read_bundle, run_bundles, update_decisions, update_files
+    from ..bundle import read_bundle, run_bundles, update_files
     from ..data.manifest import load_manifest, targets
     from ..evaluation.calibration import Calibration
     from ..evaluation.decision_rules import (EVIDENCE_FILE, choose_operating_point, operating_point_report,
@@ -47,6 +47,7 @@ def operating_point_cmd(
              f"`dermfusion calibrate {run} --manifest {manifest}`")
     if not task.malignant:
         fail(f"task {task.name} has no malignant classes: nothing to refer")
+    kind = "local_sample" if local else "out_of_fold"  # where the cut-offs are chosen (the clinician page says it)
     if local:  # the population it will serve: predicted by these bundles, its own labels, its own folds if any
         post, y, folds, source = _local_posteriors(run, manifest, task)
     elif (run / "oof.csv").is_file():
@@ -57,16 +58,18 @@ def operating_point_cmd(
             fail(f"{len(missing)} out-of-fold lesions are not in {manifest} (e.g. {missing[0]}): give the run's "
                  "manifest")
         y = targets(lab.loc[oof["lesion_id"]].reset_index(), task).argmax(1)
-        post, folds, source = cal.posterior(oof[list(task.classes)].to_numpy()), oof["fold"].to_numpy(), str(run)
-    else:  # a full-data refit calibrated on another run's out-of-fold predictions keeps them in its bundle
+        post, folds = cal.posterior(oof[list(task.classes)].to_numpy()), oof["fold"].to_numpy()
+        source = f"{len(y)} out-of-fold posteriors of {run}"
+    else:  # a full-data refit keeps the posteriors its operating point was chosen on (another run's, or local)
         ev = read_evidence(bundles[0] / EVIDENCE_FILE, with_folds=True)
         if ev is None:
             fail(f"{run} has no oof.csv: an operating point is chosen on out-of-fold predictions. For a full-data "
                  f"refit (--folds full), fit its decisions on a cross-validated run of the same recipe first: "
                  f"`dermfusion calibrate {run} --manifest {manifest} --evidence RUN_CV`")
         post, y, folds = ev
-        source = ((first.decisions or {}).get("fitted_on") or "the bundle's evidence").split(" (")[0]
-        console.print(f"out-of-fold evidence kept in the bundle: {source}")
+        kept = (first.decisions or {}).get("triage") or {}
+        source, kind = kept.get("chosen_on") or f"{len(y)} posteriors kept in the bundle", kept.get("evidence", kind)
+        console.print(f"evidence kept in the bundle: {source}")
     targets_ = {"melanoma_sensitivity": melanoma_sensitivity,
                 "malignant_sensitivity": malignant_sensitivity if malignant_sensitivity > 0 else None,
                 "max_urgent_rate": max_urgent_rate}
@@ -74,8 +77,8 @@ def operating_point_cmd(
         op = choose_operating_point(task, y, post, **targets_)
     except ValueError as e:
         fail(f"no operating point meets the targets: {e}")
-    op["chosen_on"] = source if source.startswith(f"{len(y)} ") else f"{len(y)} out-of-fold posteriors of {source}"
-    op["evidence"] = "local_sample" if local else "out_of_fold"  # what the clinician page says it was chosen on
+    op["chosen_on"] = source
+    op["evidence"] = kind
     op["out_of_fold"] = operating_point_report(task, y, post, op, folds=folds, choose=targets_,
                                                n_boot=n_boot)
     _print_report(op, "the local sample" if local else "the out-of-fold lesions")
@@ -99,14 +102,10 @@ def operating_point_cmd(
     console.print(f"[green]wrote[/] {run / 'operating_point.png'}")
     if dry_run:
         return
-    for b in bundles:
-        dec = dict(read_bundle(b).decisions or {})
-        dec["triage"] = op
-        if local:  # the evidence the service's expected referral rate is read from follows the operating point
-            update_files(b, {"decisions.json": lambda f, d=dec: f.write_text(json.dumps(d, indent=1, default=float)),
-                             EVIDENCE_FILE: lambda f: write_evidence(f, post, y, folds)})
-        else:
-            update_decisions(b, dec)
+    for b in bundles:  # the evidence the service's expected rates are read from follows the operating point
+        dec = {**(read_bundle(b).decisions or {}), "triage": op}
+        update_files(b, {"decisions.json": lambda f, d=dec: f.write_text(json.dumps(d, indent=1, default=float)),
+                         EVIDENCE_FILE: lambda f: write_evidence(f, post, y, folds)})
     (run / "operating_point.json").write_text(json.dumps(op, indent=1, default=float))
     console.print(f"[green]wrote[/] the operating point into {len(bundles)} bundle(s) (decisions.json, re-sealed) "
                   f"and {run / 'operating_point.json'}")
@@ -120,7 +119,6 @@ def _local_posteriors(run: Path, manifest: Path, task):
     import numpy as np
 
     from ..clinical import Engine
-    from ..clinical.lesion import lesions_from_manifest
     from ..console import track
     from ..data.manifest import load_manifest, targets
     from ..inference import load_run
@@ -132,9 +130,8 @@ def _local_posteriors(run: Path, manifest: Path, task):
     df = df[labelled].reset_index(drop=True)
     engine = Engine(load_run(run), None)
     engine.choose_backends(df.head(32))
-    extra = [f for f in engine.metadata_fields if f not in ("age", "sex", "skin_tone", "site")]
     post, keep = [], []
-    for lesions in track(lesions_from_manifest(df, engine.modalities, 32, extra), "predicting the local sample",
+    for lesions in track(engine.lesions_from_manifest(df, 32), "predicting the local sample",
                          total=(len(df) + 31) // 32):
         for a in engine.assess(lesions, quality_gate=True):
             post.append(a.posterior)

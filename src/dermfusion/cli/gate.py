@@ -141,11 +141,8 @@ def _predict(engine, df, batch_size: int):
     """(raw, posteriors, balanced scores) of every lesion, through the engine in chunks."""
     import numpy as np
 
-    from ..clinical.lesion import lesions_from_manifest
-
-    extra = [f for f in engine.metadata_fields if f not in ("age", "sex", "skin_tone", "site")]
     raw, post, bal = [], [], []
-    for lesions in lesions_from_manifest(df, engine.modalities, batch_size, extra):
+    for lesions in engine.lesions_from_manifest(df, batch_size):
         for a in engine.assess(lesions, quality_gate=False, criteria=False):
             raw.append(a.raw)
             post.append(a.posterior)
@@ -156,14 +153,11 @@ def _predict(engine, df, batch_size: int):
 def _latencies(engine, df, n: int) -> list[float]:
     """Milliseconds of ``n`` single-lesion assessments (decoding the file and the quality gate included; the
     manifest's first lesions, cycled), after one untimed warm-up."""
-    from ..clinical.lesion import lesion_from_row
-
-    extra = [f for f in engine.metadata_fields if f not in ("age", "sex", "skin_tone", "site")]
     rows = [df.iloc[i % len(df)].to_dict() for i in range(n + 1)]
-    engine.assess([lesion_from_row(rows[0], engine.modalities, extra)])
+    engine.assess([engine.lesion_from_row(rows[0])])
     out = []
     for row in rows[1:]:
         t = time.perf_counter()
-        engine.assess([lesion_from_row(row, engine.modalities, extra)])
+        engine.assess([engine.lesion_from_row(row)])
         out.append((time.perf_counter() - t) * 1000)
     return out

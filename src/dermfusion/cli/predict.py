@@ -113,13 +113,11 @@ def _engine_rows(engine, part, batch_size: int, clinical: bool, ctx):
     criteria's label probabilities only for a multi-task network (``_criteria_columns``)."""
     import numpy as np
 
-    from ..clinical.lesion import lesions_from_manifest
     from ..clinical.triage import ACTIONS
     from ..console import track
 
     task = engine.task
-    extra = [f for f in engine.metadata_fields if f not in ("age", "sex", "skin_tone", "site")]
-    chunks = lesions_from_manifest(part, engine.modalities, batch_size, extra)
+    chunks = engine.lesions_from_manifest(part, batch_size)
     n_chunks = (len(part) + batch_size - 1) // batch_size
     rows = []
     for lesions in (track(chunks, "predicting", total=n_chunks) if ctx.progress else chunks):

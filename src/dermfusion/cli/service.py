@@ -120,7 +120,6 @@ def explain_cmd(
     the same path as the service's /v1/analyze."""
     from ..clinical import Engine
     from ..clinical.explanation import fusion_explanation, render_heatmaps
-    from ..clinical.lesion import lesion_from_row
     from ..clinical.settings import load_clinical_settings
     from ..data.manifest import load_manifest
     from ..inference import load_run
@@ -133,13 +132,12 @@ def explain_cmd(
     if missing:
         fail(f"lesion id(s) not in {manifest}: {', '.join(missing)}")
     engine = Engine(load_run(bundle, device=device), settings)
-    extra = [f for f in engine.metadata_fields if f not in ("age", "sex", "skin_tone", "site")]
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for lid in wanted:
         row = df.loc[lid]
         row = row.iloc[0] if hasattr(row, "iloc") and getattr(row, "ndim", 1) == 2 else row
-        lesion = lesion_from_row(row.to_dict(), engine.modalities, extra)
+        lesion = engine.lesion_from_row(row.to_dict())
         for m, why in lesion.errors.items():
             err_console.print(f"[yellow]{lid}: {m} image unreadable ({why}); skipped[/]")
         if engine.modalities and not lesion.images:

@@ -24,7 +24,7 @@ from ..evaluation.embedding_reference import read_reference
 from ..inference.predictor import Predictor
 from ..tasks import TaskSpec
 from .decisions import DecisionRules
-from .lesion import Lesion
+from .lesion import METADATA_FIELDS, Lesion, lesion_from_row, lesions_from_manifest
 from .model_pass import ModelPass, bundle_tta, criteria_report
 from .quality import QualityGate
 from .settings import ClinicalSettings
@@ -104,6 +104,19 @@ class Engine:
     @property
     def concepts(self) -> list[str]:
         return self.model_pass.concepts
+
+    # ------------------------------------------------------------------ lesions from a manifest
+    def lesion_from_row(self, row: dict) -> Lesion:
+        """A manifest row as a lesion carrying every input this engine reads: its modalities' images, the standard
+        metadata and any further field a model reads (e.g. Derm7pt's ``elevation``)."""
+        return lesion_from_row(row, self.modalities, self._extra_fields())
+
+    def lesions_from_manifest(self, df, chunk: int = 32):
+        """The manifest's rows as such lesions, ``chunk`` at a time (images decoded one chunk at a time)."""
+        return lesions_from_manifest(df, self.modalities, chunk, self._extra_fields())
+
+    def _extra_fields(self) -> list[str]:
+        return [f for f in self.metadata_fields if f not in METADATA_FIELDS]
 
     def choose_backends(self, sample=None) -> list[str]:
         """Each network's backend under the one policy (``settings.backend``: auto | trained | a name)."""

@@ -29,7 +29,7 @@ from ..data.transforms import tta_views
 from ..explain import Explainer
 from ..inference.backend_policy import EXACT, criteria_approved, policy_text, read_record
 from ..inference.backends import selection_text
-from ..inference.criteria import divide_label_prior
+from ..inference.criteria import criteria_probabilities, divide_label_prior
 from ..inference.network import NetworkPredictor
 from ..inference.predictor import Predictor
 from ..models.layer_stats import LayerStats
@@ -179,8 +179,7 @@ class ModelPass:
                     if crit is None:  # a backend that exports the diagnosis only: the eager heads on this view
                         with torch.no_grad():
                             crit = net.model(b)["criteria"]
-                    for name, z in crit.items():
-                        q = torch.softmax(torch.as_tensor(z).float(), -1).cpu().numpy().astype(np.float64)
+                    for name, q in criteria_probabilities(crit).items():
                         crit_acc[name] = crit_acc.get(name, 0) + q / n_views
             raw.append(acc / n_views)
             if with_criteria:
@@ -196,6 +195,7 @@ class ModelPass:
         validated in training; any other name is used as given. ``stats_modality``: the first network's backend
         also gives that image's layer statistics (the gate's familiarity check)."""
         chosen, self.backend_warnings, self.backend_failures = [], [], []
+        self._criteria_ok = {}  # a new choice reads the agreement records afresh
         for i, net in enumerate(self.networks):
             frame = sample if sample is not None else sample_frame(net.spec)
             failed = []

@@ -28,7 +28,7 @@ import torch
 from ..evaluation.conformal import prediction_sets
 from ..evaluation.decision_rules import triage_levels
 from .backends import prepare_backend
-from .criteria import divide_label_prior
+from .criteria import criteria_probabilities, divide_label_prior
 from ..runtime.device import cpu_name, native_bf16
 
 EXACT = ("fp32", "onnx")
@@ -66,24 +66,23 @@ def read_record(bundle_path) -> dict:
     return data.get(cpu_name(), {}) if isinstance(data, dict) else {}
 
 
+def _stable(rec: dict, rate: str) -> bool:
+    """Measured on enough real lesions, and ``rate`` (of changed decisions, or criteria labels) within the limit."""
+    return rec.get("lesions", 0) >= MIN_RECORD_LESIONS and rec.get(rate, 1.0) <= MAX_FLIP_RATE
+
+
 def approved(record: dict) -> list[str]:
     """Approximate backends the agreement record lets ``auto`` use: measured on enough real lesions, few enough
     decisions changed."""
-    out = []
-    for name, rec in (record.get("agreement") or {}).items():
-        if name in APPROXIMATE and rec.get("lesions", 0) >= MIN_RECORD_LESIONS \
-                and rec.get("decision_flip_rate", 1.0) <= MAX_FLIP_RATE:
-            out.append(name)
-    return out
+    return [name for name, rec in (record.get("agreement") or {}).items()
+            if name in APPROXIMATE and _stable(rec, "decision_flip_rate")]
 
 
 def criteria_approved(record: dict, name: str) -> bool:
     """Whether an approximate backend's dermoscopic-criteria output may be used: its agreement record measured the
     criteria heads too (``criteria_flip_rate``: lesions whose any criterion label changed) on enough lesions and
     found them as stable as the decisions must be. Otherwise the criteria come from the eager heads."""
-    rec = (record.get("agreement") or {}).get(name) or {}
-    return name in APPROXIMATE and rec.get("lesions", 0) >= MIN_RECORD_LESIONS \
-        and rec.get("criteria_flip_rate", 1.0) <= MAX_FLIP_RATE
+    return name in APPROXIMATE and _stable((record.get("agreement") or {}).get(name) or {}, "criteria_flip_rate")
 
 
 def policy_text(network) -> str:
@@ -149,8 +148,8 @@ def check_backends(network, batches: list[dict], calibration, decisions: dict, c
                 res = runner(bv)
                 p = torch.softmax(res["logits"].float(), -1).cpu().numpy()
                 acc = p if acc is None else acc + p
-                for k, z in (res.get("criteria") or {}).items():
-                    cacc[k] = cacc.get(k, 0) + torch.softmax(torch.as_tensor(z).float(), -1).cpu().numpy() / n
+                for k, q in criteria_probabilities(res.get("criteria") or {}).items():
+                    cacc[k] = cacc.get(k, 0) + q / n
             out.append(acc / n)
             for k, q in cacc.items():
                 crit.setdefault(k, []).append(q)

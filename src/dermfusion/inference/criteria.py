@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..criteria import seven_point_score
+
+
+def criteria_probabilities(logits: dict) -> dict[str, np.ndarray]:
+    """Each criterion head's logits (tensors or arrays, N×L) as float64 probabilities."""
+    return {k: torch.softmax(torch.as_tensor(z).float(), -1).cpu().numpy().astype(np.float64)
+            for k, z in logits.items()}
 
 
 def divide_label_prior(probs: dict[str, np.ndarray], prior: dict | None) -> dict[str, np.ndarray]:
