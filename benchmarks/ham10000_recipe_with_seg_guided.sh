@@ -23,10 +23,10 @@ dermfusion operating-point "$RUNS/ham_rec_seg" --manifest "$M/ham_d7_train.parqu
   --melanoma-sensitivity 0.95 --malignant-sensitivity 0.95
 t2=$(date +%s)
 dermfusion predict "$RUNS/ham_rec_seg" --manifest "$M/ham_test.parquet" \
-  --out "$RUNS/out/isic2018_test_predictions_rec_seg.csv" --clinical "$RUNS/out/isic2018_test_clinical_rec_seg.csv"
+  --out "$RUNS/out/isic2018_test_predictions_rec_seg.csv" --clinical "$RUNS/out/isic2018_test_clinical.csv"
 t3=$(date +%s)
 python benchmarks/clinical_decisions.py --run "$RUNS/ham_rec_seg" --manifest "$M/ham_d7_train.parquet" \
-  --test-clinical "$RUNS/out/isic2018_test_clinical_rec_seg.csv" --markdown "$RUNS/out/rec_seg_clinical.md"
+  --test-clinical "$RUNS/out/isic2018_test_clinical.csv" --markdown "$RUNS/out/rec_seg_clinical.md"
 python benchmarks/melanoma_vs_rest_ablation.py --manifest "$M/ham_d7_train.parquet" "$RUNS/ham_rec" "$RUNS/ham_rec_seg" \
   --markdown "$RUNS/out/rec_vs_rec_seg.md"
 { echo "train ham10000_seg_guided, folds 0-2 (4 epochs): $((t1 - t0)) s"

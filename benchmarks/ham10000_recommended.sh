@@ -4,7 +4,7 @@
 # (configs/ham10000_recommended.yaml), predict the 1,512 ISIC 2018 test images — the official-format file and the
 # clinical file — each stage timed; a cold decode cache is part of it.
 #   bash benchmarks/ham10000_recommended.sh [DATA=../shared/data] [OUT=runs/recommended]
-# Writes OUT/ (manifests, OUT/ham_rec, OUT/isic2018_test_predictions.csv, OUT/isic2018_test_clinical.csv) and
+# Writes OUT/ (manifests, OUT/ham_rec, OUT/isic2018_test_predictions.csv, OUT/isic2018_test_clinical_recipe_alone.csv) and
 # OUT/times.txt. Nothing else may run meanwhile: a second torch process on 2 cores slows both several times over.
 set -euo pipefail
 DATA=$(realpath "${1:-../shared/data}"); OUT=${2:-runs/recommended}
@@ -20,7 +20,7 @@ t1=$(date +%s)
 dermfusion train ham10000_recommended --manifest ham_d7.parquet --out ham_rec --profile
 t2=$(date +%s)
 dermfusion predict ham_rec --manifest ham_test.parquet --out isic2018_test_predictions.csv \
-  --clinical isic2018_test_clinical.csv
+  --clinical isic2018_test_clinical_recipe_alone.csv
 t3=$(date +%s)
 { echo "import + combine: $((t1 - t0)) s"
   echo "train (3 folds, out-of-fold predictions, calibration, decisions): $((t2 - t1)) s"
