@@ -155,6 +155,8 @@ def test_a_full_data_refit_is_calibrated_on_a_cross_validated_run(work, trained,
     assert refit_cal.keys() == fold_cal.keys() and refit_cal["prior"] == fold_cal["prior"]
     np.testing.assert_allclose(refit_cal["bias"], fold_cal["bias"], atol=1e-5)
     np.testing.assert_allclose(refit_cal["temperature"], fold_cal["temperature"], rtol=1e-5)
+    card = json.loads((bundle / "model_card.json").read_text())["calibration"]   # the card follows the refit
+    assert card["calibrated"] and card["temperature"] == pytest.approx(refit_cal["temperature"])
     clinical = work / "refit_clinical.csv"
     run("predict", refit, "--manifest", manifest, "--out", work / "refit_predictions.csv", "--backend", "fp32",
         "--clinical", clinical)
@@ -165,15 +167,27 @@ def test_a_full_data_refit_is_calibrated_on_a_cross_validated_run(work, trained,
     text = run("operating-point", refit, "--manifest", manifest, "--melanoma-sensitivity", "0.5", "--dry-run",
                "--n-boot", "20")
     assert f"48 out-of-fold posteriors of {trained}" in text
-    # or on a labelled local sample, predicted now by the refit: the evidence the service reads follows the cut-offs
-    text = run("operating-point", refit, "--manifest", manifest, "--local", "--melanoma-sensitivity", "0.5",
+    # or on a labelled local sample, predicted now by the refit — never on lesions it trained on (in-sample
+    # posteriors: too sure, cut-offs too lax); the run keeps their ids
+    assert (refit / "training_lesions.txt").read_text().split() == list(pd.read_parquet(manifest)["lesion_id"])
+    text = run("operating-point", refit, "--manifest", manifest, "--local", code=2)
+    assert "48 of the 48 lesions" in text and "trained this run's models" in text
+    # the fixture has no lesion the refit did not see: the same images under other ids stand in for a clinic's
+    local = work / "local_sample.parquet"
+    pd.read_parquet(manifest).assign(lesion_id=lambda d: "LOCAL_" + d["lesion_id"]).to_parquet(local)
+    text = run("operating-point", refit, "--manifest", local, "--local", "--melanoma-sensitivity", "0.5",
                "--n-boot", "20")
     assert "on the local sample" in text and "operating point in force, on the same local lesions" in text
     chosen = json.loads((bundle / "decisions.json").read_text())["triage"]["chosen_on"]
     from dermfusion.evaluation.decision_rules import EVIDENCE_FILE, read_evidence
 
     n = len(read_evidence(bundle / EVIDENCE_FILE)[1])
-    assert chosen == f"{n} lesions of the local sample {manifest}" and 0 < n <= 48
+    assert chosen == f"{n} lesions of the local sample {local}" and 0 < n <= 48
+    # a sample without a melanoma cannot carry a melanoma target (the cut would vanish, not fail)
+    no_mel = work / "local_no_melanoma.parquet"
+    pd.read_parquet(local).query("label_MEL != 1").to_parquet(no_mel)
+    text = run("operating-point", refit, "--manifest", no_mel, "--local", "--dry-run", code=2)
+    assert "no melanomas among the" in text and "95% sensitivity target cannot be chosen" in text
     # and the answer says so (the clinician page words it: "on this clinic's labelled local sample")
     from dermfusion.clinical import Engine
     from dermfusion.inference import load_run

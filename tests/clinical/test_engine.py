@@ -110,6 +110,34 @@ def test_a_deployment_prior_reweights_what_is_shown_not_what_is_decided(network_
         Engine(pred, ClinicalSettings.model_validate({"prior": {"deployment": {"XYZ": 1.0}}}))
 
 
+def test_expected_rates_under_a_deployment_prior_start_from_the_kept_lesions_own_mix(tmp_path, network_run):
+    """The rates a clinic should see are read off the lesions the operating point was chosen on, re-weighted to the
+    clinic's case mix. Those lesions need not have the training prior's mix (a local sample chosen with
+    `operating-point --local` has its own): the weights start from their own mix, so the expected referral rate is
+    the per-class referral rates averaged with the deployment prior's weights."""
+    import shutil
+
+    from dermfusion.bundle import update_files
+    from dermfusion.evaluation.decision_rules import EVIDENCE_FILE, read_evidence, triage_levels, write_evidence
+
+    run = shutil.copytree(network_run, tmp_path / "run")
+    b = resolve_run(run)[0]
+    post, y = read_evidence(b / EVIDENCE_FILE)
+    # a sample unlike the training mix: its melanomas three times over
+    idx = np.r_[np.arange(len(y)), np.repeat(np.flatnonzero(y == CLASSES.index("MEL")), 2)]
+    assert (y == CLASSES.index("MEL")).any()
+    update_files(b, {EVIDENCE_FILE: lambda f: write_evidence(f, post[idx], y[idx], np.zeros(len(idx)))})
+    deploy = {c: (0.4 if c == "MEL" else 0.1) for c in CLASSES}
+    eng = Engine(load_run(run, backend="fp32"), ClinicalSettings.model_validate({"prior": {"deployment": deploy}}))
+    got = eng.rules.expected_rates([b])
+    post16, ys = read_evidence(b / EVIDENCE_FILE)
+    referred = triage_levels(ISIC2018, post16, eng.rules.operating_point) >= 1
+    present = sorted(set(ys.tolist()))
+    d = np.array([list(deploy.values())[c] for c in present])
+    per_class = np.array([referred[ys == c].mean() for c in present])
+    assert got["referral_rate"] == pytest.approx(float((d * per_class).sum() / d.sum()), abs=1e-9)
+
+
 def test_operating_point_verb_writes_into_every_bundle_and_reseals(tmp_path, network_run, ham_manifest):
     import shutil
 

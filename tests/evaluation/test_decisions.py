@@ -161,4 +161,15 @@ def test_a_class_too_rare_to_rule_out_is_named():
     sets = prediction_sets(task, rng.dirichlet(np.full(5, 0.1), 2000), conf)
     in_every = {c for j, c in enumerate(task.classes) if sets[:, j].all()}
     assert in_every == set(conf["always_in"])
-    assert fit_conformal(task, y, p / p.sum(1, keepdims=True), 0.9)["always_in"] == {"BCC": 7}  # 9 needed at 90 %
+    assert fit_conformal(task, y, p / p.sum(1, keepdims=True), 0.9)["always_in"] == {"BCC": 7}  # 10 needed at 90 %
+    # the boundary in the sets' own floating-point arithmetic: at 90 % a class of 9 lesions (smallest p-value 0.1,
+    # not ≤ 1 − 0.9 = 0.0999…98) is still in every set — and named; a class level counts for its class (97 %: 33)
+    y9 = np.repeat(np.arange(5), [9, 100, 25, 19, 18])   # BCC 9, NEV 100, MEL 25, SK 19, MISC 18
+    p9 = rng.dirichlet(np.ones(5), len(y9))
+    p9[np.arange(len(y9)), y9] += 2
+    conf9 = fit_conformal(task, y9, p9 / p9.sum(1, keepdims=True), 0.9)
+    assert conf9["always_in"] == {"BCC": 9}
+    sets9 = prediction_sets(task, rng.dirichlet(np.full(5, 0.1), 2000), conf9)
+    assert {c for j, c in enumerate(task.classes) if sets9[:, j].all()} == {"BCC"}
+    conf_mel = fit_conformal(task, y9, p9 / p9.sum(1, keepdims=True), 0.95, class_levels={"MEL": 0.97})
+    assert conf_mel["always_in"] == {"BCC": 9, "MISC": 18, "MEL": 25}   # SK's 19 suffice at 95 %

@@ -93,6 +93,13 @@ def test_strict_criteria_fail_with_exit_1_naming_the_criterion(tmp_path, bundle_
     text = gate(bundle_copy, "--manifest", ham_manifest, "--criteria",
                 write(tmp_path / "op.yaml", {**LENIENT, "specificity_min": 0.999}), "--out", tmp_path / "op", code=1)
     assert "did not hold on these lesions" in text and "operating-point RUN --manifest LOCAL --local" in text
+    assert "override" not in text
+    # under a service config's triage override, choosing the bundle's cut-offs again would not be enough
+    service = tmp_path / "service.yaml"
+    service.write_text("triage: {routine_risk: 5, urgent_risk: 50}\n")
+    text = gate(bundle_copy, "--manifest", ham_manifest, "--criteria", tmp_path / "op.yaml", "--service-config",
+                service, "--out", tmp_path / "op2", code=1)
+    assert "did not hold on these lesions" in text and "remove the service config's triage override" in text
 
 
 def test_a_misspelt_criterion_is_a_one_line_error(tmp_path, bundle_copy, ham_manifest):

@@ -133,7 +133,8 @@ def calibration_section(b, perf: dict) -> dict:
     src = [source_ref(b.path / "calibration.json", what="fitted on out-of-fold predictions by `dermfusion train` / `calibrate`")]
     adj = c.get("prior_adjustment")
     out = {"source": src, "calibrated": bool(c) and not (
-        (c.get("temperature") in (None, 1, 1.0)) and adj is None and c.get("cuts") is None),
+        (c.get("temperature") in (None, 1, 1.0)) and adj is None and c.get("cuts") is None
+        and not any(c.get("bias") or [])),
            "temperature": as_number(c.get("temperature")) if c else None,
            "prior_adjustment": dict(zip(b.task.classes, adj)) if isinstance(adj, list) and len(adj) == b.task.num_classes else adj,
            "cuts": dict(zip(b.task.classes, c["cuts"])) if isinstance(c.get("cuts"), list) and len(c["cuts"]) == b.task.num_classes else c.get("cuts")}

@@ -13,7 +13,8 @@ from .common import fail
 
 def operating_point_cmd(
     run: Path = typer.Argument(..., help="a cross-validated run directory (oof.csv + its bundles)"),
-    manifest: Path = typer.Option(..., help="the labelled manifest the run was trained on (its out-of-fold labels)"),
+    manifest: Path = typer.Option(..., help="the labelled manifest the run was trained on (its out-of-fold labels); "
+                                  "with --local, the labelled local sample (lesions the run never trained on)"),
     melanoma_sensitivity: float = typer.Option(0.95, help="share of melanomas to refer (routine or urgent)"),
     malignant_sensitivity: float = typer.Option(0.95, help="share of all malignant lesions (BCC, AKIEC … too) to "
                                                 "refer; 0 = no such target (melanoma alone: other cancers may slip)"),
@@ -70,6 +71,7 @@ def operating_point_cmd(
         kept = (first.decisions or {}).get("triage") or {}
         source, kind = kept.get("chosen_on") or f"{len(y)} posteriors kept in the bundle", kept.get("evidence", kind)
         console.print(f"evidence kept in the bundle: {source}")
+    _check_enough(task, y, melanoma_sensitivity, malignant_sensitivity, source)
     targets_ = {"melanoma_sensitivity": melanoma_sensitivity,
                 "malignant_sensitivity": malignant_sensitivity if malignant_sensitivity > 0 else None,
                 "max_urgent_rate": max_urgent_rate}
@@ -122,12 +124,23 @@ def _local_posteriors(run: Path, manifest: Path, task):
     from ..console import track
     from ..data.manifest import load_manifest, targets
     from ..inference import load_run
+    from ..training.cv import read_training_lesions
 
     df = load_manifest(manifest)
     labelled = df[task.label_columns()].notna().all(axis=1) if all(c in df for c in task.label_columns()) else None
     if labelled is None or not labelled.any():
         fail(f"{manifest} has no {task.name} labels: a local operating point needs labelled lesions")
     df = df[labelled].reset_index(drop=True)
+    seen = read_training_lesions(run)
+    if seen is None:
+        console.print(f"[yellow]{run} keeps no record of its training lesions: check yourself that {manifest}'s "
+                      "lesions are not among them (on those the posteriors are in-sample)[/]")
+    else:
+        shared = sorted(set(df["lesion_id"].astype(str)) & seen)
+        if shared:
+            fail(f"{len(shared)} of the {len(df)} lesions of {manifest} trained this run's models (e.g. "
+                 f"{shared[0]}): their posteriors are in-sample — surer than on new lesions — so cut-offs chosen on "
+                 "them would be too lax. A local sample must be lesions the model never saw: leave these out")
     engine = Engine(load_run(run), None)
     engine.choose_backends(df.head(32))
     post, keep = [], []
@@ -141,6 +154,28 @@ def _local_posteriors(run: Path, manifest: Path, task):
     console.print(f"local sample: {int(keep.sum())} lesions of {manifest} ({int((~keep).sum())} 'cannot assess' left out)")
     return (np.asarray(post)[keep], targets(df, task).argmax(1)[keep], folds.astype(int),
             f"{int(keep.sum())} lesions of the local sample {manifest}")
+
+
+def _check_enough(task, y, melanoma_sensitivity: float, malignant_sensitivity: float, source: str) -> None:
+    """No melanoma (or no malignant lesion) among the lesions: a sensitivity target cannot be chosen on them — the
+    cut would come out at infinity and the clause would silently vanish. Fewer than 1 / (1 − target) of them: the
+    target means referring every one, so the cut is the least suspicious one's — said, not refused."""
+    import numpy as np
+
+    y = np.asarray(y)
+    counts = []
+    if "MEL" in task.classes and melanoma_sensitivity > 0:
+        counts.append(("melanomas", int((y == task.classes.index("MEL")).sum()), melanoma_sensitivity))
+    if malignant_sensitivity > 0 or "MEL" not in task.classes:
+        target = malignant_sensitivity if malignant_sensitivity > 0 else melanoma_sensitivity
+        counts.append(("malignant lesions", int(np.isin(y, list(task.malignant_indices)).sum()), target))
+    for what, n, target in counts:
+        if n == 0:
+            fail(f"no {what} among the {source}: a {target:.0%} sensitivity target cannot be chosen on them")
+        if target < 1 and n < int(np.ceil(1 / (1 - target) - 1e-9)):
+            console.print(f"[yellow]only {n} {what} among the {source}: a {target:.0%} target then means referring "
+                          f"every one of them, so the cut-off is set by the least suspicious one — read the "
+                          f"intervals below[/]")
 
 
 def _print_report(op: dict, where: str) -> None:

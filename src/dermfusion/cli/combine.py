@@ -115,6 +115,7 @@ def calibrate_cmd(run: Path = typer.Argument(..., help="run directory (oof.csv +
         console.print(f"fitted on the {len(oof)} out-of-fold predictions of {evidence} (its fold models, not {run}'s "
                       "model: the refit trained on more lesions, so its posteriors may be a little sharper than "
                       "those the calibration was fitted on)")
+        write_run_cards(run, manifest=manifest, strict=False)  # the cards' calibration section follows the refit
         return
     write_calibrated_oof(task, oof, res["fitted"], run / "oof_calibrated.csv")
     if cfg.model.kind != "tabular":  # the drift baseline describes the posteriors the bundles now give

@@ -115,10 +115,13 @@ def gate_cmd(
     console.print(f"[green]record[/]: {out_dir / 'gate.json'} · [green]report[/]: {out_dir / 'report.html'}")
     if {"melanoma_sensitivity_min", "specificity_min"} & set(record["failed"]):
         # the operating point did not hold on these lesions: where they are the clinic's own, choose it there
+        override = rules.operating_point_source.startswith("service config")
         console.print(f"[yellow]the operating point in force (from the {rules.operating_point_source}) did not hold "
                       f"on these lesions; if they are like the ones it will serve, choose it on a labelled local sample — "
                       f"`dermfusion operating-point RUN --manifest LOCAL --local` — and gate the new version on "
-                      f"other lesions (docs/CLINICAL.md, \"Where the model will be used\")[/]")
+                      f"other lesions (docs/CLINICAL.md, \"Where the model will be used\")"
+                      + (": and remove the service config's triage override, which would still take precedence over "
+                         "the bundle's cut-offs" if override else "") + "[/]")
     if not record["passed"]:
         raise typer.Exit(1)
 

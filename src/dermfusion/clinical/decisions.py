@@ -121,9 +121,12 @@ class DecisionRules:
         re-weighted to the deployment prior when one is set: the referral and urgent rates a clinic should see if its
         lesions are like those (the service exports them beside the live rates; an alert compares the two)."""
         weigh = None
-        if self.deployment_prior is not None and self.training_prior is not None:
-            def weigh(y):
-                return prior_weights(y, self.training_prior, self.deployment_prior)
+        if self.deployment_prior is not None:
+            def weigh(y):  # from the kept lesions' own class mix (out of fold: the training prior; a local sample's
+                # differs) to the clinic's
+                y = np.asarray(y).astype(int)
+                return prior_weights(y, np.bincount(y, minlength=len(self.task.classes)) / len(y),
+                                     self.deployment_prior)
         for path in bundle_paths:
             rates = expected_rates(self.task, Path(path) / EVIDENCE_FILE, self.operating_point, weigh) if path else None
             if rates is not None:

@@ -82,8 +82,10 @@ class Analyzer:
                 return ("melanomas referred {:.1%}, malignant {:.1%}, benign referred {:.1%}, urgent {:.1%}".format(
                     r.get("melanoma_sensitivity", float("nan")), r["malignant_sensitivity"], r["benign_referral_rate"],
                     r["urgent_rate"]) if r else "not known (the bundle keeps no out-of-fold posteriors)")
-            log.warning("triage cut-offs from service.yaml override the bundle's operating point; on its "
-                        "out-of-fold lesions the override: %s; the bundle's own: %s", said(rates), said(own))
+            where = ((self.predictor.decisions.get("triage") or {}).get("evidence") or "out_of_fold").replace("_", " ")
+            log.warning("triage cut-offs from service.yaml override the bundle's operating point; on the lesions "
+                        "that point was chosen on (%s) the override: %s; the bundle's own: %s", where, said(rates),
+                        said(own))
         elif rules.operating_point_source.startswith("built-in"):
             log.warning("the bundle carries no operating point: the built-in triage cut-offs apply, not chosen on "
                         "evidence (`dermfusion operating-point RUN` writes one)")

@@ -58,10 +58,11 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
         for m in members:
             check_model_settings(m.model.name, m.model_kwargs())
         check_tracking(cfg)  # tracking on but mlflow missing: fail before training, not after
+    task = get_task(cfg.task)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    task = get_task(cfg.task)
+        write_training_lesions(out, df, task)
     if cfg.model.kind == "tabular":
         if ctx.distributed:
             raise ConfigError("tabular models train in one process: run `dermfusion train` without torchrun")
@@ -84,6 +85,27 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
     with compute_threads(cfg.train.threads):
         return _train_network_cv(cfg, members, task, df, out, parse_folds(folds, df, cfg), profile, fold_parallel,
                                  ctx)
+
+
+TRAINING_LESIONS = "training_lesions.txt"
+
+
+def write_training_lesions(out: Path, df: pd.DataFrame, task) -> None:
+    """The ids of the labelled lesions the run's models train on (one a line, RUN/training_lesions.txt): what a
+    local sample for `operating-point --local` must not contain (on them the posteriors are in-sample)."""
+    cols = [c for c in task.label_columns() if c in df.columns]
+    ids = df.loc[df[cols].notna().all(axis=1), "lesion_id"] if cols else df["lesion_id"].iloc[:0]
+    (out / TRAINING_LESIONS).write_text("".join(f"{i}\n" for i in ids.astype(str)))
+
+
+def read_training_lesions(run: Path) -> set[str] | None:
+    """The lesions a run's models trained on: its record (training_lesions.txt), else — an older or ensembled run —
+    its out-of-fold lesions (each trained the other folds' models); None when neither is there."""
+    if (run / TRAINING_LESIONS).is_file():
+        return set((run / TRAINING_LESIONS).read_text().split())
+    if (run / "oof.csv").is_file():
+        return set(pd.read_csv(run / "oof.csv", usecols=["lesion_id"], dtype={"lesion_id": str})["lesion_id"])
+    return None
 
 
 def _train_folds(cfg, task, df, out: Path, fold_ids: list[int], profile: bool, fold_parallel: bool, ctx) -> list:

@@ -21,7 +21,7 @@ import pandas as pd
 from ..bundle import update_files
 from ..console import console
 from ..evaluation.calibration import Calibration, calibrate_oof, fit_temperature, training_prior
-from ..evaluation.conformal import conformal_report, fit_conformal
+from ..evaluation.conformal import conformal_report, fit_conformal, lesions_needed
 from ..evaluation.decision_rules import EVIDENCE_FILE, choose_operating_point, operating_point_report, write_evidence
 from ..evaluation.metrics import balanced_accuracy, expected_calibration_error, log_loss
 from ..evaluation.posterior import fit_bias_temperature, normalise_prior
@@ -243,9 +243,11 @@ def _print_decisions(task, decisions: dict) -> None:
                       + (f", melanoma coverage {cc['melanoma_coverage']:.3f}" if "melanoma_coverage" in cc else ""))
         rare = conf.get("always_in") or {}
         if rare:
-            console.print("[yellow]in every set: " + ", ".join(f"{c} ({n} lesions)" for c, n in rare.items())
-                          + f" — too few out-of-fold lesions of a class to rule it out at {conf['level']:.0%} "
-                          f"(a class needs at least {int(np.ceil(1 / (1 - conf['level']))) - 1})[/]")
+            levels = conf.get("class_levels") or {}
+            console.print("[yellow]in every set: " + ", ".join(
+                f"{c} ({n} lesions; needs {lesions_needed(levels.get(c, conf['level']))} at "
+                f"{levels.get(c, conf['level']):.0%})" for c, n in rare.items())
+                + " — too few out-of-fold lesions of a class to rule it out at its level[/]")
 
 
 def write_calibrated_oof(task, oof: pd.DataFrame, calibration: dict, path: Path) -> Path:
