@@ -124,7 +124,7 @@ def _local_posteriors(run: Path, manifest: Path, task):
     from ..console import track
     from ..data.manifest import load_manifest, targets
     from ..inference import load_run
-    from ..training.cv import read_training_lesions
+    from ..training.cv import TRAINING_LESIONS, read_training_lesions
 
     df = load_manifest(manifest)
     labelled = df[task.label_columns()].notna().all(axis=1) if all(c in df for c in task.label_columns()) else None
@@ -132,15 +132,23 @@ def _local_posteriors(run: Path, manifest: Path, task):
         fail(f"{manifest} has no {task.name} labels: a local operating point needs labelled lesions")
     df = df[labelled].reset_index(drop=True)
     seen = read_training_lesions(run)
-    if seen is None:
-        console.print(f"[yellow]{run} keeps no record of its training lesions: check yourself that {manifest}'s "
-                      "lesions are not among them (on those the posteriors are in-sample)[/]")
-    else:
-        shared = sorted(set(df["lesion_id"].astype(str)) & seen)
-        if shared:
-            fail(f"{len(shared)} of the {len(df)} lesions of {manifest} trained this run's models (e.g. "
-                 f"{shared[0]}): their posteriors are in-sample — surer than on new lesions — so cut-offs chosen on "
-                 "them would be too lax. A local sample must be lesions the model never saw: leave these out")
+    shared = sorted(set(df["lesion_id"].astype(str)) & seen) if seen is not None else []
+    if shared:
+        fail(f"{len(shared)} of the {len(df)} lesions of {manifest} trained this run's models (e.g. "
+             f"{shared[0]}): their posteriors are in-sample — surer than on new lesions — so cut-offs chosen on "
+             "them would be too lax. A local sample must be lesions the model never saw: leave these out")
+    if not (run / TRAINING_LESIONS).is_file():  # an older or ensembled run: at best its out-of-fold lesions by id
+        trained = _card_training(run)
+        known = "no record of its training lesions" if seen is None else \
+            f"the ids of its {len(seen)} out-of-fold lesions only (lesions trained on as train-only rows, such as " \
+            "a dataset added with `data combine`, are not listed)"
+        data = f". It trained on {', '.join(trained['datasets'])} ({trained['n_lesions']} lesions)" \
+            if trained and trained.get("datasets") else ""
+        local_data = sorted(set(df["dataset"].astype(str))) if "dataset" in df else []
+        console.print(f"[yellow]{run} keeps {known}: check yourself that {manifest}'s lesions are not among them (on "
+                      f"those the posteriors are in-sample and the cut-offs come out too lax){data}"
+                      + (f"; the local sample is {', '.join(local_data)}" if data and local_data else "")
+                      + ". Runs trained now record every id (training_lesions.txt).[/]")
     engine = Engine(load_run(run), None)
     engine.choose_backends(df.head(32))
     post, keep = [], []
@@ -154,6 +162,19 @@ def _local_posteriors(run: Path, manifest: Path, task):
     console.print(f"local sample: {int(keep.sum())} lesions of {manifest} ({int((~keep).sum())} 'cannot assess' left out)")
     return (np.asarray(post)[keep], targets(df, task).argmax(1)[keep], folds.astype(int),
             f"{int(keep.sum())} lesions of the local sample {manifest}")
+
+
+def _card_training(run: Path) -> dict | None:
+    """The training data a run's first bundle's model card records (datasets, number of lesions), if any."""
+    import json
+
+    from ..bundle import run_bundles
+
+    try:
+        card = json.loads((run_bundles(run)[0][0] / "model_card.json").read_text())["training_data"]
+        return {"n_lesions": int(card["n_lesions"]), "datasets": list(card.get("datasets") or [])}
+    except (OSError, KeyError, TypeError, ValueError, IndexError):
+        return None
 
 
 def _check_enough(task, y, melanoma_sensitivity: float, malignant_sensitivity: float, source: str) -> None:

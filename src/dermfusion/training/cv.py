@@ -62,12 +62,12 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        write_training_lesions(out, df, task)
     if cfg.model.kind == "tabular":
         if ctx.distributed:
             raise ConfigError("tabular models train in one process: run `dermfusion train` without torchrun")
 
         parse_folds(folds, df, cfg)  # validates the manifest's folds; the tabular stage trains all of them
+        write_training_lesions(out, df, task, [-1])
         summary = train_tabular_cv(cfg.model_dump(), df, task, out)
         # the same posterior / balanced rule / decisions as a network run, from the experts' out-of-fold output,
         # into the fold bundles and the refit (so every calibration key of the config is honoured)
@@ -82,29 +82,41 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
         write_run_cards(out, manifest=df, strict=False)  # the cards train_tabular_cv wrote predate this calibration
         return summary
 
+    fold_ids = parse_folds(folds, df, cfg)
+    if ctx.is_main:
+        write_training_lesions(out, df, task, fold_ids)
     with compute_threads(cfg.train.threads):
-        return _train_network_cv(cfg, members, task, df, out, parse_folds(folds, df, cfg), profile, fold_parallel,
-                                 ctx)
+        return _train_network_cv(cfg, members, task, df, out, fold_ids, profile, fold_parallel, ctx)
 
 
 TRAINING_LESIONS = "training_lesions.txt"
 
 
-def write_training_lesions(out: Path, df: pd.DataFrame, task) -> None:
-    """The ids of the labelled lesions the run's models train on (one a line, RUN/training_lesions.txt): what a
-    local sample for `operating-point --local` must not contain (on them the posteriors are in-sample)."""
+def write_training_lesions(out: Path, df: pd.DataFrame, task, fold_ids: list[int]) -> None:
+    """The ids of the labelled lesions at least one of the run's models trains on (one a line,
+    RUN/training_lesions.txt): what a local sample for `operating-point --local` must not contain (on them the
+    posteriors are in-sample). Fold model f trains on every labelled lesion outside fold f, so only a run of a single
+    fold leaves lesions out (that fold's); a resumed run adds to the record (more folds: more lesions trained on)."""
     cols = [c for c in task.label_columns() if c in df.columns]
-    ids = df.loc[df[cols].notna().all(axis=1), "lesion_id"] if cols else df["lesion_id"].iloc[:0]
-    (out / TRAINING_LESIONS).write_text("".join(f"{i}\n" for i in ids.astype(str)))
+    labelled = df[cols].notna().all(axis=1) if cols else pd.Series(False, index=df.index)
+    if len(fold_ids) == 1 and fold_ids[0] >= 0 and "fold" in df:
+        labelled &= df["fold"] != fold_ids[0]
+    ids = set(df.loc[labelled, "lesion_id"].astype(str))
+    if (out / TRAINING_LESIONS).is_file():
+        ids |= set((out / TRAINING_LESIONS).read_text().split())
+    (out / TRAINING_LESIONS).write_text("".join(f"{i}\n" for i in sorted(ids)))
 
 
 def read_training_lesions(run: Path) -> set[str] | None:
-    """The lesions a run's models trained on: its record (training_lesions.txt), else — an older or ensembled run —
-    its out-of-fold lesions (each trained the other folds' models); None when neither is there."""
+    """The lesions a run's models trained on: its record (training_lesions.txt), else — an older or ensembled run of
+    two or more folds — its out-of-fold lesions (each trained the other folds' models; train-only rows are missing
+    from that list); None when neither tells (a single fold's out-of-fold lesions are the ones it did not train on)."""
     if (run / TRAINING_LESIONS).is_file():
         return set((run / TRAINING_LESIONS).read_text().split())
     if (run / "oof.csv").is_file():
-        return set(pd.read_csv(run / "oof.csv", usecols=["lesion_id"], dtype={"lesion_id": str})["lesion_id"])
+        oof = pd.read_csv(run / "oof.csv", usecols=["lesion_id", "fold"], dtype={"lesion_id": str})
+        if oof["fold"].nunique() >= 2:
+            return set(oof["lesion_id"])
     return None
 
 
