@@ -212,6 +212,8 @@ def test_stack_and_ensemble(work, trained, tabular_run, manifest):
         decisions = json.loads((bundle / "decisions.json").read_text())
         assert decisions["triage"]["out_of_fold"] and decisions["differential"]["level"] == 0.95, bundle
         assert decisions["fitted_on"] == "48 out-of-fold posteriors"
+        # and the lesions its members trained on (their records' union): what `operating-point --local` refuses
+        assert set((bundle / "training_lesions.txt").read_text().split()) == set(pd.read_parquet(manifest)["lesion_id"])
     rows = pd.read_csv(clinical)
     assert set(rows["action"]) <= {"monitor", "routine_referral", "urgent_referral", "cannot_assess"}
     sets = [set(str(d).split("|")) for d in rows["differential"].dropna()]

@@ -287,28 +287,35 @@ def test_an_ensemble_recipe_trains_every_member_and_calibrates_their_average(ham
 
 
 def test_the_run_records_which_lesions_its_models_trained_on(tmp_path):
-    """training_lesions.txt: what `operating-point --local` must refuse. Fold model f trains on every labelled lesion
-    outside fold f, so only a single-fold run leaves lesions out; a resumed run adds its new folds' lesions; without
-    the record, an older run's out-of-fold lesions stand in only where two or more folds trained (a single fold's
-    out-of-fold lesions are exactly the ones it never saw)."""
+    """training_lesions.txt: what `operating-point --local` must refuse. Fold model f trains on the labelled lesions
+    of the other folds and the train-only rows, so only a single-fold run leaves main-dataset lesions out; folds a
+    resumed run trained before count too; without the record, an older run's out-of-fold lesions stand in only where
+    two or more folds trained (a single fold's out-of-fold lesions are exactly the ones it never saw)."""
     from dermfusion.tasks import ISIC2018
-    from dermfusion.training.cv import read_training_lesions, write_training_lesions
+    from dermfusion.training.lesion_record import read_training_lesions, write_training_lesions
 
-    df = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(8)], "fold": [0, 0, 1, 1, 2, 2, -1, 0]})
+    df = pd.DataFrame({"lesion_id": [f"L{i}" for i in range(9)], "fold": [0, 0, 1, 1, 2, 2, -1, 0, -1],
+                       "train_only": [False] * 6 + [True, False, False]})
     for c in ISIC2018.label_columns():
         df[c] = 0.0
     df.loc[7, ISIC2018.label_columns()] = np.nan          # unlabelled: never trained on
+    # L8: fold -1 but not train-only (a test row): never trained on
     write_training_lesions(tmp_path, df, ISIC2018, [0])
     assert read_training_lesions(tmp_path) == {"L2", "L3", "L4", "L5", "L6"}   # fold 0 unseen, train-only row seen
     write_training_lesions(tmp_path, df, ISIC2018, [1])                         # resumed with fold 1
     assert read_training_lesions(tmp_path) == {f"L{i}" for i in range(7)}
     refit = tmp_path / "refit"
     refit.mkdir()
-    write_training_lesions(refit, df, ISIC2018, [-1])                           # a full-data refit: every labelled one
+    write_training_lesions(refit, df, ISIC2018, [-1])                           # a full-data refit
     assert read_training_lesions(refit) == {f"L{i}" for i in range(7)}
-    older = tmp_path / "older"
-    older.mkdir()
-    pd.DataFrame({"lesion_id": ["L0", "L1"], "fold": [0, 0]}).to_csv(older / "oof.csv", index=False)
-    assert read_training_lesions(older) is None
-    pd.DataFrame({"lesion_id": ["L0", "L2"], "fold": [0, 1]}).to_csv(older / "oof.csv", index=False)
-    assert read_training_lesions(older) == {"L0", "L2"}
+    older = tmp_path / "older"                          # trained folds 0-1 before the record existed, resumed with 2
+    for f in (0, 1):
+        (older / f"fold_{f}" / "bundle").mkdir(parents=True)
+    write_training_lesions(older, df, ISIC2018, [2])
+    assert read_training_lesions(older) == {f"L{i}" for i in range(7)}          # fold 2 trained the older folds
+    oof_only = tmp_path / "oof_only"
+    oof_only.mkdir()
+    pd.DataFrame({"lesion_id": ["L0", "L1"], "fold": [0, 0]}).to_csv(oof_only / "oof.csv", index=False)
+    assert read_training_lesions(oof_only) is None
+    pd.DataFrame({"lesion_id": ["L0", "L2"], "fold": [0, 1]}).to_csv(oof_only / "oof.csv", index=False)
+    assert read_training_lesions(oof_only) == {"L0", "L2"}

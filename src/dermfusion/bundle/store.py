@@ -81,7 +81,9 @@ class Bundle:
 # predictions `stack` / `ensemble` keep beside their bundle too) and the hash files themselves
 UNHASHED_FILES = frozenset({"HASH", SUMS_FILE, "metrics.json", "drift_reference.json", "oof.csv",
                             "oof_calibrated.csv", "oof_balanced.csv", "operating_point.json", "operating_point.png",
-                            "model_card.json", "model_card.md", "model_card.html", "backend_check.json"})
+                            "model_card.json", "model_card.md", "model_card.html", "backend_check.json",
+                            "training_lesions.txt"})   # a blend's record of its members' training lesions
+                                                       # (training/lesion_record.py), beside its bundle too
 # bundles of format 1 (no SHA256SUMS) left calibration.json out of the hash too
 _LEGACY_UNHASHED = (UNHASHED_FILES - {SUMS_FILE}) | {"calibration.json"}
 

@@ -50,7 +50,7 @@ def operating_point_cmd(
         fail(f"task {task.name} has no malignant classes: nothing to refer")
     kind = "local_sample" if local else "out_of_fold"  # where the cut-offs are chosen (the clinician page says it)
     if local:  # the population it will serve: predicted by these bundles, its own labels, its own folds if any
-        post, y, folds, source = _local_posteriors(run, manifest, task)
+        post, y, folds, source = _local_posteriors(run, manifest, task, melanoma_sensitivity, malignant_sensitivity)
     elif (run / "oof.csv").is_file():
         oof = pd.read_csv(run / "oof.csv", dtype={"lesion_id": str})
         lab = load_manifest(manifest).set_index("lesion_id")
@@ -113,39 +113,43 @@ def operating_point_cmd(
                   f"and {run / 'operating_point.json'}")
 
 
-def _local_posteriors(run: Path, manifest: Path, task):
+def _local_posteriors(run: Path, manifest: Path, task, melanoma_sensitivity: float, malignant_sensitivity: float):
     """(posteriors, labels, folds, source) of a labelled local sample predicted through the clinical engine: the
     posteriors under the training prior the operating point applies to; lesions the engine cannot assess left out
     (they go to a clinician whatever the cut-offs); folds from the manifest when it has two or more, else none (the
     report then draws 5 random ones)."""
     import numpy as np
 
+    from ..bundle import run_bundles
     from ..clinical import Engine
     from ..console import track
     from ..data.manifest import load_manifest, targets
     from ..inference import load_run
-    from ..training.cv import TRAINING_LESIONS, read_training_lesions
+    from ..training.lesion_record import TRAINING_LESIONS, read_training_lesions
 
     df = load_manifest(manifest)
     labelled = df[task.label_columns()].notna().all(axis=1) if all(c in df for c in task.label_columns()) else None
     if labelled is None or not labelled.any():
         fail(f"{manifest} has no {task.name} labels: a local operating point needs labelled lesions")
     df = df[labelled].reset_index(drop=True)
-    seen = read_training_lesions(run)
+    _check_enough(task, targets(df, task).argmax(1), melanoma_sensitivity, malignant_sensitivity,
+                  f"{len(df)} labelled lesions of {manifest}")   # before minutes of predicting
+    run_dir = run_bundles(run)[1] or run   # a bundle path given: its run keeps the record
+    seen = read_training_lesions(run_dir)
     shared = sorted(set(df["lesion_id"].astype(str)) & seen) if seen is not None else []
     if shared:
         fail(f"{len(shared)} of the {len(df)} lesions of {manifest} trained this run's models (e.g. "
              f"{shared[0]}): their posteriors are in-sample — surer than on new lesions — so cut-offs chosen on "
              "them would be too lax. A local sample must be lesions the model never saw: leave these out")
-    if not (run / TRAINING_LESIONS).is_file():  # an older or ensembled run: at best its out-of-fold lesions by id
+    if not (run_dir / TRAINING_LESIONS).is_file():  # an older run: at best its out-of-fold lesions by id
         trained = _card_training(run)
         known = "no record of its training lesions" if seen is None else \
-            f"the ids of its {len(seen)} out-of-fold lesions only (lesions trained on as train-only rows, such as " \
-            "a dataset added with `data combine`, are not listed)"
+            f"the ids of its {len(seen)} out-of-fold lesions only (the lesions of folds left out of its cross-" \
+            "validation and train-only rows, such as a dataset added with `data combine`, are not listed)"
         data = f". It trained on {', '.join(trained['datasets'])} ({trained['n_lesions']} lesions)" \
             if trained and trained.get("datasets") else ""
         local_data = sorted(set(df["dataset"].astype(str))) if "dataset" in df else []
-        console.print(f"[yellow]{run} keeps {known}: check yourself that {manifest}'s lesions are not among them (on "
+        console.print(f"[yellow]{run_dir} keeps {known}: check yourself that {manifest}'s lesions are not among them (on "
                       f"those the posteriors are in-sample and the cut-offs come out too lax){data}"
                       + (f"; the local sample is {', '.join(local_data)}" if data and local_data else "")
                       + ". Runs trained now record every id (training_lesions.txt).[/]")

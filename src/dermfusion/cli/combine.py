@@ -156,6 +156,8 @@ def stack_cmd(runs: List[Path] = typer.Argument(..., help="run directories with 
     compare_table(oofs, y, df["fold"].to_numpy(), t, title="out-of-fold: members vs stack")
     write_stack_bundle(out, res, bundles, t)
     res.oof.to_csv(out / "oof.csv", index=False)
+    from ..training.lesion_record import combine_training_lesions  # the blend's record: its members' union
+    combine_training_lesions(out, runs)
     _decisions(out, runs, t, y, res.oof[list(t.classes)].to_numpy(), df["fold"].to_numpy())
     console.print(f"[green]wrote[/] stack bundle {out}")
 
@@ -217,6 +219,8 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
     write_ensemble_bundle(out, bundles, w, t, names=names, calibration=calib.to_dict(),
                           metrics={"objective": objective, **{k: v for k, v in report.items() if k != "nested_per_class"}})
     frame.to_csv(out / "oof.csv", index=False)
+    from ..training.lesion_record import combine_training_lesions  # the blend's record: its members' union
+    combine_training_lesions(out, runs)
     _decisions(out, runs, t, y, ens, folds)
     console.print(f"[green]wrote[/] ensemble bundle {out}")
 
@@ -255,6 +259,8 @@ def _calibrate_network_blend(out: Path, runs: list[Path], bundles, w, names, tas
              f"run's config, not {cfgs[0].calibration.posterior!r}")
     write_ensemble_bundle(out, bundles, w, task, names=names, calibration={}, metrics={"objective": objective})
     frame.to_csv(out / "oof.csv", index=False)
+    from ..training.lesion_record import combine_training_lesions  # the blend's record: its members' union
+    combine_training_lesions(out, runs)
     counts = training_class_counts(labelled, task, np.unique(frame["fold"]))
     res = calibrate_run(cfgs[0].calibration, task, y, frame, [out], cfgs[0].train.sampler_power,
                         class_counts=counts)

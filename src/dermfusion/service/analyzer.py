@@ -73,7 +73,9 @@ class Analyzer:
         lesions beside what the bundle's own operating point did (returned; also in /v1/model)."""
         rules = self.engine.rules
         first = self.model_pass.networks[0].bundle.path if self.model_pass.networks else self.bundle.path
-        rates = rules.override_consequences(first)
+        # what the override does on the lesions the served bundle's own point was chosen on (an ensemble's or a
+        # refit's kept evidence), else on its first network's
+        rates = rules.override_consequences(getattr(self.bundle, "path", None)) or rules.override_consequences(first)
         log.info("operating point (%s): %s", rules.operating_point_source, rules.operating_point)
         if rules.operating_point_source.startswith("service config"):
             own = ((self.predictor.decisions.get("triage") or {}).get("out_of_fold") or {}).get("in_sample")

@@ -29,6 +29,7 @@ from ..runtime.distributed import current, run_collectively
 from ..tabular.train import train_tabular_cv
 from ..tasks import get_task
 from .engine import FoldTrainer
+from .lesion_record import write_training_lesions
 from .run_calibration import calibrate_run, write_calibrated_oof
 from .tracking import check_tracking, log_run, tracking_uri
 from .val_metrics import epoch_metrics
@@ -87,37 +88,6 @@ def train_cv(cfg: ExperimentConfig, df: pd.DataFrame, out: str | Path, folds: st
         write_training_lesions(out, df, task, fold_ids)
     with compute_threads(cfg.train.threads):
         return _train_network_cv(cfg, members, task, df, out, fold_ids, profile, fold_parallel, ctx)
-
-
-TRAINING_LESIONS = "training_lesions.txt"
-
-
-def write_training_lesions(out: Path, df: pd.DataFrame, task, fold_ids: list[int]) -> None:
-    """The ids of the labelled lesions at least one of the run's models trains on (one a line,
-    RUN/training_lesions.txt): what a local sample for `operating-point --local` must not contain (on them the
-    posteriors are in-sample). Fold model f trains on every labelled lesion outside fold f, so only a run of a single
-    fold leaves lesions out (that fold's); a resumed run adds to the record (more folds: more lesions trained on)."""
-    cols = [c for c in task.label_columns() if c in df.columns]
-    labelled = df[cols].notna().all(axis=1) if cols else pd.Series(False, index=df.index)
-    if len(fold_ids) == 1 and fold_ids[0] >= 0 and "fold" in df:
-        labelled &= df["fold"] != fold_ids[0]
-    ids = set(df.loc[labelled, "lesion_id"].astype(str))
-    if (out / TRAINING_LESIONS).is_file():
-        ids |= set((out / TRAINING_LESIONS).read_text().split())
-    (out / TRAINING_LESIONS).write_text("".join(f"{i}\n" for i in sorted(ids)))
-
-
-def read_training_lesions(run: Path) -> set[str] | None:
-    """The lesions a run's models trained on: its record (training_lesions.txt), else — an older or ensembled run of
-    two or more folds — its out-of-fold lesions (each trained the other folds' models; train-only rows are missing
-    from that list); None when neither tells (a single fold's out-of-fold lesions are the ones it did not train on)."""
-    if (run / TRAINING_LESIONS).is_file():
-        return set((run / TRAINING_LESIONS).read_text().split())
-    if (run / "oof.csv").is_file():
-        oof = pd.read_csv(run / "oof.csv", usecols=["lesion_id", "fold"], dtype={"lesion_id": str})
-        if oof["fold"].nunique() >= 2:
-            return set(oof["lesion_id"])
-    return None
 
 
 def _train_folds(cfg, task, df, out: Path, fold_ids: list[int], profile: bool, fold_parallel: bool, ctx) -> list:
