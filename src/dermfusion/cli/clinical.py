@@ -125,7 +125,7 @@ def _local_posteriors(run: Path, manifest: Path, task, melanoma_sensitivity: flo
     from ..console import track
     from ..data.manifest import load_manifest, targets
     from ..inference import load_run
-    from ..training.lesion_record import TRAINING_LESIONS, read_training_lesions
+    from ..training.lesion_record import check_local_sample
 
     df = load_manifest(manifest)
     labelled = df[task.label_columns()].notna().all(axis=1) if all(c in df for c in task.label_columns()) else None
@@ -134,25 +134,15 @@ def _local_posteriors(run: Path, manifest: Path, task, melanoma_sensitivity: flo
     df = df[labelled].reset_index(drop=True)
     _check_enough(task, targets(df, task).argmax(1), melanoma_sensitivity, malignant_sensitivity,
                   f"{len(df)} labelled lesions of {manifest}")   # before minutes of predicting
-    run_dir = run_bundles(run)[1] or run   # a bundle path given: its run keeps the record
-    seen = read_training_lesions(run_dir)
-    shared = sorted(set(df["lesion_id"].astype(str)) & seen) if seen is not None else []
+    bundles, run_dir = run_bundles(run)   # a bundle path given: its run keeps the record
+    shared, caveat = check_local_sample(run_dir or run, bundles[0], df["lesion_id"],
+                                        df["dataset"] if "dataset" in df else ())
     if shared:
         fail(f"{len(shared)} of the {len(df)} lesions of {manifest} trained this run's models (e.g. "
              f"{shared[0]}): their posteriors are in-sample — surer than on new lesions — so cut-offs chosen on "
              "them would be too lax. A local sample must be lesions the model never saw: leave these out")
-    if not (run_dir / TRAINING_LESIONS).is_file():  # an older run: at best its out-of-fold lesions by id
-        trained = _card_training(run)
-        known = "no record of its training lesions" if seen is None else \
-            f"the ids of its {len(seen)} out-of-fold lesions only (the lesions of folds left out of its cross-" \
-            "validation and train-only rows, such as a dataset added with `data combine`, are not listed)"
-        data = f". It trained on {', '.join(trained['datasets'])} ({trained['n_lesions']} lesions)" \
-            if trained and trained.get("datasets") else ""
-        local_data = sorted(set(df["dataset"].astype(str))) if "dataset" in df else []
-        console.print(f"[yellow]{run_dir} keeps {known}: check yourself that {manifest}'s lesions are not among them (on "
-                      f"those the posteriors are in-sample and the cut-offs come out too lax){data}"
-                      + (f"; the local sample is {', '.join(local_data)}" if data and local_data else "")
-                      + ". Runs trained now record every id (training_lesions.txt).[/]")
+    if caveat:
+        console.print(f"[yellow]{caveat}[/]")
     engine = Engine(load_run(run), None)
     engine.choose_backends(df.head(32))
     post, keep = [], []
@@ -166,19 +156,6 @@ def _local_posteriors(run: Path, manifest: Path, task, melanoma_sensitivity: flo
     console.print(f"local sample: {int(keep.sum())} lesions of {manifest} ({int((~keep).sum())} 'cannot assess' left out)")
     return (np.asarray(post)[keep], targets(df, task).argmax(1)[keep], folds.astype(int),
             f"{int(keep.sum())} lesions of the local sample {manifest}")
-
-
-def _card_training(run: Path) -> dict | None:
-    """The training data a run's first bundle's model card records (datasets, number of lesions), if any."""
-    import json
-
-    from ..bundle import run_bundles
-
-    try:
-        card = json.loads((run_bundles(run)[0][0] / "model_card.json").read_text())["training_data"]
-        return {"n_lesions": int(card["n_lesions"]), "datasets": list(card.get("datasets") or [])}
-    except (OSError, KeyError, TypeError, ValueError, IndexError):
-        return None
 
 
 def _check_enough(task, y, melanoma_sensitivity: float, malignant_sensitivity: float, source: str) -> None:

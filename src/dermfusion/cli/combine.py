@@ -155,9 +155,7 @@ def stack_cmd(runs: List[Path] = typer.Argument(..., help="run directories with 
     oofs["stack"] = res.oof[list(t.classes)].to_numpy()
     compare_table(oofs, y, df["fold"].to_numpy(), t, title="out-of-fold: members vs stack")
     write_stack_bundle(out, res, bundles, t)
-    res.oof.to_csv(out / "oof.csv", index=False)
-    from ..training.lesion_record import combine_training_lesions  # the blend's record: its members' union
-    combine_training_lesions(out, runs)
+    _write_oof(out, res.oof, runs)
     _decisions(out, runs, t, y, res.oof[list(t.classes)].to_numpy(), df["fold"].to_numpy())
     console.print(f"[green]wrote[/] stack bundle {out}")
 
@@ -218,9 +216,7 @@ def ensemble_cmd(runs: List[Path] = typer.Argument(..., help="run directories wi
         console.print(f"ensemble nested cut-tuned official score (OOF): {report['nested_cut_score']:.4f}")
     write_ensemble_bundle(out, bundles, w, t, names=names, calibration=calib.to_dict(),
                           metrics={"objective": objective, **{k: v for k, v in report.items() if k != "nested_per_class"}})
-    frame.to_csv(out / "oof.csv", index=False)
-    from ..training.lesion_record import combine_training_lesions  # the blend's record: its members' union
-    combine_training_lesions(out, runs)
+    _write_oof(out, frame, runs)
     _decisions(out, runs, t, y, ens, folds)
     console.print(f"[green]wrote[/] ensemble bundle {out}")
 
@@ -258,9 +254,7 @@ def _calibrate_network_blend(out: Path, runs: list[Path], bundles, w, names, tas
              "sampling prior, so its posterior needs `calibration.posterior: bias_temperature` (fitted) in the first "
              f"run's config, not {cfgs[0].calibration.posterior!r}")
     write_ensemble_bundle(out, bundles, w, task, names=names, calibration={}, metrics={"objective": objective})
-    frame.to_csv(out / "oof.csv", index=False)
-    from ..training.lesion_record import combine_training_lesions  # the blend's record: its members' union
-    combine_training_lesions(out, runs)
+    _write_oof(out, frame, runs)
     counts = training_class_counts(labelled, task, np.unique(frame["fold"]))
     res = calibrate_run(cfgs[0].calibration, task, y, frame, [out], cfgs[0].train.sampler_power,
                         class_counts=counts)
@@ -279,6 +273,15 @@ def _calibrate_network_blend(out: Path, runs: list[Path], bundles, w, names, tas
     (out / "metrics.json").write_text(json.dumps({"objective": objective, "weights": dict(zip(names, map(float, w))),
                                                   "calibration": res}, indent=2, default=float))
     console.print(f"[green]wrote[/] ensemble bundle {out}")
+
+
+def _write_oof(out: Path, frame, runs: list[Path]) -> None:
+    """A blend's out-of-fold predictions beside its bundle, and the lesions its members trained on (their records'
+    union: what `operating-point --local` refuses)."""
+    from ..training.lesion_record import combine_training_lesions
+
+    frame.to_csv(out / "oof.csv", index=False)
+    combine_training_lesions(out, runs)
 
 
 def _decisions(bundle: Path, runs: list[Path], task, y, raw, folds) -> None:

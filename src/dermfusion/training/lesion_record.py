@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..card.sources import read_json
 from ..data.manifest import train_only_mask
 
 TRAINING_LESIONS = "training_lesions.txt"
@@ -52,3 +53,24 @@ def read_training_lesions(run: Path) -> set[str] | None:
         if oof["fold"].nunique() >= 2:
             return set(oof["lesion_id"])
     return None
+
+
+def check_local_sample(run: Path, first_bundle: Path, ids, datasets=()) -> tuple[list[str], str | None]:
+    """(the sample's lesions the run trained on, a caveat when the run's record is incomplete): what
+    `operating-point --local` refuses, and — for an older run that keeps only its out-of-fold ids, or none — what it
+    cannot check, with the training datasets its model card names beside the sample's."""
+    seen = read_training_lesions(run)
+    shared = sorted(set(map(str, ids)) & seen) if seen is not None else []
+    if (run / TRAINING_LESIONS).is_file():
+        return shared, None
+    known = "no record of its training lesions" if seen is None else \
+        f"the ids of its {len(seen)} out-of-fold lesions only (the lesions of folds left out of its cross-validation " \
+        "and train-only rows, such as a dataset added with `data combine`, are not listed)"
+    card = (read_json(first_bundle / "model_card.json") or {}).get("training_data") or {}
+    data = f". It trained on {', '.join(card['datasets'])} ({card.get('n_lesions')} lesions)" \
+        if card.get("datasets") else ""
+    local = sorted(set(map(str, datasets)))
+    return shared, (f"{run} keeps {known}: check yourself that the sample's lesions are not among them (on those the "
+                    f"posteriors are in-sample and the cut-offs come out too lax){data}"
+                    + (f"; the local sample is {', '.join(local)}" if data and local else "")
+                    + ". Runs trained now record every id (training_lesions.txt).")
