@@ -1,6 +1,7 @@
-"""Tiny tri-modal models and bundles for the export / backend / bench tests (no network, seconds on CPU)."""
+"""Tiny models and bundles for the export / backend / bench / backbone tests (no network, seconds on CPU)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -58,3 +59,19 @@ def write_tiny_bundle(out: Path, seed: int = 0) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return write_bundle(out, config=config, metrics={},
                         write_model=lambda d: save_file(state, str(d / "model.safetensors"))).path
+
+
+def tiny_open_clip_dir(path: Path):
+    """A tiny randomly initialised open_clip CLIP saved as a local ``open_clip:<dir>`` (config + safetensors) at
+    ``path``; returns the model (for the backbone and export tests)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    model = open_clip.CLIP(**cfg)
+    path.mkdir()
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    return model

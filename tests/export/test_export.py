@@ -12,7 +12,7 @@ from dermfusion.export import (ExportParityError, batch_to_onnx_inputs, export_o
                                read_metadata, write_triton_repository)
 from dermfusion.export.triton import ONNX_TO_TRITON
 from cli_helpers import squash
-from perf_helpers import TINY_ENCODER, tiny_batch, tiny_trimodal, write_tiny_bundle
+from perf_helpers import TINY_ENCODER, tiny_batch, tiny_open_clip_dir, tiny_spec, tiny_trimodal, write_tiny_bundle
 
 ort = pytest.importorskip("onnxruntime")
 CLASSES = ["MEL", "NV", "BCC", "BKL"]
@@ -197,12 +197,9 @@ def test_export_cli_triton_from_bundle(tmp_path):
 def test_open_clip_encoder_exports(tmp_path):
     """open_clip / DermLIP towers use nn.MultiheadAttention, whose fused eval kernel no ONNX exporter knows:
     export must go through the equal SDPA form and still match PyTorch."""
-    from test_models import _tiny_open_clip_dir
-
     from dermfusion.models import create_model
-    from perf_helpers import tiny_spec
 
-    _tiny_open_clip_dir(tmp_path / "dermlip")
+    tiny_open_clip_dir(tmp_path / "dermlip")
     torch.manual_seed(0)
     model = create_model("trimodal_fusion", num_classes=len(CLASSES), feature_spec=tiny_spec(),
                          encoder={"name": f"open_clip:{tmp_path / 'dermlip'}"}, fusion_dim=32, num_heads=2).eval()

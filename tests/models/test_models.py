@@ -1,8 +1,6 @@
 """Models: strict checkpoint loading, offline hub errors, masking semantics, learning."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from dermfusion.models import (CheckpointMismatchError, HubUnavailableError, cre
                                list_models, tiny_backbone_spec)
 from dermfusion.models.base import drop_present
 from dermfusion.models.registry import ModelSettingsError
+from perf_helpers import tiny_open_clip_dir
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 CONCEPTS = ["concept_clinical_hair", "concept_dermoscopic_hair", "concept_dermoscopic_vessels"]
@@ -130,23 +129,8 @@ def test_timm_checkpoint_loads_strictly(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ open_clip + hub errors
-def _tiny_open_clip_dir(path):
-    import open_clip
-
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    model = open_clip.CLIP(**cfg)
-    path.mkdir()
-    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
-    return model
-
-
 def test_open_clip_local_directory(tmp_path):
-    src = _tiny_open_clip_dir(tmp_path / "dermlip")
+    src = tiny_open_clip_dir(tmp_path / "dermlip")
     bb = create_backbone(f"open_clip:{tmp_path / 'dermlip'}")
     assert bb.data_config["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))  # CLIP, not ImageNet
     assert bb.data_config["input_size"] == (3, 32, 32)

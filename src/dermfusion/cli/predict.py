@@ -115,6 +115,7 @@ def _engine_rows(engine, part, batch_size: int, clinical: bool, ctx):
 
     from ..clinical.triage import ACTIONS
     from ..console import track
+    from ..inference.criteria import report_probabilities
 
     task = engine.task
     chunks = engine.lesions_from_manifest(part, batch_size)
@@ -131,7 +132,7 @@ def _engine_rows(engine, part, batch_size: int, clinical: bool, ctx):
                 np.array([c in a.prediction_set for c in task.classes], dtype=float)
             if a.prediction_set is None:
                 sets[:] = np.nan
-            crit = [v for item in (a.criteria or {}).get("items", []) for v in item["probabilities"].values()]
+            crit = [] if a.criteria is None else report_probabilities(engine.criteria, a.criteria)
             rows.append(np.concatenate([a.raw, a.posterior, a.shown, [ACTIONS.index(a.action)], sets, crit]))
     width = 4 * task.num_classes + 1 + sum(len(c.labels) for c in engine.criteria)
     return np.array(rows) if rows else np.zeros((0, width))
@@ -166,15 +167,10 @@ def _write_clinical(path, engine, df, shown, actions, sets) -> None:
 def _criteria_columns(engine, flat):
     """A multi-task network's criteria columns (label per criterion, the 7-point score, probabilities) from the
     engine's rows, or None."""
-    import numpy as np
-
-    from ..inference.criteria import criteria_frame
+    from ..inference.criteria import criteria_frame, split_probabilities
 
     criteria = engine.criteria
-    if not criteria:
-        return None
-    bounds = np.cumsum([0, *[len(c.labels) for c in criteria]])
-    return criteria_frame(criteria, {c.name: flat[:, bounds[j]:bounds[j + 1]] for j, c in enumerate(criteria)})
+    return criteria_frame(criteria, split_probabilities(criteria, flat)) if criteria else None
 
 
 def _fill_concepts(df, model, weights, bundles, device, verbose):

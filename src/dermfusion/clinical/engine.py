@@ -21,11 +21,12 @@ import numpy as np
 
 from ..evaluation.drift_reference import read_reference_stats
 from ..evaluation.embedding_reference import read_reference
+from ..inference.criteria import criteria_report
 from ..inference.predictor import Predictor
 from ..tasks import TaskSpec
 from .decisions import DecisionRules
 from .lesion import METADATA_FIELDS, Lesion, lesion_from_row, lesions_from_manifest
-from .model_pass import ModelPass, bundle_tta, criteria_report
+from .model_pass import ModelPass, bundle_tta
 from .quality import QualityGate
 from .settings import ClinicalSettings
 from .triage import TriageDecision, cannot_assess, class_name, decide

@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..criteria import seven_point_score
 from ..data.dataset import batch_from_lesions
 from ..data.importers.isic import import_isic
 from ..data.transforms import tta_views
@@ -124,68 +123,86 @@ class ModelPass:
         if not self.networks:
             frame = frame_from_lesions(lesions, self.concepts)
             return PassResult(np.asarray(self.predictor.predict_raw(frame, tta=tta or 0), dtype=np.float64))
-        raw, maps, methods, contrib, stats = [], [{} for _ in lesions], {}, [{} for _ in lesions], None
-        crit_per_net: list[tuple[float, object, dict]] = []
+        # filled by the first network's first view (heat maps, attention shares, layer statistics), then the mixture
+        out = PassResult(np.zeros(0), [{} for _ in lesions], {}, [{} for _ in lesions])
+        raw, crit_per_net = [], []
         for i, net in enumerate(self.networks):
-            with_criteria = want_criteria and getattr(net.model, "criteria_heads", None) is not None
-            crit_acc: dict[str, np.ndarray] = {}
             n_views = max(1, int(self.views[i] if tta is None else tta))
-            batch = batch_from_lesions([{m: img for m, img in les.images.items() if m in net.spec.modalities}
-                                        for les in lesions], [les.metadata for les in lesions], net.spec,
-                                       net.preprocess, [les.lesion_id for les in lesions])
-            batch = move_batch(batch, net.device)
-            fast = getattr(net, "runner", None)
-            fast = fast if fast is not None and fast is not net.model else None
+            with_criteria = want_criteria and getattr(net.model, "criteria_heads", None) is not None
             watch = stats_modality if i == 0 and any(stats_modality in les.images for les in lesions) else None
-            views = {m: tta_views(m, n_views) for m in net.spec.modalities}
-            acc = None
-            for v in range(n_views):
-                b = dict(batch, images={m: views[m][v](x) for m, x in batch["images"].items()}) if n_views > 1 \
-                    else batch
-                # layer statistics from the first view, on whichever pass runs: the fast backend's, else eager
-                probe = LayerStats(fast.module if fast is not None else net.model, watch) \
-                    if v == 0 and watch and (fast is None or fast.module is not None) else None
-                p, crit = None, None
-                if fast is not None:
-                    with torch.no_grad(), probe if probe is not None else nullcontext():
-                        out = fast(b)
-                    p = torch.softmax(out["logits"].float(), -1).cpu().numpy()
-                    # criteria from an exact backend, or an approximate one whose agreement record measured the
-                    # criteria heads too (else those run eager, below)
-                    crit = out.get("criteria") if self._criteria_trusted(net, getattr(fast, "name", None)) else None
-                    if v == 0 and watch and out.get("layer_stats") is not None:
-                        stats = np.asarray(out["layer_stats"], dtype=np.float64)
-                if i == 0 and v == 0 and (want_maps or fast is None) and self.explainer is not None:
-                    # the eager model explains (maps need gradients / hooks) — on the untransformed view
-                    with probe if probe is not None and fast is None else nullcontext():
-                        res = self.explainer.run(b, explain=want_maps)
-                    if p is None:
-                        p, crit = res.probs, res.criteria
-                    if want_maps:
-                        maps = [{m: rows[k] for m, rows in res.maps.items() if rows and rows[k] is not None}
-                                for k in range(len(lesions))]
-                        methods = res.methods
-                    if res.contributions:
-                        contrib = list(res.contributions)
-                elif p is None:
-                    with torch.no_grad(), probe if probe is not None else nullcontext():
-                        out = net.model(b)
-                    p, crit = torch.softmax(out["logits"].float(), -1).cpu().numpy(), out.get("criteria")
-                if probe is not None and stats is None:
-                    taken = probe.take()
-                    stats = None if taken is None else taken.cpu().numpy().astype(np.float64)
-                acc = np.asarray(p, dtype=np.float64) if acc is None else acc + p
-                if with_criteria:
-                    if crit is None:  # a backend that exports the diagnosis only: the eager heads on this view
-                        with torch.no_grad():
-                            crit = net.model(b)["criteria"]
-                    for name, q in criteria_probabilities(crit).items():
-                        crit_acc[name] = crit_acc.get(name, 0) + q / n_views
-            raw.append(acc / n_views)
+            mean, crit = self._network_pass(net, lesions, n_views, watch=watch, explain=i == 0, want_maps=want_maps,
+                                            with_criteria=with_criteria, out=out)
+            raw.append(mean)
             if with_criteria:
-                crit_per_net.append((float(self.weights[i]), net, crit_acc))
-        mixed = np.tensordot(self.weights, np.stack(raw), axes=1)  # the predictor's own combination of raw output
-        return PassResult(mixed, maps, methods, contrib, stats, _mix_criteria(crit_per_net))
+                crit_per_net.append((float(self.weights[i]), net, crit))
+        out.raw = np.tensordot(self.weights, np.stack(raw), axes=1)  # the predictor's own combination of raw output
+        out.criteria = _mix_criteria(crit_per_net)
+        return out
+
+    def _network_pass(self, net, lesions: list[Lesion], n_views: int, *, watch: str | None, explain: bool,
+                      want_maps: bool, with_criteria: bool, out: PassResult) -> tuple[np.ndarray, dict]:
+        """One network over ``lesions``, on its chosen backend: the mean of its raw probabilities over ``n_views``
+        test-time views (N×C) and, ``with_criteria``, of its criteria probabilities ({criterion: N×L})."""
+        batch = batch_from_lesions([{m: img for m, img in les.images.items() if m in net.spec.modalities}
+                                    for les in lesions], [les.metadata for les in lesions], net.spec,
+                                   net.preprocess, [les.lesion_id for les in lesions])
+        batch = move_batch(batch, net.device)
+        fast = getattr(net, "runner", None)
+        fast = fast if fast is not None and fast is not net.model else None
+        views = {m: tta_views(m, n_views) for m in net.spec.modalities}
+        acc, crit_acc = None, {}
+        for v in range(n_views):
+            b = dict(batch, images={m: views[m][v](x) for m, x in batch["images"].items()}) if n_views > 1 else batch
+            p, crit = self._view_pass(net, fast, b, watch=watch if v == 0 else None, explain=explain and v == 0,
+                                      want_maps=want_maps, out=out)
+            acc = np.asarray(p, dtype=np.float64) if acc is None else acc + p
+            if with_criteria:
+                if crit is None:  # a backend that exports the diagnosis only: the eager heads on this view
+                    with torch.no_grad():
+                        crit = net.model(b)["criteria"]
+                for name, q in criteria_probabilities(crit).items():
+                    crit_acc[name] = crit_acc.get(name, 0) + q / n_views
+        return acc / n_views, crit_acc
+
+    def _view_pass(self, net, fast, b: dict, *, watch: str | None, explain: bool, want_maps: bool,
+                   out: PassResult) -> tuple[np.ndarray, dict | None]:
+        """One view through one network: (N×C probabilities, its criteria logits or None). The fast backend runs
+        when there is one, the eager model when there is none or when this view is ``explain``ed; ``watch``: the
+        modality whose layer statistics go into ``out``, from whichever pass runs."""
+        probe = LayerStats(fast.module if fast is not None else net.model, watch) \
+            if watch and (fast is None or fast.module is not None) else None
+        p, crit = None, None
+        if fast is not None:
+            p, res = _forward(fast, b, probe)
+            # criteria from an exact backend, or an approximate one whose agreement record measured the criteria heads
+            # too (else those run eager, in _network_pass)
+            crit = res.get("criteria") if self._criteria_trusted(net, getattr(fast, "name", None)) else None
+            if watch and res.get("layer_stats") is not None:
+                out.layer_stats = np.asarray(res["layer_stats"], dtype=np.float64)
+        if explain and (want_maps or fast is None) and self.explainer is not None:
+            res = self._explain(b, probe if fast is None else None, want_maps, out)
+            if p is None:
+                p, crit = res.probs, res.criteria
+        elif p is None:
+            p, res = _forward(net.model, b, probe)
+            crit = res.get("criteria")
+        if probe is not None and out.layer_stats is None:
+            taken = probe.take()
+            out.layer_stats = None if taken is None else taken.cpu().numpy().astype(np.float64)
+        return p, crit
+
+    def _explain(self, b: dict, probe, want_maps: bool, out: PassResult):
+        """The eager model explains (maps need gradients / hooks) — on the untransformed view: its heat maps (with
+        ``want_maps``) and fusion attention shares go into ``out``; returns the explainer's result."""
+        with probe if probe is not None else nullcontext():
+            res = self.explainer.run(b, explain=want_maps)
+        if want_maps:
+            out.maps = [{m: rows[k] for m, rows in res.maps.items() if rows and rows[k] is not None}
+                        for k in range(len(out.maps))]
+            out.methods = res.methods
+        if res.contributions:
+            out.contributions = list(res.contributions)
+        return res
 
     def choose_backends(self, name: str, stats_modality: str | None = None, sample: pd.DataFrame | None = None,
                         threads: int | None = None) -> list[str]:
@@ -222,6 +239,14 @@ class ModelPass:
         return chosen
 
 
+def _forward(model, b: dict, probe=None) -> tuple[np.ndarray, dict]:
+    """A model or backend runner on one batch, no gradients, ``probe`` (``LayerStats``) watching: (N×C float32
+    probabilities, the raw output)."""
+    with torch.no_grad(), probe if probe is not None else nullcontext():
+        res = model(b)
+    return torch.softmax(res["logits"].float(), -1).cpu().numpy(), res
+
+
 def _mix_criteria(per_net: list[tuple[float, object, dict]]) -> dict | None:
     """The criteria of the networks that predict them, as ``inference.criteria`` defines them: each network's view
     mean divided by the label prior its heads trained under, then the networks' weighted mean (weights renormalised
@@ -236,18 +261,6 @@ def _mix_criteria(per_net: list[tuple[float, object, dict]]) -> dict | None:
         for name, p in divide_label_prior(acc, net.bundle.config.get("criteria_prior")).items():
             out[name] = out.get(name, 0) + (w / total if total > 0 else 1 / len(per_net)) * p
     return {name: out[name] for name in names}
-
-
-def criteria_report(criteria, criteria_set: str, probs: dict, k: int) -> dict:
-    """Lesion ``k``'s criteria as the API answers them: per criterion its likeliest label and probabilities, the
-    7-point score of those labels."""
-    items, labels = [], {}
-    for c in criteria:
-        p = probs[c.name][k]
-        labels[c.name] = c.labels[int(p.argmax())]
-        items.append({"criterion": c.name, "label": labels[c.name],
-                      "probabilities": {label: float(v) for label, v in zip(c.labels, p)}})
-    return {"set": criteria_set, "items": items, "seven_point_score": seven_point_score(labels, criteria)}
 
 
 def available_cores() -> int:

@@ -35,6 +35,32 @@ def divide_label_prior(probs: dict[str, np.ndarray], prior: dict | None) -> dict
     return out
 
 
+def criteria_report(criteria, criteria_set: str, probs: dict, k: int) -> dict:
+    """Lesion ``k``'s criteria as the API answers them: per criterion its likeliest label and probabilities, the
+    7-point score of those labels."""
+    items, labels = [], {}
+    for c in criteria:
+        p = probs[c.name][k]
+        labels[c.name] = c.labels[int(p.argmax())]
+        items.append({"criterion": c.name, "label": labels[c.name],
+                      "probabilities": {label: float(v) for label, v in zip(c.labels, p)}})
+    return {"set": criteria_set, "items": items, "seven_point_score": seven_point_score(labels, criteria)}
+
+
+def report_probabilities(criteria, report: dict) -> np.ndarray:
+    """A ``criteria_report``'s label probabilities as one flat row (ΣL): criterion after criterion in ``criteria``'s
+    order, each one's labels in their order — read by name, so the report's own ordering does not matter. The layout
+    ``split_probabilities`` takes apart."""
+    given = {item["criterion"]: item["probabilities"] for item in report["items"]}
+    return np.array([given[c.name][label] for c in criteria for label in c.labels], dtype=np.float64)
+
+
+def split_probabilities(criteria, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """N×ΣL rows of ``report_probabilities`` back into {criterion: N×L}."""
+    cuts = np.cumsum([len(c.labels) for c in criteria])[:-1]
+    return {c.name: part for c, part in zip(criteria, np.split(np.asarray(flat), cuts, axis=1))}
+
+
 def criteria_frame(criteria, probs: dict[str, np.ndarray], with_probabilities: bool = True) -> pd.DataFrame:
     """One column per criterion with its predicted grouped label, the 7-point score, and (optionally) the
     probabilities as ``<criterion>:<label>`` columns."""
