@@ -58,6 +58,16 @@ class OptimConfig(_Strict):
     accumulate: int = 1
 
 
+class HardCaseConfig(_Strict):
+    """Hard-case weighting: lesions whose manifest ``column`` equals ``level`` (e.g. Derm7pt's difficulty = high, the
+    atypical lesions) are drawn ``factor`` times as often as the other lesions of their class. The weights are
+    renormalised within each class, so the class mix the sampler draws — the prior the calibration undoes — is
+    unchanged."""
+    column: str = "difficulty"
+    level: str = "high"
+    factor: float = Field(2.0, ge=1.0, le=20.0)
+
+
 class TrainConfig(_Strict):
     epochs: int = 10
     batch_size: int = 32
@@ -71,6 +81,7 @@ class TrainConfig(_Strict):
     grad_checkpointing: bool = False
     ema: float = 0.0               # 0 = off, else decay e.g. 0.999
     sampler_power: float = 0.5     # class-balanced sampling: 0 natural, 0.5 sqrt, 1 balanced
+    hard_cases: Optional[HardCaseConfig] = None   # draw the atypical lesions more often within their class
     early_stopping_patience: int = 0   # 0 = off; on the task's official metric
     validate_every: int = 1        # validate every N epochs and after the last; 0 = no per-epoch validation
     logit_adjustment_tau: float = 0.0

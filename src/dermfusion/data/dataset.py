@@ -15,7 +15,7 @@ from ..criteria import criteria_column, get_criteria
 from ..tasks import TaskSpec
 from .features import FeatureSpec
 from .images import DecodeCache, load_rgb_array, resize_short_side
-from .manifest import IMAGE_COLUMNS
+from .manifest import IMAGE_COLUMNS, ManifestError
 from .samplers import DistributedWeightedSampler
 from .transforms import Preprocess, eval_transform, train_transform
 
@@ -187,24 +187,46 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
-def class_balanced_weights(targets: np.ndarray, power: float = 0.5) -> np.ndarray:
-    """Per-sample weights ∝ count(class)^-power: 1 = fully balanced, 0.5 = square-root, 0 = natural."""
+def class_balanced_weights(targets: np.ndarray, power: float = 0.5, within_class: np.ndarray | None = None
+                           ) -> np.ndarray:
+    """Per-sample weights ∝ count(class)^-power: 1 = fully balanced, 0.5 = square-root, 0 = natural.
+    ``within_class`` (one factor per sample, e.g. ``hard_case_factors``) shifts weight between the lesions of one
+    class; each class keeps its total, so the class mix drawn is the same with or without it."""
     y = targets.argmax(axis=1)
     counts = np.bincount(y, minlength=targets.shape[1]).astype(float)
     w = np.where(counts[y] > 0, counts[y], 1.0) ** (-power)
+    if within_class is not None:
+        f = np.asarray(within_class, dtype=float)
+        per_class = np.bincount(y, weights=f, minlength=targets.shape[1])
+        w = w * f * np.where(counts > 0, counts, 1.0)[y] / per_class[y]
     return w / w.sum()
 
 
+def hard_case_factors(df: pd.DataFrame, hard_cases) -> np.ndarray | None:
+    """Per-row sampling factors from ``train.hard_cases`` (column, level, factor): ``factor`` where the manifest's
+    column equals the level, 1 elsewhere (missing values too); None when not configured."""
+    if hard_cases is None:
+        return None
+    if hard_cases.column not in df.columns:
+        raise ManifestError(f"train.hard_cases: the manifest has no column {hard_cases.column!r} "
+                         f"(its columns: {', '.join(map(str, df.columns))})")
+    hit = df[hard_cases.column].astype("string").eq(str(hard_cases.level)).fillna(False).to_numpy(bool)
+    if not hit.any():
+        raise ManifestError(f"train.hard_cases: no training lesion has {hard_cases.column} = {hard_cases.level!r}")
+    return np.where(hit, float(hard_cases.factor), 1.0)
+
+
 def class_balanced_sampler(targets: np.ndarray, power: float = 0.5, num_samples: int | None = None,
-                           seed: int = 0, *, rank: int = 0, world_size: int = 1):
-    """Weighted sampling with replacement, ``num_samples`` (default: one per lesion) per epoch.
+                           seed: int = 0, *, rank: int = 0, world_size: int = 1, within_class: np.ndarray | None = None):
+    """Weighted sampling with replacement, ``num_samples`` (default: one per lesion) per epoch
+    (``class_balanced_weights``; ``within_class``: hard-case factors).
 
     Single process: a ``WeightedRandomSampler`` with a generator seeded by ``seed``. Under torchrun
     (``world_size > 1``): a ``DistributedWeightedSampler`` — every rank draws the same epoch from the same
     seed and keeps ``indices[rank::world_size]`` (see ``data.samplers``), so the ranks' shares of one
     global batch are those of the single-process batch.
     """
-    w = torch.as_tensor(class_balanced_weights(targets, power), dtype=torch.double)
+    w = torch.as_tensor(class_balanced_weights(targets, power, within_class), dtype=torch.double)
     if world_size > 1:
         return DistributedWeightedSampler(w, num_samples or len(targets), rank=rank, world_size=world_size, seed=seed)
     g = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, ExperimentConfig
 from ..console import console, make_progress
-from ..data.dataset import LesionDataset, class_balanced_sampler, collate, scheduled_size
+from ..data.dataset import LesionDataset, class_balanced_sampler, collate, hard_case_factors, scheduled_size
 from ..data.loading import BatchLoader
 from ..data.manifest import targets, train_only_mask
 from ..data.samplers import EpochBatchSampler, ShardedEvalSampler
@@ -108,9 +108,10 @@ class FoldTrainer:
         ds = LesionDataset(self.train_df, self.task, self.spec, self.preprocess, train=True,
                            cache_dir=self._cache_dir(), aug_strength=cfg.data.aug_strength,
                            epoch_sizes=cfg.train.epoch_sizes, seed=self._seed(-1))
+        hard = hard_case_factors(ds.df, cfg.train.hard_cases)  # atypical lesions drawn more often, within class
         batches = EpochBatchSampler(lambda e: class_balanced_sampler(
-            ds.targets, cfg.train.sampler_power, seed=self._seed(e), rank=self.dist.rank, world_size=self.world),
-            self.batch_per_rank, self.steps_per_epoch(), epochs)
+            ds.targets, cfg.train.sampler_power, seed=self._seed(e), rank=self.dist.rank, world_size=self.world,
+            within_class=hard), self.batch_per_rank, self.steps_per_epoch(), epochs)
         return BatchLoader(ds, batch_sampler=batches, **self._loader_kwargs())
 
     def _epoch_batches(self, epoch: int):

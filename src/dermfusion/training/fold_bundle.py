@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from ..bundle import write_bundle
 from ..criteria import label_prior
-from ..data.dataset import class_balanced_weights, criteria_targets
+from ..data.dataset import class_balanced_weights, criteria_targets, hard_case_factors
 from ..data.manifest import targets
 from ..evaluation.calibration import Calibration, training_prior
 from ..evaluation.posterior import normalise_prior
@@ -53,10 +53,11 @@ def training_prior_calibration(trainer) -> dict | None:
 
 def criteria_training_prior(trainer, criteria) -> dict[str, list[float]]:
     """The criteria's label frequencies among the fold's training lesions, each weighted as the class-balanced
-    sampler drew it (``train.sampler_power``)."""
+    sampler drew it (``train.sampler_power``, ``train.hard_cases``)."""
     df = trainer.train_df
     codes = criteria_targets(df, trainer.task)
     if codes is None:
         codes = np.full((len(df), len(criteria)), -1)
-    weights = class_balanced_weights(targets(df, trainer.task), trainer.cfg.train.sampler_power)
+    weights = class_balanced_weights(targets(df, trainer.task), trainer.cfg.train.sampler_power,
+                                     hard_case_factors(df, trainer.cfg.train.hard_cases))
     return label_prior(codes, weights, criteria)
