@@ -187,6 +187,22 @@ def test_prior_strength_leans_further_towards_rare_classes():
     assert out[1.5].argmax() == counts.argmin() and out[1.5].argmin() == counts.argmax()
 
 
+def test_a_stronger_balanced_rule_is_the_strength_one_scores_times_a_power_of_the_prior():
+    """benchmarks/derm7pt_prior_strength.py rewrites a strength-1 official file at strength k by
+    scores_k ∝ scores_1 × prior^(1 − k): true for a refit's calibration (temperature 1, bias from the sampler)."""
+    rng = np.random.default_rng(3)
+    counts = np.array([19.0, 256, 90, 16, 32])
+    mix = counts / counts.sum()
+    bias = (np.log(mix) - np.log(K.training_prior(counts, 0.5))).tolist()
+    raw = rng.dirichlet(np.ones(5), 50)
+    one = K.Calibration(1.0, None, None, bias, mix.tolist(), 1.0).balanced(raw)
+    for k in (1.3, 1.5, 2.0):
+        direct = K.Calibration(1.0, None, None, bias, mix.tolist(), k).balanced(raw)
+        derived = one * mix[None] ** (1 - k)
+        assert np.allclose(direct, derived / derived.sum(1, keepdims=True), atol=1e-12)
+        assert not np.allclose(direct, one)
+
+
 def test_training_prior_counts_come_from_the_training_rows():
     """A run of one fold divides by the prior its model was trained under — the *other* folds' class mix, not the
     held-out fold's (Derm7pt's official validation split has 30 % melanomas, its training split 22 %)."""
