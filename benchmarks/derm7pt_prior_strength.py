@@ -14,6 +14,9 @@ given (fold 0 = Derm7pt's official validation split, predicted by models trained
 
     python benchmarks/derm7pt_prior_strength.py --manifest d7_trainval.parquet RUN [RUN …]
 
+With ``--cv-run RUN --cv-manifest M`` the same nested estimate for a cross-validated run of another task on its own
+out-of-fold posteriors (``oof_calibrated.csv``) and its bundles' prior — e.g. the HAM10000 recipe, as a contrast.
+
 With ``--rewrite FILE --strength K`` it also turns an official-format Derm7pt file written at strength 1 (the
 committed ``benchmarks/results/derm7pt_test_predictions.csv``) into the file the same bundles write at strength K,
 by the identity  scores_K ∝ scores_1 × mix^(1 − K)  (``mix``: the class mix of the training rows the bundles were
@@ -23,6 +26,8 @@ Exact but for the file's six decimals.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -69,22 +74,44 @@ def evaluate_run(run: str, manifest: pd.DataFrame, sampler_power: float, rng) ->
     print("| strength | " + " | ".join(f"{k:g}" for k in STRENGTHS) + " |")
     print("|---|" + "---:|" * len(STRENGTHS))
     print("| balanced accuracy | " + " | ".join(f"{score(k, every):.3f}" for k in STRENGTHS) + " |")
-    y = Y.argmax(1)
-    gains, chosen = [], []
-    for r in range(300):
-        half = np.zeros(len(y), bool)
-        for c in range(len(CLASSES)):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            half[idx[: (len(idx) + r % 2) // 2]] = True
-        for fit, test in ((half, ~half), (~half, half)):
-            k, _ = tune_prior_strength(Y[fit], post[fit], mix)
-            chosen.append(k)
-            gains.append(score(k, np.flatnonzero(test)) - score(1.0, np.flatnonzero(test)))
-    g = np.asarray(gains)
+    g, chosen = nested_gain(Y, post, mix, rng)
     print(f"nested (picked on one half, scored on the other; {len(g)} halves): strength median {np.median(chosen):g} "
           f"(IQR {np.percentile(chosen, 25):g}–{np.percentile(chosen, 75):g}); gain over strength 1: mean "
           f"{g.mean():+.3f}, 5–95 % [{np.percentile(g, 5):+.3f}, {np.percentile(g, 95):+.3f}], "
           f"share of halves that lose {np.mean(g < 0):.2f}")
+
+
+def nested_gain(Y: np.ndarray, post: np.ndarray, prior: np.ndarray, rng, splits: int = 300) -> tuple[np.ndarray, list]:
+    """Gains over strength 1 of a strength picked on one class-stratified half, scored on the other."""
+    y = Y.argmax(1)
+    logpost, logprior = np.log(np.clip(post, 1e-12, 1)), np.log(prior)[None]
+    gains, chosen = [], []
+    for r in range(splits):
+        half = np.zeros(len(y), bool)
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            half[idx[: (len(idx) + r % 2) // 2]] = True
+        for fit, test in ((half, ~half), (~half, half)):
+            k, _ = tune_prior_strength(Y[fit], post[fit], prior)
+            chosen.append(k)
+            gains.append(balanced_accuracy(Y[test], logpost[test] - k * logprior)
+                         - balanced_accuracy(Y[test], logpost[test] - logprior))
+    return np.asarray(gains), chosen
+
+
+def evaluate_cv_run(run: str, manifest: pd.DataFrame, rng) -> None:
+    cfg = json.loads((Path(run) / "summary.json").read_text())
+    task = get_task(cfg["task"])
+    cal = json.loads(next(Path(run).glob("fold_*/bundle/calibration.json")).read_text())
+    prior = np.asarray(cal["prior"], float)
+    post = pd.read_csv(Path(run) / "oof_calibrated.csv").drop(columns=["fold"], errors="ignore")
+    Y = targets(manifest.set_index("lesion_id").loc[post["lesion_id"]].reset_index(), task)
+    picked, table = tune_prior_strength(Y, post[list(task.classes)].to_numpy(float), prior)
+    g, chosen = nested_gain(Y, post[list(task.classes)].to_numpy(float), prior, rng, splits=100)
+    print(f"\n{run} ({task.name}, {len(Y)} out-of-fold lesions, strength in its bundles "
+          f"{cal.get('prior_strength', 1)}): picked on all {picked:g} ({table[picked]:.4f} vs {table[1.0]:.4f} at 1); "
+          f"nested over {len(g)} halves: median {np.median(chosen):g}, gain {g.mean():+.4f} "
+          f"[{np.percentile(g, 5):+.4f}, {np.percentile(g, 95):+.4f}], share that lose {np.mean(g < 0):.2f}")
 
 
 def rewrite(path: str, refit_manifest: pd.DataFrame, strength: float, out: str) -> None:
@@ -110,11 +137,15 @@ def main() -> None:
     ap.add_argument("--refit-manifest", help="the rows the rewritten file's bundles trained on (default: --manifest)")
     ap.add_argument("--strength", type=float, default=1.5)
     ap.add_argument("--out", help="where the rewritten file goes (default: over --rewrite)")
+    ap.add_argument("--cv-run", help="a cross-validated run of another task (e.g. ham10000_recommended), as a contrast")
+    ap.add_argument("--cv-manifest", help="its training manifest")
     a = ap.parse_args()
     manifest = load_manifest(a.manifest)
     rng = np.random.default_rng(0)
     for run in a.runs:
         evaluate_run(run, manifest, a.sampler_power, rng)
+    if a.cv_run:
+        evaluate_cv_run(a.cv_run, load_manifest(a.cv_manifest), rng)
     if a.rewrite:
         refit = load_manifest(a.refit_manifest) if a.refit_manifest else manifest
         rewrite(a.rewrite, refit, a.strength, a.out or a.rewrite)
