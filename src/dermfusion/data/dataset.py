@@ -209,7 +209,7 @@ def hard_case_factors(df: pd.DataFrame, hard_cases) -> np.ndarray | None:
         return None
     if hard_cases.column not in df.columns:
         raise ManifestError(f"train.hard_cases: the manifest has no column {hard_cases.column!r} "
-                         f"(its columns: {', '.join(map(str, df.columns))})")
+                            f"(its columns: {', '.join(map(str, df.columns))})")
     hit = df[hard_cases.column].astype("string").eq(str(hard_cases.level)).fillna(False).to_numpy(bool)
     if not hit.any():
         raise ManifestError(f"train.hard_cases: no training lesion has {hard_cases.column} = {hard_cases.level!r}")
