@@ -253,3 +253,29 @@ def test_a_refit_calibrated_on_other_models_evidence_lands_on_their_posteriors()
     seen_by_refit = likelihood * s_refit / (likelihood * s_refit).sum(1, keepdims=True)
     np.testing.assert_allclose(refit.posterior(seen_by_refit), ev.posterior(seen_by_fold_models), atol=1e-9)
     assert not np.allclose(ev.posterior(seen_by_refit), ev.posterior(seen_by_fold_models), atol=1e-3)
+
+
+@pytest.mark.parametrize("strength, oof_like_training, warned", [(1.5, False, True), (1.0, False, False),
+                                                                 (1.5, True, False)])
+def test_a_strength_other_than_one_on_an_out_of_fold_mix_unlike_training_is_called_out(strength, oof_like_training,
+                                                                                      warned):
+    """At strength k ≠ 1 a cross-validated run's balanced rule carries its out-of-fold mix ** (1 − k); a Derm7pt
+    --folds 0 run's out-of-fold lesions are the validation split (30 % melanoma against 22 % in training), so its
+    rule is not the one the full-data refit applies. Training says so; at strength 1, or with like mixes, it does not."""
+    import pandas as pd
+
+    from dermfusion.config import CalibrationConfig
+    from dermfusion.console import console
+    from dermfusion.tasks import get_task
+    from dermfusion.training.run_calibration import calibrate_run
+
+    task = get_task("derm7pt")
+    oof_counts = np.array([7, 61, 25, 100, 10])
+    train_counts = oof_counts * 2 if oof_like_training else np.array([19, 90, 32, 256, 16])
+    y = np.repeat(np.eye(5), oof_counts, axis=0)
+    oof = pd.DataFrame(np.full((len(y), 5), 0.2), columns=list(task.classes))
+    oof["fold"] = 0
+    opts = CalibrationConfig(temperature=False, cuts=False, prior_adjustment="training_prior", prior_strength=strength)
+    with console.capture() as cap:
+        calibrate_run(opts, task, y, oof, [], sampler_power=0.5, class_counts=train_counts)
+    assert ("prior_strength 1.5 ≠ 1 divides by the out-of-fold class mix" in " ".join(cap.get().split())) is warned

@@ -41,7 +41,7 @@ def training_prior_calibration(trainer) -> dict | None:
     its raw output into posteriors under its training rows' class mix by Bayes' rule from the prior its sampler
     drew with (``train.sampler_power``): bias = log(mix / sampling prior), temperature 1. With
     ``calibration.prior_adjustment: training_prior`` its balanced rule divides by that mix (** prior_strength),
-    which equals dividing the raw output by the sampling prior — the rule the challenge files use. A cross-validated
+    which at strength 1 equals dividing the raw output by the sampling prior — the rule the challenge files use. A cross-validated
     run refits all of it on its out-of-fold predictions afterwards (``training.run_calibration``)."""
     counts = targets(trainer.train_df, trainer.task).sum(axis=0)
     mix = normalise_prior(counts + 1e-9)

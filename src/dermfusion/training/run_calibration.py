@@ -102,7 +102,7 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     ``evidence``: the out-of-fold predictions are another run's (a cross-validated run of the same recipe standing in
     for a full-data refit); ``bundle_sampling_prior``: the prior the bundles' own sampler drew with, when it is not
     the evidence models' — the bias is shifted by Bayes' rule so the bundles' output lands on the posteriors the
-    decisions were fitted on (with no fitted temperature, T = 1, the balanced rule is unchanged by the shift)."""
+    decisions were fitted on (with no fitted temperature, T = 1, and ``prior_strength`` 1 the balanced rule is unchanged by the shift)."""
     if hasattr(options, "model_dump"):
         options = options.model_dump()
     raw = oof[list(task.classes)].to_numpy(np.float64)
@@ -125,6 +125,7 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
     rule = options.get("prior_adjustment", "none")
     if rule == "training_prior":
         cal.prior_strength = float(options.get("prior_strength", 1.0))
+        _warn_strength_on_oof_mix(task, cal.prior_strength, prior, counts)
     elif rule == "balanced_accuracy":
         cal.prior_strength, table = tune_prior_strength(y, post, prior)
         report["balanced_accuracy_by_strength"] = table
@@ -157,6 +158,21 @@ def calibrate_run(options, task, y: np.ndarray, oof: pd.DataFrame, bundles, samp
                   f"balanced accuracy {report['oof_balanced']['balanced_accuracy']:.4f}")
     _print_decisions(task, decisions)
     return {"fitted": d, "report": report, "decisions": _summary(decisions)}
+
+
+def _warn_strength_on_oof_mix(task, strength: float, oof_mix, train_counts) -> None:
+    """At strength 1 the balanced rule is the raw output divided by the sampler's prior, whatever mix the posteriors
+    are under. At any other strength it also carries (posterior mix) ** (1 − strength): for a cross-validated run
+    that is the out-of-fold lesions' mix, while a full-data refit applies its training rows' mix. Say so when the two
+    differ (e.g. a Derm7pt --folds 0 run, whose out-of-fold lesions are the validation split)."""
+    train_mix = normalise_prior(np.asarray(train_counts, float) + 1e-9)
+    gap = float(np.abs(np.asarray(oof_mix) - train_mix).max())
+    if abs(strength - 1.0) > 1e-9 and gap > 0.02:
+        console.print(f"[yellow]calibration: prior_strength {strength:g} ≠ 1 divides by the out-of-fold class mix, which "
+                      f"differs from the training rows' by up to {gap:.2f} "
+                      f"({', '.join(f'{c} {a:.2f}/{b:.2f}' for c, a, b in zip(task.classes, oof_mix, train_mix))}): "
+                      "this run's balanced rule is not the one its full-data refit applies; judge the strength on "
+                      "the training mix (benchmarks/derm7pt_prior_strength.py)[/]")
 
 
 RECIPE_KEYS_SAME = ("task", "model", "data", "loss")  # what must match for one run's evidence to stand for another's
