@@ -60,3 +60,27 @@ def test_the_config_takes_hard_cases_and_refuses_a_factor_below_one():
     assert cfg.train.hard_cases.factor == 3
     with pytest.raises(ValueError, match="factor"):
         validate_config({"name": "x", "task": "derm7pt", "train": {"hard_cases": {"factor": 0.5}}})
+
+
+def test_the_trainer_draws_with_the_configured_hard_case_factors(ham_sample, tmp_path):
+    """The wiring: a fold trainer built with ``train.hard_cases`` hands its sampler the factors of its own training
+    rows (in the dataset's row order), and without the setting the draw is the plain class-balanced one."""
+    from dermfusion.config import load_config
+    from dermfusion.tasks import ISIC2018
+    from dermfusion.training.engine import FoldTrainer
+
+    df = ham_sample.copy()
+    df["difficulty"] = np.where(np.arange(len(df)) % 3 == 0, "high", "low")
+    weights = {}
+    for name, extra in (("plain", []), ("hard", ["train.hard_cases={column: difficulty, level: high, factor: 4}"])):
+        cfg = load_config("tiny_cpu", ["train.batch_size=8", *extra])
+        tr = FoldTrainer(cfg, ISIC2018, df, 0, str(tmp_path / name))
+        tr.setup()
+        loader = tr.train_loader(range(0, 1))
+        weights[name] = loader.batch_sampler.make_sampler(0).weights.numpy()
+        rows = loader.dataset.df
+    y = loader.dataset.targets
+    f = np.where(rows["difficulty"].eq("high"), 4.0, 1.0)
+    assert np.allclose(weights["plain"] / weights["plain"].sum(), class_balanced_weights(y, 0.5))
+    assert np.allclose(weights["hard"] / weights["hard"].sum(), class_balanced_weights(y, 0.5, f))
+    assert not np.allclose(weights["hard"] / weights["hard"].sum(), weights["plain"] / weights["plain"].sum())
