@@ -64,7 +64,7 @@ class HardCaseConfig(_Strict):
     renormalised within each class, so the class mix the sampler draws — the prior the calibration undoes — is
     unchanged."""
     column: str = "difficulty"
-    level: str = "high"
+    level: Union[str, int, float] = "high"   # a number matches a numeric column by value (1 matches 1.0)
     factor: float = Field(2.0, ge=1.0, le=20.0)
 
 

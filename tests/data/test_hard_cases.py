@@ -48,6 +48,9 @@ def test_factors_from_the_manifest_column_and_clear_errors():
     f = hard_case_factors(df, HardCaseConfig(column="difficulty", level="high", factor=3))
     assert f.tolist() == [3.0, 1.0, 1.0, 1.0, 3.0]
     assert hard_case_factors(df, None) is None
+    numeric = pd.DataFrame({"atypia_grade": [1.0, 2.0, np.nan, 1.0]})
+    assert hard_case_factors(numeric, HardCaseConfig(column="atypia_grade", level=1, factor=2)).tolist() == \
+        [2.0, 1.0, 1.0, 2.0]
     with pytest.raises(ManifestError, match="no column 'atypical'"):
         hard_case_factors(df, HardCaseConfig(column="atypical"))
     with pytest.raises(ManifestError, match="no training lesion"):

@@ -210,7 +210,11 @@ def hard_case_factors(df: pd.DataFrame, hard_cases) -> np.ndarray | None:
     if hard_cases.column not in df.columns:
         raise ManifestError(f"train.hard_cases: the manifest has no column {hard_cases.column!r} "
                             f"(its columns: {', '.join(map(str, df.columns))})")
-    hit = df[hard_cases.column].astype("string").eq(str(hard_cases.level)).fillna(False).to_numpy(bool)
+    col, level = df[hard_cases.column], hard_cases.level
+    if isinstance(level, (int, float)) and not isinstance(level, bool):
+        hit = pd.to_numeric(col, errors="coerce").eq(float(level)).to_numpy(bool)
+    else:
+        hit = col.astype("string").eq(str(level)).fillna(False).to_numpy(bool)
     if not hit.any():
         raise ManifestError(f"train.hard_cases: no training lesion has {hard_cases.column} = {hard_cases.level!r}")
     return np.where(hit, float(hard_cases.factor), 1.0)
